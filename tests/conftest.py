@@ -1,0 +1,38 @@
+import numpy as np
+import pytest
+
+from napari_protoseg.project import AnnotationSet, ClassInfo
+
+
+@pytest.fixture
+def classes():
+    return [ClassInfo(1, "cytoplasm"), ClassInfo(2, "membrane", color="#dd8452"),
+            ClassInfo(3, "mitochondrion", instances=True, color="#55a868")]
+
+
+@pytest.fixture
+def stack_annotations(classes):
+    """A small (3, 20, 30) stack with every annotation type."""
+    masks = np.zeros((3, 20, 30), np.uint8)
+    masks[0, 2:5, 3:9] = 1
+    masks[0, 10:12, :] = 2
+    masks[2, 5:9, 5:9] = 3
+    return AnnotationSet(
+        image_shape=(3, 20, 30), classes=classes, masks=masks,
+        boxes=[(1, 2, 3, 10, 12, 3, True), (1, 12, 14, 19, 29, 3, True)],
+        points=[(0, 4, 5, 1, True), (2, 6, 6, 3, False)],
+        tags=[(0, 3, True, -1, -1, -1, -1), (1, 1, False, 0, 0, 10, 10)],
+    )
+
+
+@pytest.fixture
+def plane_annotations(classes):
+    """A single (16, 24) plane with every annotation type."""
+    masks = np.zeros((16, 24), np.uint8)
+    masks[1:4, 1:4] = 3
+    return AnnotationSet(
+        image_shape=(16, 24), classes=classes, masks=masks,
+        boxes=[(0, 5, 5, 9, 12, 3, False)],
+        points=[(0, 10, 10, 2, True)],
+        tags=[(0, 1, True, -1, -1, -1, -1), (0, 3, False, 8, 0, 16, 12)],
+    )
