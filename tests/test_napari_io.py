@@ -86,3 +86,12 @@ def test_an_invalid_project_folder_gives_a_message_not_a_crash(make_napari_viewe
     viewer.open(str(project_folder), plugin="napari-protoseg")
     assert len(viewer.layers) == 0
     assert any("points.csv, row 1: class 42 is not in classes.json" in m for m in errors)
+
+
+def test_the_sample_opens_the_image_together_with_its_annotation_layers(make_napari_viewer):
+    viewer = make_napari_viewer()
+    viewer.open_sample("napari-protoseg", "synthetic_em")
+    assert [layer.name for layer in viewer.layers] == ["EM (synthetic)", "Masks", "Boxes", "Points", "Tags"]
+    assert viewer.layers["Masks"].data.shape == viewer.layers["EM (synthetic)"].data.shape == (8, 512, 512)
+    assert len(viewer.layers["Boxes"].data) > 0 and len(viewer.layers["Points"].data) > 0
+    assert viewer.dims.axis_labels == ("z", "y", "x")
