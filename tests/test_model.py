@@ -1,0 +1,165 @@
+"""Tests of the DSP network (napari_protoseg.model); pure PyTorch, no Qt."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from napari_protoseg.model import DSPHead, ModelConfig, ProtoSegNet, UNet2D, pick_device
+
+
+def tiny(**kw) -> ProtoSegNet:
+    torch.manual_seed(0)
+    cfg = dict(n_classes=3, base_width=4, depth=2, embed_dim=8, prototypes_per_class=2)
+    cfg.update(kw)
+    return ProtoSegNet(ModelConfig(**cfg))
+
+
+def test_forward_shapes_and_keys():
+    """forward returns per-pixel embeddings (B, D, H, W) and logits (B, C, H, W) at full resolution."""
+    net = tiny()
+    out = net(torch.randn(2, 1, 32, 48))
+    assert set(out) == {"embedding", "logits"}
+    assert out["embedding"].shape == (2, 8, 32, 48)
+    assert out["logits"].shape == (2, 3, 32, 48)
+    assert out["logits"].is_contiguous()
+
+
+def test_embeddings_are_unit_vectors_and_prototypes_normalised():
+    """Embeddings lie on the unit sphere; the prototypes used are L2-normalised at every forward
+    (even after the raw parameter drifts off the sphere)."""
+    net = tiny()
+    with torch.no_grad():
+        net.prototypes.mul_(3.0).add_(0.5)
+    out = net(torch.randn(2, 1, 20, 20))
+    torch.testing.assert_close(out["embedding"].norm(dim=1), torch.ones(2, 20, 20))
+    protos = net.normalized_prototypes()
+    assert protos.shape == (3, 2, 8)
+    torch.testing.assert_close(protos.norm(dim=-1), torch.ones(3, 2))
+
+
+def test_logits_are_mean_cosine_over_prototypes_divided_by_temperature():
+    """s_c = (1/K) sum_j cos(e, p_c^j) / tau, hence |s_c| <= 1/tau."""
+    net = tiny(temperature=0.05)
+    with torch.no_grad():
+        net.prototypes.mul_(2.7)
+    out = net(torch.randn(2, 1, 16, 16))
+    e = out["embedding"]
+    cos = F.cosine_similarity(e[:, None, None], net.prototypes[None, :, :, :, None, None], dim=3)  # (B,C,K,H,W)
+    torch.testing.assert_close(out["logits"], cos.mean(dim=2) / 0.05, rtol=1e-5, atol=1e-4)
+    assert out["logits"].abs().max() <= 1 / 0.05 + 1e-4
+
+
+def test_any_input_size_works_and_is_cropped_back():
+    """Odd and tiny sizes are padded internally to a multiple of 2**depth and cropped back
+    (eval mode: a training-mode BatchNorm cannot normalise a single pixel)."""
+    net = tiny(depth=3).eval()
+    for h, w in ((37, 53), (1, 1), (5, 130), (8, 8)):
+        out = net(torch.randn(1, 1, h, w))
+        assert out["logits"].shape == (1, 3, h, w)
+        assert torch.isfinite(out["logits"]).all()
+
+
+def test_padding_does_not_leak_across_the_crop():
+    """The internal padding only adds pixels at the bottom/right and keeps the pooling grid: with
+    BatchNorm in eval mode (a purely local network) the top-left region of an odd-sized input
+    equals that of the larger input it was cut from. (GroupNorm normalises over the whole input,
+    so there tiles see slightly different statistics.)"""
+    net = tiny(depth=2, norm="batch").eval()
+    x = torch.randn(1, 1, 64, 64)
+    full = net(x)["logits"][..., :12, :12]
+    cut = net(x[..., :61, :63])["logits"][..., :12, :12]
+    torch.testing.assert_close(full, cut, rtol=1e-4, atol=1e-4)
+
+
+def test_25d_input_channels_and_wrong_channels_raise():
+    """in_channels = 2k + 1 takes neighbouring sections as channels; a mismatch raises ValueError."""
+    net = tiny(in_channels=5)
+    assert net(torch.randn(1, 5, 16, 16))["logits"].shape == (1, 3, 16, 16)
+    with pytest.raises(ValueError):
+        net(torch.randn(1, 1, 16, 16))
+    with pytest.raises(ValueError):
+        net(torch.randn(5, 16, 16))
+
+
+@pytest.mark.parametrize("norm", ["group", "batch"])
+def test_gradients_reach_backbone_head_and_prototypes(norm):
+    """One backward pass gives finite, non-zero gradients to every parameter (both norm layers)."""
+    net = tiny(norm=norm)
+    out = net(torch.randn(2, 1, 24, 24))
+    F.cross_entropy(out["logits"], torch.randint(0, 3, (2, 24, 24))).backward()
+    for name, p in net.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert net.prototypes.grad.abs().sum() > 0
+
+
+def test_single_class_network():
+    """C = 1 works (the logits are a single channel)."""
+    net = tiny(n_classes=1)
+    assert net(torch.randn(1, 1, 16, 16))["logits"].shape == (1, 1, 16, 16)
+
+
+def test_config_round_trip_through_json():
+    """to_dict() is JSON-able and from_dict() rebuilds an equal config; a state dict loads into a
+    network built from the round-tripped config and gives the same output."""
+    cfg = ModelConfig(n_classes=4, in_channels=3, base_width=6, depth=2, embed_dim=16,
+                      prototypes_per_class=3, temperature=0.1, norm="batch")
+    data = json.loads(json.dumps(cfg.to_dict()))
+    assert ModelConfig.from_dict(data) == cfg
+    torch.manual_seed(1)
+    a = ProtoSegNet(cfg).eval()
+    b = ProtoSegNet(ModelConfig.from_dict(data)).eval()
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(1, 3, 20, 20)
+    torch.testing.assert_close(a(x)["logits"], b(x)["logits"])
+
+
+def test_config_defaults_and_validation():
+    """Defaults are as documented; nonsense values and unknown keys raise ValueError."""
+    cfg = ModelConfig(n_classes=2)
+    assert (cfg.in_channels, cfg.embed_dim, cfg.prototypes_per_class, cfg.temperature) == (1, 32, 5, 0.05)
+    assert cfg.depth in (3, 4) and cfg.norm == "group"
+    for bad in (dict(n_classes=0), dict(n_classes=2, temperature=0.0), dict(n_classes=2, depth=-1),
+                dict(n_classes=2, norm="layer"), dict(n_classes=2, embed_dim=2.5)):
+        with pytest.raises(ValueError):
+            ModelConfig(**bad)
+    with pytest.raises(ValueError):
+        ModelConfig.from_dict({"n_classes": 2, "instance_head": True})
+
+
+def test_unet_and_head_building_blocks():
+    """UNet2D maps (B, in, H, W) -> (B, out, H, W); DSPHead returns unit vectors."""
+    unet = UNet2D(2, 7, base_width=4, depth=3)
+    assert unet(torch.randn(1, 2, 19, 23)).shape == (1, 7, 19, 23)
+    head = DSPHead(7, 5)
+    e = head(torch.randn(2, 7, 4, 4))
+    assert e.shape == (2, 5, 4, 4)
+    torch.testing.assert_close(e.norm(dim=1), torch.ones(2, 4, 4))
+
+
+def test_pick_device():
+    """'cpu' always works; 'auto' returns an available device; an unavailable or unknown device
+    raises ValueError with a clear message."""
+    assert pick_device("cpu") == torch.device("cpu")
+    assert pick_device("auto").type in ("cpu", "cuda", "mps")
+    if not torch.cuda.is_available():
+        assert pick_device("auto").type != "cuda"
+        with pytest.raises(ValueError, match="cuda"):
+            pick_device("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is None or not mps.is_available():
+        with pytest.raises(ValueError, match="mps"):
+            pick_device("mps")
+    with pytest.raises(ValueError, match="unknown device"):
+        pick_device("tpu")
+
+
+def test_model_moves_with_to_device():
+    """The network is device-agnostic: outputs follow the input's device."""
+    device = pick_device("auto")
+    net = tiny().to(device)
+    out = net(torch.randn(1, 1, 16, 16, device=device))
+    assert out["logits"].device.type == device.type
