@@ -1,0 +1,262 @@
+"""From an image and its annotations to training batches: normalisation, crops and their targets.
+
+Pure NumPy/PyTorch. Crops are sampled where annotations are, mixing every annotation type present;
+each crop's annotations become a :class:`~napari_protoseg.losses.CropTargets` in crop coordinates
+(y, x), after the same flip / 90-degree rotation as the image crop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .losses import CropTargets
+from .project import NO_REGION, AnnotationSet
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """Robust intensity normalisation: the ``low``/``high`` percentiles map to 0 and 1."""
+
+    low: float
+    high: float
+
+    @classmethod
+    def from_image(cls, image, percentiles=(0.5, 99.5), max_samples: int = 2_000_000, seed: int = 0):
+        """Percentiles of (a random sample of) the image's pixels."""
+        flat = np.asarray(image).reshape(-1)
+        if flat.size > max_samples:
+            flat = flat[np.random.default_rng(seed).integers(0, flat.size, max_samples)]
+        low, high = np.percentile(flat.astype(np.float64), percentiles)
+        if not high > low:
+            high = low + 1.0
+        return cls(float(low), float(high))
+
+    def __call__(self, array) -> np.ndarray:
+        return ((np.asarray(array, dtype=np.float32) - self.low) / (self.high - self.low)).astype(np.float32)
+
+    def to_dict(self) -> dict:
+        return {"low": self.low, "high": self.high}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Normalization:
+        return cls(float(d["low"]), float(d["high"]))
+
+
+def plane_with_context(volume: np.ndarray, z: int, context: int) -> np.ndarray:
+    """Plane ``z`` and its ``context`` neighbours on each side as channels (2k+1, Y, X);
+    planes beyond the stack's ends repeat the end plane."""
+    if volume.ndim == 2:
+        return np.repeat(volume[None], 2 * context + 1, axis=0)
+    idx = np.clip(np.arange(z - context, z + context + 1), 0, volume.shape[0] - 1)
+    return volume[idx]
+
+
+# ------------------------------------------------------------------------- crop geometry
+
+
+def _rot90_yx(y, x, size: int, k: int):
+    """Where pixel (y, x) of a square crop lands after ``np.rot90(crop, k)``."""
+    for _ in range(k % 4):
+        y, x = size - 1 - x, y
+    return y, x
+
+
+def _rot90_rect(y0, x0, y1, x1, size: int, k: int):
+    """The half-open rectangle [y0, y1) x [x0, x1) after ``np.rot90(crop, k)``."""
+    for _ in range(k % 4):
+        y0, x0, y1, x1 = size - x1, y0, size - x0, y1
+    return y0, x0, y1, x1
+
+
+@dataclass
+class _Anchor:
+    kind: str  # "mask", "box", "point", "tag"
+    z: int
+    y0: int
+    x0: int
+    y1: int
+    x1: int
+
+
+class CropSampler:
+    """Samples square training crops around annotations and builds their targets.
+
+    ``class_ids`` fixes the order of class indices (index i = ``class_ids[i]``). Each crop is
+    centred on an annotation chosen by first picking an annotation type uniformly among those
+    present, so rare types are seen as often as common ones.
+    """
+
+    def __init__(self, image: np.ndarray, annotations: AnnotationSet, normalization: Normalization,
+                 crop_size: int = 256, context: int = 0, augment: bool = True):
+        self.annotations = annotations
+        self.is_stack = annotations.is_stack
+        self.volume = normalization(image)
+        if not self.is_stack:
+            self.volume = self.volume[None]
+        self.class_ids = list(annotations.class_ids)
+        self.index_of = {cid: i for i, cid in enumerate(self.class_ids)}
+        self.n_classes = len(self.class_ids)
+        h, w = annotations.plane_shape
+        self.crop_size = int(min(crop_size, h, w))  # crops are square, so planes can be rotated
+        self.context = context
+        self.augment = augment
+        lut = np.full(max([0, *self.class_ids]) + 1, -1, dtype=np.int64)
+        for cid, i in self.index_of.items():
+            lut[cid] = i
+        self.mask_index = None if annotations.masks is None else lut[annotations.masks.reshape(self.volume.shape)]
+        self.anchors = self._collect_anchors()
+
+    def _collect_anchors(self) -> dict[str, list[_Anchor]]:
+        ann = self.annotations
+        anchors: dict[str, list[_Anchor]] = {}
+        if self.mask_index is not None:
+            # A few hundred random annotated pixels per plane stand for the masks.
+            rng = np.random.default_rng(0)
+            for z in range(self.volume.shape[0]):
+                ys, xs = np.nonzero(self.mask_index[z] >= 0)
+                if len(ys):
+                    pick = rng.choice(len(ys), size=min(len(ys), 256), replace=False)
+                    anchors.setdefault("mask", []).extend(
+                        _Anchor("mask", z, int(y), int(x), int(y) + 1, int(x) + 1) for y, x in zip(ys[pick], xs[pick]))
+        for b in ann.boxes:
+            anchors.setdefault("box", []).append(_Anchor("box", int(b["z"]), int(b["y0"]), int(b["x0"]),
+                                                         int(b["y1"]), int(b["x1"])))
+        for p in ann.points:
+            anchors.setdefault("point", []).append(_Anchor("point", int(p["z"]), int(p["y"]), int(p["x"]),
+                                                           int(p["y"]) + 1, int(p["x"]) + 1))
+        h, w = ann.plane_shape
+        for t in ann.tags:
+            whole = int(t["y0"]) == NO_REGION
+            y0, x0, y1, x1 = (0, 0, h, w) if whole else (int(t[f]) for f in ("y0", "x0", "y1", "x1"))
+            anchors.setdefault("tag", []).append(_Anchor("tag", int(t["z"]), y0, x0, y1, x1))
+        return anchors
+
+    @property
+    def has_annotations(self) -> bool:
+        return bool(self.anchors)
+
+    def _crop_origin(self, anchor: _Anchor, rng: np.random.Generator) -> tuple[int, int]:
+        """Top-left corner of a crop holding the anchor (whole, if it fits), chosen at random."""
+        h, w = self.annotations.plane_shape
+        s = self.crop_size
+        origin = []
+        for lo, hi, size in ((anchor.y0, anchor.y1, h), (anchor.x0, anchor.x1, w)):
+            if hi - lo <= s:  # the crop can hold the anchor: start between hi - s and lo
+                first, last = max(0, hi - s), min(lo, size - s)
+            else:  # larger than a crop: any crop inside it
+                first, last = lo, min(hi - s, size - s)
+            first = min(max(first, 0), size - s)
+            last = max(min(last, size - s), first)
+            origin.append(int(rng.integers(first, last + 1)))
+        return origin[0], origin[1]
+
+    def sample(self, batch_size: int, rng: np.random.Generator) -> tuple[torch.Tensor, CropTargets]:
+        """A batch of augmented crops (B, 2k+1, S, S) and their targets."""
+        kinds = sorted(self.anchors)
+        images, masks, boxes, exhaustive, points, tags = [], [], [], [], [], []
+        for b in range(batch_size):
+            kind = kinds[int(rng.integers(len(kinds)))]
+            anchor = self.anchors[kind][int(rng.integers(len(self.anchors[kind])))]
+            oy, ox = self._crop_origin(anchor, rng)
+            k = int(rng.integers(4)) if self.augment else 0
+            flip = bool(rng.integers(2)) if self.augment else False
+            image, targets = self._crop(anchor.z, oy, ox, k, flip)
+            if self.augment:
+                image = _intensity_jitter(image, rng)
+            images.append(image)
+            masks.append(targets["mask"])
+            exhaustive.append(targets["box_exhaustive"])
+            boxes += [(b, *row) for row in targets["boxes"]]
+            points += [(b, *row) for row in targets["points"]]
+            tags += [(b, *row) for row in targets["tags"]]
+
+        def table(rows, width):
+            return torch.tensor(rows, dtype=torch.long).reshape(-1, width)
+
+        return torch.from_numpy(np.stack(images)), CropTargets(
+            mask=torch.from_numpy(np.stack(masks)),
+            boxes=table(boxes, 7),
+            box_exhaustive=torch.from_numpy(np.stack(exhaustive)),
+            points=table(points, 4),
+            tags=table(tags, 7),
+        )
+
+    def _crop(self, z: int, oy: int, ox: int, k: int, flip: bool):
+        """Crop plane z at (oy, ox), rotate by k quarter turns, flip left-right; targets follow."""
+        ann = self.annotations
+        s = self.crop_size
+        h, w = ann.plane_shape
+        image = plane_with_context(self.volume, z, self.context)[:, oy:oy + s, ox:ox + s]
+        mask = (self.mask_index[z, oy:oy + s, ox:ox + s] if self.mask_index is not None
+                else np.full((s, s), -1, dtype=np.int64))
+
+        def geometric(y0, x0, y1, x1):
+            y0, x0, y1, x1 = _rot90_rect(y0, x0, y1, x1, s, k)
+            if flip:
+                x0, x1 = s - x1, s - x0
+            return y0, x0, y1, x1
+
+        box_rows = []
+        exhaustive = np.zeros(self.n_classes, dtype=bool)
+        in_plane = ann.boxes[ann.boxes["z"] == z]
+        for cid in np.unique(in_plane["class"]):
+            rows = in_plane[in_plane["class"] == cid]
+            exhaustive[self.index_of[int(cid)]] = bool(np.all(rows["exhaustive"]))
+        for bx in in_plane:
+            y0, x0 = int(bx["y0"]) - oy, int(bx["x0"]) - ox
+            y1, x1 = int(bx["y1"]) - oy, int(bx["x1"]) - ox
+            if y1 <= 0 or x1 <= 0 or y0 >= s or x0 >= s:
+                continue
+            # A box cut by the crop's border is no longer tight (some of its rows or columns may
+            # miss the object), so it gives no positive; it still keeps its pixels off the negatives.
+            whole = y0 >= 0 and x0 >= 0 and y1 <= s and x1 <= s
+            c = self.index_of[int(bx["class"])]
+            box_rows.append((c, *geometric(max(y0, 0), max(x0, 0), min(y1, s), min(x1, s)), int(whole)))
+
+        point_rows = []
+        in_plane = ann.points[ann.points["z"] == z]
+        for p in in_plane:
+            y, x = int(p["y"]) - oy, int(p["x"]) - ox
+            if 0 <= y < s and 0 <= x < s:
+                y, x = _rot90_yx(y, x, s, k)
+                if flip:
+                    x = s - 1 - x
+                point_rows.append((self.index_of[int(p["class"])], y, x))
+
+        tag_rows = []
+        in_plane = ann.tags[ann.tags["z"] == z]
+        for t in in_plane:
+            whole = int(t["y0"]) == NO_REGION
+            y0, x0, y1, x1 = (0, 0, h, w) if whole else (int(t[f]) for f in ("y0", "x0", "y1", "x1"))
+            y0, x0, y1, x1 = y0 - oy, x0 - ox, y1 - oy, x1 - ox
+            present = bool(t["present"])
+            if present:
+                # The object may lie outside the crop unless the whole region is inside it.
+                if not (y0 >= 0 and x0 >= 0 and y1 <= s and x1 <= s):
+                    continue
+            else:
+                y0, x0, y1, x1 = max(y0, 0), max(x0, 0), min(y1, s), min(x1, s)
+                if y1 <= y0 or x1 <= x0:
+                    continue
+            tag_rows.append((self.index_of[int(t["class"])], int(present), *geometric(y0, x0, y1, x1)))
+
+        image = np.rot90(image, k, axes=(1, 2))
+        mask = np.rot90(mask, k)
+        if flip:
+            image = image[:, :, ::-1]
+            mask = mask[:, ::-1]
+        return np.ascontiguousarray(image), {
+            "mask": np.ascontiguousarray(mask), "boxes": box_rows, "box_exhaustive": exhaustive,
+            "points": point_rows, "tags": tag_rows}
+
+
+def _intensity_jitter(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Random gain, offset and gamma, as EM contrast varies from section to section."""
+    gain = rng.uniform(0.8, 1.2)
+    offset = rng.uniform(-0.1, 0.1)
+    gamma = np.exp(rng.uniform(-0.25, 0.25))
+    clipped = np.clip(image, 0.0, None)
+    return (gain * np.power(clipped, gamma) + offset + (image - clipped)).astype(np.float32)

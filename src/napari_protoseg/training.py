@@ -1,0 +1,270 @@
+"""The training engine shared by the napari panel, the command line and the benchmark.
+
+``train(...)`` is a generator of :class:`TrainEvent`s: the caller iterates it (in a background
+thread in napari), reads progress, loss terms and previews, and stops it between steps with a
+``stop`` callable or by closing the generator. Checkpoints (model, optimiser, step, random states,
+configuration) are written periodically and when training ends or is stopped; training resumes
+from them bit for bit on the CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data import CropSampler, Normalization
+from .inference import predict_region
+from .losses import LossWeights, strong_augment, total_loss
+from .model import ModelConfig, ProtoSegNet, pick_device
+from .modelfile import TrainedModel
+from .project import AnnotationSet, Problem, ProjectError, check_image
+
+CHECKPOINT_FORMAT = "napari-protoseg checkpoint"
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides a training run. Defaults fit a 2-core CPU (see docs/benchmarks.md)."""
+
+    steps: int = 250
+    batch_size: int = 4
+    crop_size: int = 256
+    learning_rate: float = 3e-3
+    weight_decay: float = 1e-4
+    context: int = 0
+    base_width: int = 8
+    depth: int = 4
+    embed_dim: int = 32
+    prototypes_per_class: int = 5
+    temperature: float = 0.05
+    tag_pooling: str = "mean"
+    weight_contrastive: float = 1.0
+    weight_ce: float = 1.0
+    weight_pseudo_label: float = 0.5
+    pseudo_label_threshold: float | None = 0.8
+    pseudo_label_warmup: int = 50
+    seed: int = 0
+    device: str = "auto"
+    checkpoint_every: int = 100
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def model_config(self, n_classes: int) -> ModelConfig:
+        return ModelConfig(n_classes=n_classes, in_channels=2 * self.context + 1, base_width=self.base_width,
+                           depth=self.depth, embed_dim=self.embed_dim,
+                           prototypes_per_class=self.prototypes_per_class, temperature=self.temperature)
+
+
+@dataclass
+class TrainEvent:
+    """Progress of a training run after ``step`` of ``total_steps`` optimiser steps."""
+
+    step: int
+    total_steps: int
+    losses: dict[str, float]
+    elapsed: float
+    eta: float
+    device: str
+    preview: np.ndarray | None = None  # class ids of the preview region, when asked for
+    checkpoint: str | None = None  # path written at this step, if any
+    finished: bool = False
+    stopped: bool = False
+    model: TrainedModel | None = field(default=None, repr=False)  # the current model, on the last event
+
+
+@dataclass
+class PreviewRequest:
+    """A region whose prediction is sent with the progress every ``every_seconds``."""
+
+    z: int
+    y0: int
+    x0: int
+    y1: int
+    x1: int
+    every_seconds: float = 5.0
+
+
+def check_training_input(image: np.ndarray, annotations: AnnotationSet) -> list[Problem]:
+    """What keeps training from starting, in words a user can act on (empty when fine)."""
+    problems = check_image(image)
+    if problems:
+        return problems
+    if tuple(image.shape) != annotations.image_shape:
+        return [Problem("annotations", f"were drawn on an image of shape {annotations.image_shape}, "
+                        f"but the image has shape {tuple(image.shape)}.")]
+    problems = annotations.validate()
+    if problems:
+        return problems
+    if len(annotations.classes) < 2:
+        problems.append(Problem("classes", "there is only one class; a segmentation needs at least two "
+                                "(for example the organelle and everything else). Add a class."))
+    if not annotations.has_annotations():
+        problems.append(Problem("annotations", "nothing is annotated yet. Paint a few strokes, draw a box, "
+                                "click points or tag a plane, then train."))
+    return problems
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _training_info(annotations: AnnotationSet, step: int, losses: dict, config: TrainConfig) -> dict:
+    summary = annotations.summary()
+    return {"steps": step, "annotations": summary["classes"], "totals": summary["totals"],
+            "planes_annotated": summary["planes_annotated"], "last_losses": losses,
+            "train_config": config.to_dict()}
+
+
+def train(
+    image: np.ndarray,
+    annotations: AnnotationSet,
+    config: TrainConfig | None = None,
+    *,
+    checkpoint_path: str | os.PathLike | None = None,
+    resume: str | os.PathLike | None = None,
+    initial_model: TrainedModel | None = None,
+    preview: PreviewRequest | None = None,
+    stop: Callable[[], bool] | None = None,
+    report_every: int = 1,
+) -> Iterator[TrainEvent]:
+    """Train a DSP model on whatever ``annotations`` hold; yields a :class:`TrainEvent` per step.
+
+    ``resume``: a checkpoint to continue from (its configuration wins over ``config``).
+    ``initial_model``: start from these weights (e.g. "continue training" after new annotations).
+    ``stop``: polled between steps; when it returns True a checkpoint is written and the last
+    event has ``stopped=True``. The last event always carries the model.
+    """
+    config = TrainConfig() if config is None else config
+    problems = check_training_input(image, annotations)
+    if problems:
+        raise ProjectError(problems)
+
+    state = torch.load(resume, map_location="cpu", weights_only=False) if resume is not None else None
+    if state is not None:
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise ProjectError([Problem(str(resume), "is not a protoseg training checkpoint.")])
+        config = TrainConfig.from_dict(state["train_config"])
+
+    device = pick_device(config.device)
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(config.seed)
+
+    classes = list(annotations.classes)
+    if initial_model is not None:
+        normalization = initial_model.normalization
+        net = initial_model.net
+        context = initial_model.context
+    else:
+        normalization = Normalization.from_image(image, seed=config.seed)
+        net = ProtoSegNet(config.model_config(len(classes)))
+        context = config.context
+    if state is not None:
+        normalization = Normalization.from_dict(state["normalization"])
+        net = ProtoSegNet(ModelConfig.from_dict(state["model_config"]))
+        net.load_state_dict(state["model"])
+        context = net.config.in_channels // 2
+    net.to(device)
+    sampler = CropSampler(image, annotations, normalization, crop_size=config.crop_size, context=context)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.learning_rate,
+                                                    total_steps=max(config.steps, 1), pct_start=0.1)
+    step = 0
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step = int(state["step"])
+        rng.bit_generator.state = state["numpy_rng"]
+        generator.set_state(state["torch_generator"].to(generator.get_state().device))
+        torch.set_rng_state(state["torch_rng"])
+    weights = LossWeights(config.weight_contrastive, config.weight_ce, config.weight_pseudo_label)
+    checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else None
+    losses: dict[str, float] = {}
+
+    def current_model() -> TrainedModel:
+        return TrainedModel(net=net, classes=classes, normalization=normalization, context=context,
+                            training_info=_training_info(annotations, step, losses, config))
+
+    def save_checkpoint() -> str | None:
+        if checkpoint_path is None:
+            return None
+        _atomic_torch_save({
+            "format": CHECKPOINT_FORMAT, "step": step, "train_config": config.to_dict(),
+            "model_config": net.config.to_dict(), "model": net.state_dict(),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "normalization": normalization.to_dict(), "numpy_rng": rng.bit_generator.state,
+            "torch_generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+            "classes": [c.to_json() for c in classes],
+        }, checkpoint_path)
+        return str(checkpoint_path)
+
+    start = time.perf_counter()
+    first_step = step
+    last_preview = -float("inf")
+    finished_cleanly = False
+    try:
+        while step < config.steps:
+            if stop is not None and stop():
+                break
+            net.train()
+            x, targets = sampler.sample(config.batch_size, rng)
+            x, targets = x.to(device), targets.to(device)
+            use_pl = config.weight_pseudo_label > 0 and step >= config.pseudo_label_warmup
+            if use_pl:
+                strong = strong_augment(x, generator)
+                logits_both = net(torch.cat([x, strong]))["logits"]
+                logits, strong_logits = logits_both[: len(x)], logits_both[len(x):]
+            else:
+                logits, strong_logits = net(x)["logits"], None
+            terms = total_loss(logits, targets, strong_logits, weights=weights, tag_pooling=config.tag_pooling,
+                               pl_threshold=config.pseudo_label_threshold)
+            optimizer.zero_grad(set_to_none=True)
+            terms["total"].backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            losses = {k: float(v.detach()) for k, v in terms.items()}
+
+            elapsed = time.perf_counter() - start
+            eta = elapsed / (step - first_step) * (config.steps - step)
+            checkpoint = None
+            if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.steps:
+                checkpoint = save_checkpoint()
+            preview_map = None
+            if preview is not None and time.perf_counter() - last_preview >= preview.every_seconds:
+                preview_map = predict_region(current_model(), image, preview.z, preview.y0, preview.x0,
+                                             preview.y1, preview.x1, device=device).classes
+                last_preview = time.perf_counter()
+            if step % report_every == 0 or preview_map is not None or checkpoint is not None:
+                yield TrainEvent(step, config.steps, losses, elapsed, eta, str(device), preview_map, checkpoint)
+        finished_cleanly = True
+    finally:
+        # Also reached when the consumer closes the generator: keep the last state on disk.
+        checkpoint = save_checkpoint()
+    net.eval()
+    yield TrainEvent(step, config.steps, losses, time.perf_counter() - start, 0.0, str(device), None, checkpoint,
+                     finished=step >= config.steps, stopped=finished_cleanly and step < config.steps,
+                     model=current_model())
