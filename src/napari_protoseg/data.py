@@ -90,7 +90,7 @@ class CropSampler:
     """
 
     def __init__(self, image: np.ndarray, annotations: AnnotationSet, normalization: Normalization,
-                 crop_size: int = 256, context: int = 0, augment: bool = True):
+                 crop_size: int = 256, context: int = 0, augment: bool = True, jitter: bool = True):
         self.annotations = annotations
         self.is_stack = annotations.is_stack
         self.volume = normalization(image)
@@ -103,6 +103,7 @@ class CropSampler:
         self.crop_size = int(min(crop_size, h, w))  # crops are square, so planes can be rotated
         self.context = context
         self.augment = augment
+        self.jitter = jitter
         lut = np.full(max([0, *self.class_ids]) + 1, -1, dtype=np.int64)
         for cid, i in self.index_of.items():
             lut[cid] = i
@@ -164,7 +165,7 @@ class CropSampler:
             k = int(rng.integers(4)) if self.augment else 0
             flip = bool(rng.integers(2)) if self.augment else False
             image, targets = self._crop(anchor.z, oy, ox, k, flip)
-            if self.augment:
+            if self.augment and self.jitter:
                 image = _intensity_jitter(image, rng)
             images.append(image)
             masks.append(targets["mask"])
