@@ -133,3 +133,9 @@ def test_crops_keep_boxes_points_and_tags_aligned_with_the_pixels():
                 assert region.all()
         for b, c, present, y0, x0, y1, x1 in t.tags.tolist():
             assert bool((truth[b, y0:y1, x0:x1] == c).any()) == bool(present)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 10])
+def test_any_step_count_trains(small_sample, steps):
+    event = last_event(train(small_sample.image, small_sample.annotations, TrainConfig(steps=steps, **FAST)))
+    assert event.finished and event.step == steps

@@ -136,6 +136,19 @@ def _training_info(annotations: AnnotationSet, step: int, losses: dict, config: 
             "train_config": config.to_dict()}
 
 
+def _warmup_cosine(steps: int) -> Callable[[int], float]:
+    """Learning-rate factor: linear warm-up over 5 % of the steps, then cosine decay to 5 %."""
+    warmup = max(1, steps // 20)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+        return 0.05 + 0.95 * 0.5 * (1.0 + np.cos(np.pi * progress))
+
+    return factor
+
+
 def train(
     image: np.ndarray,
     annotations: AnnotationSet,
@@ -189,8 +202,7 @@ def train(
     net.to(device)
     sampler = CropSampler(image, annotations, normalization, crop_size=config.crop_size, context=context)
     optimizer = torch.optim.AdamW(net.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.learning_rate,
-                                                    total_steps=max(config.steps, 1), pct_start=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(config.steps))
     step = 0
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])

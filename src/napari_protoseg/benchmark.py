@@ -1,0 +1,922 @@
+"""The annotation-budget benchmark (protocol: ``BENCHMARK.md`` of the shared data folder).
+
+Simulates the annotations of each setting from the dense labels of sections 0-9, writes each as an
+annotation project folder, trains through the same entry point as the napari panel
+(:func:`napari_protoseg.training.train`), predicts sections 10-19 and reports per-class IoU, mIoU,
+mitochondrion instance AP50, annotation time, training time, prediction throughput and memory,
+next to an ilastik-style random-forest peer trained on the same annotations.
+
+Run it with ``protoseg benchmark DATA_DIR`` (``--quick`` for the small CI variant).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import math
+import platform
+import resource
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from .project import AnnotationSet, ClassInfo, empty_boxes, empty_points, empty_tags, read_project, write_project
+
+CLASS_NAMES = {1: "cytoplasm", 2: "membrane", 3: "mitochondrion", 4: "synapse", 5: "glia/extracellular"}
+OBJECT_CLASSES = (3, 4, 5)
+STUFF_CLASSES = (1, 2)
+MITOCHONDRION = 3
+SETTINGS = ("full", "masks", "masks+tags", "masks+boxes", "masks+points", "mixed", "points-only")
+TRAIN_SECTIONS = range(0, 10)
+TEST_SECTIONS = range(10, 20)
+
+# Cost model of BENCHMARK.md, in seconds.
+DENSE_MASK_SECONDS_PER_MEGAPIXEL = 90 * 60 / (1024 * 1024) * 1e6
+BOX_SECONDS = 7.0
+POINT_SECONDS = 2.0
+TAG_SECONDS = 1.0  # per class per tile
+STUFF_POINTS = 20
+TAG_GRID = 4
+
+BENCHMARK_CLASSES = [
+    ClassInfo(1, "cytoplasm", False, "#4c72b0"),
+    ClassInfo(2, "membrane", False, "#dd8452"),
+    ClassInfo(3, "mitochondrion", True, "#55a868"),
+    ClassInfo(4, "synapse", False, "#c44e52"),
+    ClassInfo(5, "glia/extracellular", False, "#8172b3"),
+]
+
+FOUR_CONNECTED = ndi.generate_binary_structure(2, 1)
+
+
+# ------------------------------------------------------------------------ simulated annotations
+
+
+def _objects(plane: np.ndarray, class_id: int) -> tuple[np.ndarray, int]:
+    """4-connected components of one class in one section."""
+    return ndi.label(plane == class_id, structure=FOUR_CONNECTED)
+
+
+def simulate_boxes(semantic: np.ndarray, sections) -> np.ndarray:
+    """A tight, exhaustive box around every object of every object class."""
+    rows = []
+    for z in sections:
+        for cid in OBJECT_CLASSES:
+            labels, _ = _objects(semantic[z], cid)
+            for sl in ndi.find_objects(labels):
+                if sl is not None:
+                    rows.append((z, sl[0].start, sl[1].start, sl[0].stop, sl[1].stop, cid, True))
+    return np.array(rows, dtype=empty_boxes().dtype) if rows else empty_boxes()
+
+
+def simulate_points(semantic: np.ndarray, sections, rng: np.random.Generator) -> np.ndarray:
+    """One point at a random pixel of every object (exhaustive) and 20 random points per stuff class."""
+    rows = []
+    for z in sections:
+        for cid in OBJECT_CLASSES:
+            labels, n = _objects(semantic[z], cid)
+            if n == 0:
+                continue
+            order = np.argsort(labels, axis=None, kind="stable")
+            sorted_labels = labels.reshape(-1)[order]
+            starts = np.searchsorted(sorted_labels, np.arange(1, n + 1))
+            ends = np.searchsorted(sorted_labels, np.arange(1, n + 1), side="right")
+            picks = order[starts + (rng.random(n) * (ends - starts)).astype(np.int64)]
+            ys, xs = np.unravel_index(picks, labels.shape)
+            rows += [(z, int(y), int(x), cid, True) for y, x in zip(ys, xs)]
+        for cid in STUFF_CLASSES:
+            ys, xs = np.nonzero(semantic[z] == cid)
+            if len(ys):
+                pick = rng.choice(len(ys), size=min(STUFF_POINTS, len(ys)), replace=False)
+                rows += [(z, int(ys[i]), int(xs[i]), cid, False) for i in pick]
+    return np.array(rows, dtype=empty_points().dtype) if rows else empty_points()
+
+
+def simulate_tags(semantic: np.ndarray, sections, grid: int = TAG_GRID) -> np.ndarray:
+    """Present/absent tags for every class on each tile of a grid x grid tiling."""
+    rows = []
+    h, w = semantic.shape[1:]
+    ty, tx = h // grid, w // grid
+    for z in sections:
+        for i in range(grid):
+            for j in range(grid):
+                y0, x0 = i * ty, j * tx
+                y1, x1 = (h if i == grid - 1 else y0 + ty), (w if j == grid - 1 else x0 + tx)
+                present = set(np.unique(semantic[z, y0:y1, x0:x1]).tolist())
+                rows += [(z, cid, cid in present, y0, x0, y1, x1) for cid in CLASS_NAMES]
+    return np.array(rows, dtype=empty_tags().dtype) if rows else empty_tags()
+
+
+def simulate_setting(setting: str, semantic: np.ndarray, seed: int = 0) -> AnnotationSet:
+    """The annotations of one benchmark setting, from the dense labels of the training sections."""
+    if setting not in SETTINGS:
+        raise ValueError(f"unknown setting {setting!r}; choose from {SETTINGS}")
+    rng = np.random.default_rng(seed)
+    n = semantic.shape[0]
+    masks = np.zeros_like(semantic, dtype=np.uint8)
+    boxes, points, tags = empty_boxes(), empty_points(), empty_tags()
+    later = range(1, n)
+    if setting == "full":
+        masks[:] = semantic
+    elif setting != "points-only":
+        masks[0] = semantic[0]
+    if setting == "masks+tags":
+        tags = simulate_tags(semantic, later)
+    elif setting == "masks+boxes":
+        boxes = simulate_boxes(semantic, later)
+    elif setting == "masks+points":
+        points = simulate_points(semantic, later, rng)
+    elif setting == "mixed":
+        thirds = np.array_split(np.arange(1, n), 3)
+        tags = simulate_tags(semantic, thirds[0].tolist())
+        boxes = simulate_boxes(semantic, thirds[1].tolist())
+        points = simulate_points(semantic, thirds[2].tolist(), rng)
+    elif setting == "points-only":
+        points = simulate_points(semantic, range(n), rng)
+    return AnnotationSet(image_shape=semantic.shape, classes=BENCHMARK_CLASSES,
+                         masks=masks if masks.any() else None, boxes=boxes, points=points, tags=tags)
+
+
+def annotation_seconds(annotations: AnnotationSet) -> float:
+    """Estimated annotation time from the cost model of BENCHMARK.md."""
+    mask_planes = 0.0
+    if annotations.masks is not None:
+        labelled = np.count_nonzero(annotations.masks.reshape(annotations.n_planes, -1), axis=1)
+        mask_planes = float(labelled.sum())
+    return (mask_planes / 1e6 * DENSE_MASK_SECONDS_PER_MEGAPIXEL
+            + BOX_SECONDS * len(annotations.boxes) + POINT_SECONDS * len(annotations.points)
+            + TAG_SECONDS * len(annotations.tags))
+
+
+# ----------------------------------------------------------------------------------- metrics
+
+
+def class_iou(prediction: np.ndarray, truth: np.ndarray, class_ids=tuple(CLASS_NAMES)) -> dict[int, float]:
+    """Intersection over union of each class over the whole volume (NaN where a class is absent in both)."""
+    out = {}
+    for cid in class_ids:
+        p, t = prediction == cid, truth == cid
+        union = np.count_nonzero(p | t)
+        out[cid] = float(np.count_nonzero(p & t) / union) if union else float("nan")
+    return out
+
+
+def _consecutive(ids: np.ndarray) -> np.ndarray:
+    """Instance ids renumbered 1..n in order (0 stays background), so pair counts stay small."""
+    values, inverse = np.unique(ids, return_inverse=True)
+    if len(values) and values[0] != 0:
+        inverse = inverse + 1
+    return inverse.astype(np.int64).reshape(ids.shape)
+
+
+def instance_scores(predicted: np.ndarray, truth: np.ndarray, threshold: float = 0.5) -> dict:
+    """AP50 = TP / (TP + FP + FN) with one-to-one matches at IoU >= threshold per section, and the
+    mean IoU of the matched pairs. ``predicted``/``truth``: (Z, Y, X) instance ids, unique within
+    each section (ids need not be consecutive)."""
+    tp = fp = fn = 0
+    matched_ious = []
+    for z in range(truth.shape[0]):
+        p, t = _consecutive(predicted[z].ravel()), _consecutive(truth[z].ravel())
+        n_p, n_t = int(p.max(initial=0)), int(t.max(initial=0))
+        if n_p == 0 or n_t == 0:
+            fp += len(np.unique(p[p > 0]))
+            fn += len(np.unique(t[t > 0]))
+            continue
+        # Overlap counts of every (pred, true) pair in one pass.
+        pairs = np.bincount(p * (n_t + 1) + t, minlength=(n_p + 1) * (n_t + 1))
+        overlap = pairs.reshape(n_p + 1, n_t + 1)
+        area_p, area_t = overlap.sum(axis=1), overlap.sum(axis=0)
+        inter = overlap[1:, 1:].astype(np.float64)
+        union = area_p[1:, None] + area_t[None, 1:] - inter
+        iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+        present_p = np.flatnonzero(area_p[1:] > 0)
+        present_t = np.flatnonzero(area_t[1:] > 0)
+        iou = iou[np.ix_(present_p, present_t)]
+        # One-to-one matching, best IoU first. Above 0.5 candidate pairs never share an instance;
+        # at exactly 0.5 they can (an object split into two halves), and any pair may below 0.5.
+        rows, cols = np.nonzero(iou >= threshold)
+        order = np.argsort(-iou[rows, cols], kind="stable")
+        used_p, used_t = set(), set()
+        for k in order:
+            i, j = int(rows[k]), int(cols[k])
+            if i not in used_p and j not in used_t:
+                used_p.add(i)
+                used_t.add(j)
+                matched_ious.append(float(iou[i, j]))
+        n_hits = len(used_p)
+        tp += n_hits
+        fp += len(present_p) - n_hits
+        fn += len(present_t) - n_hits
+    total = tp + fp + fn
+    return {"ap50": tp / total if total else float("nan"),
+            "matched_iou": float(np.mean(matched_ious)) if matched_ious else 0.0,
+            "tp": tp, "fp": fp, "fn": fn}
+
+
+def connected_instances(class_map: np.ndarray, class_id: int = MITOCHONDRION) -> np.ndarray:
+    """Instances as 4-connected components of one class, per section (the plain decoder)."""
+    out = np.zeros(class_map.shape, dtype=np.int32)
+    for z in range(class_map.shape[0]):
+        out[z], _ = _objects(class_map[z], class_id)
+    return out
+
+
+def reset_peak_memory() -> bool:
+    """Restart the peak-memory count of this process (Linux ``/proc/self/clear_refs``; also the
+    CUDA peak). False where the operating system cannot, then :func:`peak_memory_mb` keeps
+    reporting the peak since the process started."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+    except Exception:  # pragma: no cover - a broken CUDA set-up must not stop the benchmark
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process (since the last :func:`reset_peak_memory`), in MiB."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    scale = 1024.0 * 1024.0 if sys.platform == "darwin" else 1024.0  # bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
+
+
+def gpu_peak_memory_mb() -> float | None:
+    """Peak CUDA memory allocated by PyTorch since the last reset, in MiB (None without CUDA)."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.max_memory_allocated() / 2**20
+    except Exception:  # pragma: no cover
+        pass
+    return None
+
+
+@dataclass
+class BenchmarkData:
+    """The shared data set: raw sections, dense semantic labels and mitochondrion instances."""
+
+    raw: np.ndarray
+    semantic: np.ndarray
+    mito_instances: np.ndarray
+
+    @classmethod
+    def load(cls, folder: str | Path, crop: int | None = None) -> BenchmarkData:
+        import tifffile
+
+        folder = Path(folder)
+        data = [tifffile.imread(folder / name) for name in ("raw.tif", "semantic.tif", "mito_instances.tif")]
+        if crop is not None:
+            data = [np.ascontiguousarray(d[:, :crop, :crop]) for d in data]
+        return cls(*data)
+
+
+# ------------------------------------------------------------------------------- the peer
+
+
+@dataclass(frozen=True)
+class RFConfig:
+    """The random-forest peer. The defaults follow ``BENCHMARK.md`` (sigma 1-16, five scales);
+    :data:`QUICK_RF` is the lighter variant of ``--quick`` runs only."""
+
+    n_estimators: int = 100
+    max_depth: int = 20
+    sigma_min: float = 1.0
+    sigma_max: float = 16.0
+    num_sigma: int = 5
+    max_pixels: int = 200_000
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+QUICK_RF = RFConfig(n_estimators=30, num_sigma=3, max_pixels=50_000)
+
+
+def rf_features(image: np.ndarray, config: RFConfig = RFConfig()) -> np.ndarray:
+    """ilastik-style features of one section: intensity, edges and texture at sigma 1-16."""
+    from skimage.feature import multiscale_basic_features
+
+    return multiscale_basic_features(image, intensity=True, edges=True, texture=True,
+                                     sigma_min=config.sigma_min, sigma_max=config.sigma_max,
+                                     num_sigma=config.num_sigma).astype(np.float32)
+
+
+def rf_label_planes(annotations: AnnotationSet) -> np.ndarray:
+    """The pixels the peer can use: mask pixels and point pixels (boxes and tags say nothing about
+    single pixels), as a (Z, Y, X) class map with 0 = unlabelled."""
+    labels = np.zeros(annotations.image_shape, dtype=np.uint8)
+    if annotations.masks is not None:
+        labels[:] = annotations.masks
+    pts = annotations.points
+    labels[pts["z"], pts["y"], pts["x"]] = pts["class"]
+    return labels
+
+
+def train_random_forest(raw: np.ndarray, annotations: AnnotationSet, config: RFConfig = RFConfig(),
+                        seed: int = 0):
+    """A random forest on the pixels a setting labels directly (masks and points).
+
+    At most ``config.max_pixels`` labelled pixels are drawn uniformly (seeded) from all labelled
+    pixels; features are computed plane by plane and only the drawn pixels are kept."""
+    from sklearn.ensemble import RandomForestClassifier
+
+    labels = rf_label_planes(annotations)
+    flat = np.flatnonzero(labels)
+    if len(flat) == 0:
+        raise ValueError("the annotations label no pixel directly; the random forest has nothing to learn from")
+    if len(flat) > config.max_pixels:
+        flat = np.sort(np.random.default_rng(seed).choice(flat, config.max_pixels, replace=False))
+    zs, ys, xs = np.unravel_index(flat, labels.shape)
+    feats = []
+    for z in np.unique(zs):
+        sel = zs == z
+        feats.append(rf_features(raw[z], config)[ys[sel], xs[sel]])
+    x, y = np.concatenate(feats), labels[zs, ys, xs]
+    forest = RandomForestClassifier(n_estimators=config.n_estimators, max_depth=config.max_depth,
+                                    n_jobs=-1, random_state=seed)
+    forest.fit(x, y)
+    return forest
+
+
+def predict_random_forest(forest, raw: np.ndarray, config: RFConfig = RFConfig()) -> np.ndarray:
+    out = np.zeros(raw.shape, dtype=np.uint8)
+    for z in range(raw.shape[0]):
+        f = rf_features(raw[z], config)
+        out[z] = forest.predict(f.reshape(-1, f.shape[-1])).reshape(raw.shape[1:])
+    return out
+
+
+def _json_clean(value):
+    """NumPy scalars to Python, NaN/inf to None (JSON has no NaN), recursively."""
+    if isinstance(value, dict):
+        return {str(k): _json_clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_clean(v) for v in value]
+    if isinstance(value, (np.floating, np.integer, np.bool_)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def save_json(path: Path, results: dict) -> None:
+    Path(path).write_text(json.dumps(_json_clean(results), indent=1) + "\n")
+
+
+# -------------------------------------------------------------------------------- the runner
+
+DATASET_CITATION = (
+    'Gerhard S, Funke J, Martel J, Cardona A, Fetter R (2013), "Segmented anisotropic ssTEM dataset of '
+    'neural tissue", figshare, doi:10.6084/m9.figshare.856713 (via the GitHub repository '
+    "unidesigner/groundtruth-drosophila-vnc); licence CC BY-NC-SA 3.0"
+)
+QUICK_SETTINGS = ("masks", "full", "mixed")
+QUICK_CROP = 256
+QUICK_STEPS = 60
+QUICK_CROP_SIZE = 128
+
+# (setting, name, TrainConfig changes). A variant whose configuration equals the main run of its
+# setting reuses that run instead of training again.
+ABLATIONS = (
+    ("mixed", "all loss terms", {}),
+    ("mixed", "without pseudo-label term", {"weight_pseudo_label": 0.0}),
+    ("mixed", "without cross-entropy", {"weight_ce": 0.0}),
+    ("masks+tags", "tag pooling: mean", {"tag_pooling": "mean"}),
+    ("masks+tags", "tag pooling: max", {"tag_pooling": "max"}),
+    ("masks+tags", "tag pooling: smoothmax", {"tag_pooling": "smoothmax"}),
+)
+TARGET_MIXED_FRACTION = 0.90
+TARGET_EXTRA_GAIN = 0.05
+TARGET_PEER_MARGIN = 0.10
+_TOLERANCE = 1e-9  # 0.60 - 0.50 must count as a gain of 0.10
+COMMAND = "protoseg benchmark DATA_DIR --out OUT_DIR"
+
+
+def benchmark_config(quick: bool = False, config_overrides: dict | None = None, seed: int = 0):
+    """The :class:`~napari_protoseg.training.TrainConfig` of a benchmark run.
+
+    Full runs use the plugin's defaults; quick runs train ``QUICK_STEPS`` steps on
+    ``QUICK_CROP_SIZE`` crops. When the number of steps differs from the default and the
+    overrides do not set ``pseudo_label_warmup``, the warm-up keeps its default share of the
+    steps (50 of 250 = 20 %), so the pseudo-label term still acts for the same share of training.
+    """
+    from .training import TrainConfig
+
+    default = TrainConfig()
+    changes: dict = {"checkpoint_every": 0, "seed": seed}
+    if quick:
+        changes.update(steps=QUICK_STEPS, crop_size=QUICK_CROP_SIZE)
+    changes.update(config_overrides or {})
+    unknown = set(changes) - set(default.to_dict())
+    if unknown:
+        raise ValueError(f"unknown training option(s): {sorted(unknown)}")
+    steps = int(changes.get("steps", default.steps))
+    if steps != default.steps and "pseudo_label_warmup" not in (config_overrides or {}):
+        changes["pseudo_label_warmup"] = int(round(default.pseudo_label_warmup * steps / default.steps))
+    return TrainConfig.from_dict({**default.to_dict(), **changes})
+
+
+def _scores(prediction: np.ndarray, truth: np.ndarray, truth_instances: np.ndarray) -> dict:
+    ious = class_iou(prediction, truth)
+    inst = instance_scores(connected_instances(prediction, MITOCHONDRION), truth_instances)
+    return {
+        "iou": {CLASS_NAMES[c]: v for c, v in ious.items()},
+        "miou": float(np.nanmean(list(ious.values()))),
+        "mito_ap50": inst["ap50"], "mito_matched_iou": inst["matched_iou"],
+        "mito_tp": inst["tp"], "mito_fp": inst["fp"], "mito_fn": inst["fn"],
+    }
+
+
+def _environment() -> dict:
+    import os
+
+    import torch
+
+    env = {"python": platform.python_version(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
+           "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "numpy": np.__version__}
+    for name in ("sklearn", "skimage", "scipy"):
+        try:
+            env[name] = __import__(name).__version__
+        except ImportError:  # pragma: no cover
+            env[name] = None
+    if torch.cuda.is_available():
+        env["cuda_device"] = torch.cuda.get_device_name(0)
+    return env
+
+
+def _prepare_project(setting: str, data: BenchmarkData, out_dir: Path, seed: int):
+    """Simulate, write as a project folder and read back: what the plugin would train on."""
+    ann = simulate_setting(setting, data.semantic[TRAIN_SECTIONS.start:TRAIN_SECTIONS.stop], seed=seed)
+    folder = out_dir / "projects" / setting
+    write_project(folder, data.raw[TRAIN_SECTIONS.start:TRAIN_SECTIONS.stop], ann)
+    project = read_project(folder)
+    if not project.annotations.equals(ann):
+        raise RuntimeError(f"the project folder {folder} does not read back the annotations written to it")
+    return project, folder
+
+
+def _run_protoseg(project, test: tuple, config, label: str, progress) -> dict:
+    from .inference import predict_volume
+    from .training import train
+
+    raw_test, sem_test, inst_test = test
+    reset_peak_memory()
+    every = max(1, config.steps // 5)
+    start = time.perf_counter()
+    last = None
+    for event in train(project.image, project.annotations, config):
+        last = event
+        if event.model is None and (event.step % every == 0 or event.step == 1):
+            total = event.losses.get("total", float("nan"))
+            progress(f"  {label}: step {event.step}/{event.total_steps}  loss {total:.3f}  "
+                     f"{event.elapsed:.0f} s (eta {event.eta:.0f} s)")
+    train_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    prediction = predict_volume(last.model, raw_test)
+    predict_seconds = time.perf_counter() - start
+    result = _scores(np.asarray(prediction.classes), sem_test, inst_test)
+    result.update(train_seconds=train_seconds, predict_seconds=predict_seconds,
+                  throughput_mpx_s=raw_test.size / predict_seconds / 1e6, peak_memory_mb=peak_memory_mb(),
+                  gpu_peak_memory_mb=gpu_peak_memory_mb(), device=last.device, steps=last.step,
+                  final_losses=last.losses)
+    progress(f"  {label}: mIoU {result['miou']:.3f}  mito AP50 {result['mito_ap50']:.3f}  "
+             f"train {train_seconds:.0f} s  predict {result['throughput_mpx_s']:.2f} MPx/s  "
+             f"peak {result['peak_memory_mb']:.0f} MiB  ({last.device})")
+    return result
+
+
+def _run_peer(project, test: tuple, rf: RFConfig, seed: int, label: str, progress) -> dict:
+    raw_test, sem_test, inst_test = test
+    reset_peak_memory()
+    start = time.perf_counter()
+    forest = train_random_forest(project.image, project.annotations, rf, seed=seed)
+    train_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    prediction = predict_random_forest(forest, raw_test, rf)
+    predict_seconds = time.perf_counter() - start
+    result = _scores(prediction, sem_test, inst_test)
+    result.update(train_seconds=train_seconds, predict_seconds=predict_seconds,
+                  throughput_mpx_s=raw_test.size / predict_seconds / 1e6, peak_memory_mb=peak_memory_mb(),
+                  device="cpu", training_pixels=int(min(np.count_nonzero(rf_label_planes(project.annotations)),
+                                                        rf.max_pixels)))
+    progress(f"  {label}: mIoU {result['miou']:.3f}  mito AP50 {result['mito_ap50']:.3f}  "
+             f"train {train_seconds:.0f} s  predict {result['throughput_mpx_s']:.2f} MPx/s")
+    return result
+
+
+def evaluate_targets(settings: dict) -> list[dict]:
+    """The targets of the issue, measured against their thresholds (``met`` None = not measured)."""
+    def miou(name, method="protoseg"):
+        entry = settings.get(name)
+        return None if entry is None else entry[method]["miou"]
+
+    out = []
+    full, mixed = miou("full"), miou("mixed")
+    ratio = None if full is None or mixed is None or not full else mixed / full
+    out.append({"target": "`mixed` mIoU >= 90 % of `full` mIoU", "measured": ratio,
+                "measured_text": "not run" if ratio is None else f"{100 * ratio:.1f} % ({mixed:.3f} / {full:.3f})",
+                "threshold_text": f">= {100 * TARGET_MIXED_FRACTION:.0f} %",
+                "met": None if ratio is None else bool(ratio >= TARGET_MIXED_FRACTION - _TOLERANCE)})
+    base = miou("masks")
+    for name in ("masks+tags", "masks+boxes", "masks+points"):
+        value = miou(name)
+        gain = None if value is None or base is None else value - base
+        out.append({"target": f"`{name}` beats `masks` by >= {TARGET_EXTRA_GAIN:.2f} mIoU", "measured": gain,
+                    "measured_text": "not run" if gain is None else f"{gain:+.3f} ({value:.3f} vs {base:.3f})",
+                    "threshold_text": f">= +{TARGET_EXTRA_GAIN:.2f}",
+                    "met": None if gain is None else bool(gain >= TARGET_EXTRA_GAIN - _TOLERANCE)})
+    for name, entry in settings.items():
+        gain = entry["protoseg"]["miou"] - entry["peer"]["miou"]
+        out.append({"target": f"`{name}` beats the random-forest peer by >= {TARGET_PEER_MARGIN:.2f} mIoU",
+                    "measured": gain,
+                    "measured_text": f"{gain:+.3f} ({entry['protoseg']['miou']:.3f} vs {entry['peer']['miou']:.3f})",
+                    "threshold_text": f">= +{TARGET_PEER_MARGIN:.2f}",
+                    "met": bool(gain >= TARGET_PEER_MARGIN - _TOLERANCE)})
+    return out
+
+
+def _check_dependencies() -> None:
+    """Fail before hours of training, not after, when the peer or the plot cannot run."""
+    missing = []
+    for module, package in (("sklearn", "scikit-learn"), ("matplotlib", "matplotlib")):
+        try:
+            __import__(module)
+        except ImportError:
+            missing.append(package)
+    if missing:
+        raise ImportError(f"the benchmark needs {' and '.join(missing)}; install them with "
+                          "pip install 'napari-protoseg[benchmark]'")
+
+
+def run_benchmark(data_dir, out_dir, settings=None, quick: bool = False, ablations: bool | None = None,
+                  seed: int = 0, config_overrides: dict | None = None, progress=print, *,
+                  docs_path: str | Path | None = None, command: str | None = None) -> dict:
+    """Run the annotation-budget benchmark of ``BENCHMARK.md`` and write its outputs.
+
+    ``settings``: the settings to run (default: all of :data:`SETTINGS`; :data:`QUICK_SETTINGS`
+    with ``quick``). ``quick``: sections cropped to ``QUICK_CROP`` pixels, ``QUICK_STEPS`` training
+    steps on ``QUICK_CROP_SIZE`` crops and the lighter peer :data:`QUICK_RF`. ``ablations``: the
+    ablation runs of :data:`ABLATIONS` (default: on for full runs, off for quick ones).
+    ``config_overrides``: :class:`~napari_protoseg.training.TrainConfig` fields (e.g. ``steps``).
+    Writes ``results.json``, ``benchmarks.md``, ``miou_vs_time.png`` and one project folder per
+    setting (``projects/<setting>``) into ``out_dir``, and the Markdown also to ``docs_path`` if
+    given. Returns the results as written to ``results.json`` (which has null where this dict has NaN,
+    e.g. the IoU of a class absent from both prediction and truth). mIoU is the mean over the classes
+    present in the test sections or the prediction (all five on the whole sections).
+    """
+    from . import __version__
+
+    _check_dependencies()
+    wall_start = time.perf_counter()
+    settings = list(dict.fromkeys(settings if settings is not None else (QUICK_SETTINGS if quick else SETTINGS)))
+    for name in settings:
+        if name not in SETTINGS:
+            raise ValueError(f"unknown setting {name!r}; choose from {', '.join(SETTINGS)}")
+    ablations = (not quick) if ablations is None else bool(ablations)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = benchmark_config(quick, config_overrides, seed)
+    rf = QUICK_RF if quick else RFConfig()
+    crop = QUICK_CROP if quick else None
+
+    progress(f"benchmark: loading {data_dir}" + (f" (quick: sections cropped to {crop} x {crop})" if quick else ""))
+    data = BenchmarkData.load(data_dir, crop=crop)
+    if data.raw.shape[0] < TEST_SECTIONS.stop:
+        raise ValueError(f"{data_dir} holds {data.raw.shape[0]} sections; the protocol needs {TEST_SECTIONS.stop}")
+    test_slice = slice(TEST_SECTIONS.start, TEST_SECTIONS.stop)
+    sem_test = data.semantic[test_slice]
+    # Cropping can cut an instance in two; relabel the crop's components then (the file's ids are the
+    # same 4-connected components of class 3 on whole sections).
+    inst_test = connected_instances(sem_test) if crop is not None else data.mito_instances[test_slice]
+    test = (data.raw[test_slice], sem_test, inst_test)
+
+    results: dict = {
+        "benchmark": "napari-protoseg annotation-budget benchmark (BENCHMARK.md)",
+        "napari_protoseg_version": __version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": command, "quick": quick, "seed": seed, "complete": False,
+        "data": {"folder": str(data_dir), "shape": list(data.raw.shape), "crop": crop,
+                 "train_sections": [TRAIN_SECTIONS.start, TRAIN_SECTIONS.stop - 1],
+                 "test_sections": [TEST_SECTIONS.start, TEST_SECTIONS.stop - 1], "citation": DATASET_CITATION},
+        "cost_model_seconds": {"dense_mask_1024x1024": 90 * 60, "box": BOX_SECONDS, "point": POINT_SECONDS,
+                               "tag_per_class_per_tile": TAG_SECONDS},
+        "train_config": config.to_dict(), "peer_config": rf.to_dict(),
+        "peer_note": ("quick run: lighter peer than the protocol's (fewer trees, scales and training pixels)"
+                      if quick else "peer as in BENCHMARK.md"),
+        "environment": _environment(), "settings": {}, "shared_peer_fits": {}, "ablations": [],
+    }
+    tested = {}  # (setting, config json) -> protoseg result, for ablations that repeat a main run
+    peer_fits: dict[str, tuple[str, dict]] = {}  # fingerprint of the peer's training pixels -> (setting, result)
+    projects = {}
+    for i, name in enumerate(settings, 1):
+        progress(f"[{i}/{len(settings)}] {name}: simulating annotations and writing the project folder")
+        project, folder = _prepare_project(name, data, out_dir, seed)
+        projects[name] = project
+        totals = project.annotations.summary()["totals"]
+        minutes = annotation_seconds(project.annotations) / 60
+        progress(f"  {name}: {totals['mask_pixels']} mask px, {totals['boxes']} boxes, {totals['points']} points, "
+                 f"{totals['tags']} tags -> {minutes:.1f} min of annotation (cost model)")
+        entry = {"project": str(folder), "annotation_totals": totals, "annotation_minutes": minutes}
+        entry["protoseg"] = _run_protoseg(project, test, config, f"{name} protoseg", progress)
+        tested[(name, json.dumps(config.to_dict(), sort_keys=True))] = entry["protoseg"]
+        key = hashlib.sha1(rf_label_planes(project.annotations).tobytes()).hexdigest()
+        if key in peer_fits:
+            first, peer = peer_fits[key]
+            entry["peer"] = {**peer, "shared_fit_with": first}
+            results["shared_peer_fits"].setdefault(first, []).append(name)
+            progress(f"  {name} peer: same training pixels as `{first}` (the peer ignores boxes and tags) "
+                     f"-> same random-forest fit, mIoU {peer['miou']:.3f}")
+        else:
+            peer = _run_peer(project, test, rf, seed, f"{name} peer", progress)
+            peer_fits[key] = (name, peer)
+            entry["peer"] = {**peer, "shared_fit_with": None}
+        results["settings"][name] = entry
+        save_json(out_dir / "results.json", results)
+
+    if ablations:
+        for setting, variant, changes in ABLATIONS:
+            cfg = type(config).from_dict({**config.to_dict(), **changes})
+            key = (setting, json.dumps(cfg.to_dict(), sort_keys=True))
+            row = {"setting": setting, "variant": variant, "changes": changes}
+            if key in tested:
+                row.update(protoseg=tested[key], reused_main_run=True)
+                progress(f"ablation {setting} / {variant}: same configuration as the main run, reused")
+            else:
+                progress(f"ablation {setting} / {variant}: training")
+                if setting not in projects:
+                    projects[setting], _ = _prepare_project(setting, data, out_dir, seed)
+                row.update(protoseg=_run_protoseg(projects[setting], test, cfg, f"{setting} {variant}", progress),
+                           reused_main_run=False)
+                tested[key] = row["protoseg"]
+            results["ablations"].append(row)
+            save_json(out_dir / "results.json", results)
+
+    counts = np.bincount(sem_test.ravel(), minlength=len(CLASS_NAMES) + 1)
+    results["reference"] = {"all_cytoplasm": _scores(np.ones_like(sem_test), sem_test, inst_test),
+                            "test_class_shares": {CLASS_NAMES[c]: counts[c] / sem_test.size for c in CLASS_NAMES}}
+    results["targets"] = evaluate_targets(results["settings"])
+    results["wall_seconds"] = time.perf_counter() - wall_start
+    results["complete"] = True
+    save_json(out_dir / "results.json", results)
+    markdown = render_markdown(results)
+    (out_dir / "benchmarks.md").write_text(markdown)
+    plot_miou_vs_time(results, out_dir / "miou_vs_time.png")
+    written = [out_dir / "results.json", out_dir / "benchmarks.md", out_dir / "miou_vs_time.png"]
+    if docs_path is not None:
+        Path(docs_path).write_text(markdown)
+        written.append(Path(docs_path))
+    for target in results["targets"]:
+        verdict = {True: "met", False: "NOT met", None: "not measured"}[target["met"]]
+        progress(f"target: {target['target'].replace('`', '')}: {target['measured_text']} "
+                 f"(threshold {target['threshold_text']}) -> {verdict}")
+    progress(f"benchmark finished in {results['wall_seconds'] / 60:.1f} min; wrote " + ", ".join(map(str, written)))
+    return results
+
+
+# --------------------------------------------------------------------------------- reporting
+
+
+def _f(value, digits: int = 3) -> str:
+    return "–" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:.{digits}f}"
+
+
+def render_markdown(results: dict) -> str:
+    """The Markdown report of a benchmark run (its tables, targets, ablations and provenance)."""
+    quick = results["quick"]
+    env = results["environment"]
+    names = list(CLASS_NAMES.values())
+    lines = ["# Benchmark: segmentation quality against annotation time", ""]
+    if quick:
+        lines += ["> **Quick run** (CI smoke test): sections cropped to "
+                  f"{results['data']['crop']} x {results['data']['crop']} pixels, "
+                  f"{results['train_config']['steps']} training steps, lighter random-forest peer. "
+                  "Its figures say only that the pipeline works; they are not the benchmark.", ""]
+    lines += [
+        "Protocol: train on sections 0-9 of the Drosophila larval VNC ssTEM stack with the simulated "
+        "annotations of each setting (written as an annotation project folder and trained through the "
+        "same entry point as the plugin's *Train* button), predict sections 10-19, compare with the "
+        "dense expert labels. Peer: an ilastik-style random-forest pixel classifier (scikit-image "
+        "`multiscale_basic_features` + scikit-learn `RandomForestClassifier`) trained on the pixels each "
+        "setting labels directly (masks and points). Annotation time comes from the cost model: dense "
+        "mask of a 1024 x 1024 section 90 min, box 7 s, point 2 s, tag 1 s per class per tile.", "",
+        f"Regenerate: `{COMMAND}` (or `python -m napari_protoseg.benchmark DATA_DIR --out OUT_DIR`) with "
+        "DATA_DIR the folder of `raw.tif`, `semantic.tif` and `mito_instances.tif`. It writes `results.json` "
+        "(every figure, configuration, timing, device, version and date), `benchmarks.md` and "
+        "`miou_vs_time.png` into OUT_DIR; the complete run, from a source checkout, also rewrites "
+        "`docs/benchmarks.md`.", "",
+        "## Results", "",
+        "| setting | method | annotation (min) | " + " | ".join(f"IoU {n}" for n in names)
+        + " | mIoU | mito AP50 | mito matched IoU | train (s) | predict (MPx/s) | peak memory (MiB) |",
+        "|" + " --- |" * (14),
+    ]
+    notes = []
+    for setting, entry in results["settings"].items():
+        for method, label in (("protoseg", "protoseg"), ("peer", "random forest")):
+            r = entry[method]
+            shared = r.get("shared_fit_with")
+            train_s = f"{r['train_seconds']:.0f}"
+            if shared:
+                train_s = f"(= `{shared}`)"
+                label += "*"
+            lines.append(
+                f"| `{setting}` | {label} | {entry['annotation_minutes']:.1f} | "
+                + " | ".join(_f(r["iou"][n]) for n in names)
+                + f" | **{_f(r['miou'])}** | {_f(r['mito_ap50'])} | {_f(r['mito_matched_iou'])} | {train_s} | "
+                f"{_f(r['throughput_mpx_s'], 2)} | {r['peak_memory_mb']:.0f} |")
+    if results.get("shared_peer_fits"):
+        for first, others in results["shared_peer_fits"].items():
+            listed = " and ".join(f"`{o}`" for o in others)
+            verb = "give" if len(others) > 1 else "gives"
+            notes.append(f"\\* The peer sees only masks and points, so {listed} {verb} it exactly the training "
+                         f"pixels of `{first}`: one random-forest fit serves them all "
+                         "(its train time is counted once).")
+    ref = results.get("reference", {}).get("all_cytoplasm")
+    if ref:
+        notes.append(f"Reference: predicting every pixel as cytoplasm gives mIoU {_f(ref['miou'])}.")
+    notes.append("Train time includes building the training crops (protoseg) or features (peer); prediction "
+                 "throughput includes feature computation for the peer. Peak memory is the peak resident "
+                 "memory of the benchmark process during that setting's training and prediction (it includes "
+                 "the loaded data set and the Python/PyTorch runtime).")
+    notes.append(f"Device: {_device_line(results)}. napari-protoseg {results['napari_protoseg_version']}, "
+                 f"PyTorch {env['torch']}, scikit-learn {env.get('sklearn')}, scikit-image {env.get('skimage')}; "
+                 f"run {results['date']}, {results['wall_seconds'] / 60:.0f} min in all; seed {results['seed']}.")
+    cfg = results["train_config"]
+    notes.append(f"Training: {cfg['steps']} steps, batch {cfg['batch_size']}, crops {cfg['crop_size']} px, "
+                 f"learning rate {cfg['learning_rate']}, pseudo-label warm-up {cfg['pseudo_label_warmup']} steps, "
+                 f"tag pooling {cfg['tag_pooling']}. Peer: {results['peer_config']['n_estimators']} trees, depth "
+                 f"{results['peer_config']['max_depth']}, {results['peer_config']['num_sigma']} scales (sigma "
+                 f"{results['peer_config']['sigma_min']:g}-{results['peer_config']['sigma_max']:g}), at most "
+                 f"{results['peer_config']['max_pixels']} training pixels. "
+                 f"{results['peer_note'][:1].upper()}{results['peer_note'][1:]}.")
+    notes.append("mIoU: mean IoU over the classes present in the test sections or the prediction. "
+                 "Instances: mitochondria are the 4-connected components of the predicted class map per section "
+                 "(the plain decoder); AP50 = TP / (TP + FP + FN) at IoU >= 0.5.")
+    lines += [""] + [n + "\n" for n in notes]
+    lines += [f"Data: {results['data']['citation']}.", ""]
+
+    lines += ["## Targets", "", "| target | measured | threshold | verdict |", "| --- | --- | --- | --- |"]
+    for t in results.get("targets") or evaluate_targets(results["settings"]):
+        verdict = {True: "met", False: "**not met**", None: "not measured"}[t["met"]]
+        lines.append(f"| {t['target']} | {t['measured_text']} | {t['threshold_text']} | {verdict} |")
+    lines.append("")
+
+    if results["ablations"]:
+        lines += ["## Ablations", "",
+                  "| setting | variant | " + " | ".join(f"IoU {n}" for n in names)
+                  + " | mIoU | mito AP50 | train (s) |", "|" + " --- |" * 10]
+        for row in results["ablations"]:
+            r = row["protoseg"]
+            variant = row["variant"] + (" (main run)" if row.get("reused_main_run") else "")
+            lines.append(f"| `{row['setting']}` | {variant} | " + " | ".join(_f(r["iou"][n]) for n in names)
+                         + f" | **{_f(r['miou'])}** | {_f(r['mito_ap50'])} | {r['train_seconds']:.0f} |")
+        lines.append("")
+    lines += ["![mIoU against annotation time](miou_vs_time.png)" if quick else
+              "The plot of mIoU against annotation time is `miou_vs_time.png` in the output folder.", ""]
+    return "\n".join(lines)
+
+
+def _device_line(results: dict) -> str:
+    env = results["environment"]
+    devices = sorted({e["protoseg"]["device"] for e in results["settings"].values()})
+    where = ", ".join(devices) or "?"
+    if env.get("cuda_device"):
+        where += f" ({env['cuda_device']})"
+    return f"protoseg on {where}, peer on CPU; {env['cpu_count']} CPU cores, {env['platform']}"
+
+
+def plot_miou_vs_time(results: dict, path: str | Path) -> None:
+    """mIoU against estimated annotation time, one marker per setting, protoseg and the peer."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.5, 5), dpi=120)
+    ax = fig.add_subplot()
+    for entry in results["settings"].values():  # a faint line pairs each setting's two markers
+        ax.plot([entry["annotation_minutes"]] * 2, [entry["protoseg"]["miou"], entry["peer"]["miou"]],
+                color="#cccccc", linewidth=1, zorder=1)
+    for method, label, marker, color in (("protoseg", "napari-protoseg", "o", "#1f77b4"),
+                                         ("peer", "random forest (peer)", "s", "#7f7f7f")):
+        xs, ys = [], []
+        for setting, entry in results["settings"].items():
+            x, y = entry["annotation_minutes"], entry[method]["miou"]
+            xs.append(x)
+            ys.append(y)
+            if method == "protoseg":
+                ax.annotate(setting, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        ax.scatter(xs, ys, marker=marker, color=color, label=label, zorder=3)
+    ref = results.get("reference", {}).get("all_cytoplasm")
+    if ref:
+        ax.axhline(ref["miou"], color="#d62728", linestyle=":", linewidth=1, label="everything cytoplasm")
+    ax.set_xscale("log")
+    from matplotlib.ticker import FuncFormatter
+
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    # Label minor ticks 2, 5, 20, 50, ... only, so the axis stays readable over several decades.
+    ax.xaxis.set_minor_formatter(FuncFormatter(
+        lambda v, _: f"{v:g}" if v > 0 and f"{v:.0e}"[0] in "25" else ""))
+    ax.set_xlabel("estimated annotation time (minutes, log scale)")
+    ax.set_ylabel("mIoU on sections 10-19")
+    title = "mIoU against annotation time"
+    if results["quick"]:
+        title += " (QUICK run: cropped, short training)"
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def _repository_docs() -> Path | None:
+    """docs/benchmarks.md of the source checkout this module runs from, if it runs from one."""
+    root = Path(__file__).resolve().parents[2]
+    if (root / "pyproject.toml").is_file() and (root / "docs").is_dir():
+        return root / "docs" / "benchmarks.md"
+    return None
+
+
+def build_parser(prog: str = "python -m napari_protoseg.benchmark") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=(
+        "Annotation-budget benchmark: train on simulated annotations of each setting (sections 0-9), "
+        "score sections 10-19, compare with a random-forest peer."))
+    add_arguments(parser)
+    return parser
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The benchmark's options (shared with ``protoseg benchmark``)."""
+    parser.add_argument("data_dir", metavar="DATA_DIR", help="folder with raw.tif, semantic.tif, mito_instances.tif")
+    parser.add_argument("--out", metavar="DIR", type=Path,
+                        default=Path(tempfile.gettempdir()) / "protoseg-benchmark",
+                        help="output folder (default: %(default)s); keep it outside the repository, it holds "
+                             "copies of the training sections")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"small variant: {QUICK_CROP} x {QUICK_CROP} crops, {QUICK_STEPS} steps, settings "
+                             f"{', '.join(QUICK_SETTINGS)}, no ablations, lighter peer (minutes on a laptop)")
+    parser.add_argument("--settings", nargs="+", choices=SETTINGS, metavar="SETTING",
+                        help=f"settings to run (default: all; with --quick: {' '.join(QUICK_SETTINGS)}); "
+                             f"choose from {' '.join(SETTINGS)}")
+    parser.add_argument("--no-ablations", action="store_true", help="skip the ablation runs")
+    parser.add_argument("--steps", type=int, help="training steps (default: the plugin's default; quick: "
+                        f"{QUICK_STEPS})")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the simulated points, training and peer")
+    parser.add_argument("--docs", metavar="MD", type=Path, help="also write the Markdown table here (a complete "
+                        "full run from a source checkout writes docs/benchmarks.md by default)")
+
+
+def run_from_args(args, argv: list[str] | None = None) -> int:
+    overrides = {"steps": args.steps} if args.steps is not None else None
+    docs = args.docs
+    complete = (not args.quick and args.settings in (None, list(SETTINGS)) and not args.no_ablations
+                and args.steps is None and args.seed == 0)
+    if docs is None and complete:
+        docs = _repository_docs()
+    run_benchmark(args.data_dir, args.out, settings=args.settings, quick=args.quick,
+                  ablations=False if args.no_ablations else None, seed=args.seed, config_overrides=overrides,
+                  progress=lambda message: print(message, flush=True), docs_path=docs,
+                  command=" ".join(["protoseg benchmark", *(sys.argv[1:] if argv is None else argv)]))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run_from_args(args, argv)
+    except KeyboardInterrupt:
+        return 130
+
+
+__all__ = [
+    "ABLATIONS", "BenchmarkData", "QUICK_SETTINGS", "RFConfig", "SETTINGS", "annotation_seconds", "benchmark_config",
+    "class_iou", "connected_instances", "evaluate_targets", "instance_scores", "main", "predict_random_forest",
+    "render_markdown", "run_benchmark", "simulate_setting", "train_random_forest",
+]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
