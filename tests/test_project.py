@@ -247,3 +247,11 @@ def test_summary_counts_annotations_per_type_class_and_plane(stack_annotations):
     assert summary["classes"]["mitochondrion"] == {
         "mask_pixels": 16, "boxes": 2, "points": 1, "tags_present": 1, "tags_absent": 0}
     assert summary["planes_annotated"] == [0, 1, 2]
+
+
+def test_written_files_are_readable_by_the_group_and_others_as_usual(tmp_path, stack_annotations):
+    previous = os.umask(0o022)
+    os.umask(previous)
+    write_project(tmp_path, np.zeros(stack_annotations.image_shape), stack_annotations)
+    for path in tmp_path.iterdir():
+        assert path.stat().st_mode & 0o777 == 0o666 & ~previous, path.name

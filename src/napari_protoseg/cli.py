@@ -1,9 +1,23 @@
-"""The ``protoseg`` command line."""
+"""The ``protoseg`` command line.
+
+``validate`` checks a project folder, ``train`` trains a model on a project, ``predict`` applies a
+model to a TIFF or zarr image, and ``demo`` opens napari with the synthetic sample (or, with
+``--headless``, runs the whole sample -> train -> predict -> overview chain without a display).
+Bad input of any kind is reported as a message on stderr with exit code 1, never as a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import signal
 import sys
+import tempfile
+import threading
+import time
+import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 from .project import ProjectError, read_annotations
@@ -11,6 +25,32 @@ from .project import ProjectError, read_annotations
 EXIT_OK = 0
 EXIT_INVALID = 1
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DEMO_FOLDER = "protoseg-demo"  # where 'demo --headless' writes without --out
+SAMPLE_PIXEL_NM = 5.0  # the synthetic sample's pixel size (see sample.py)
+CHECKPOINT_SUFFIX = ".ckpt"
+DEBUG_ENV = "PROTOSEG_DEBUG"
+
+
+class CliError(Exception):
+    """Bad input found by a command: printed as ``message`` (and one line per detail), exit 1."""
+
+    def __init__(self, message: str, details=()):
+        super().__init__(message)
+        self.message = message
+        self.details = [str(d) for d in details]
+
+
+def _error(message: str, details=()) -> int:
+    print(f"protoseg: error: {message}", file=sys.stderr)
+    for detail in details:
+        print(f"  - {detail}", file=sys.stderr)
+    return EXIT_INVALID
+
+
+# ---------------------------------------------------------------------------------- validate
 
 
 def _format_summary(folder: Path, summary: dict) -> str:
@@ -57,7 +97,412 @@ def cmd_validate(args) -> int:
     return EXIT_OK
 
 
+# ------------------------------------------------------------------------------- shared parts
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0.0, float(seconds))
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+def _pick_device(name: str):
+    from .model import pick_device
+
+    try:
+        return pick_device(name)
+    except ValueError as err:
+        raise CliError(f"{err}. Use --device auto (or cpu).") from None
+
+
+def _read_project(folder: Path):
+    """The project's image and annotations; a CliError listing every problem otherwise."""
+    from .project import read_project
+
+    try:
+        return read_project(folder)
+    except ProjectError as err:
+        raise CliError(f"{folder}: not a valid annotation project", err.problems) from None
+
+
+def _share_like_new_files(*paths: Path) -> None:
+    """Give files written through a temporary file (created 0600) the usual mode of new files."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in paths:
+        try:
+            os.chmod(path, 0o666 & ~umask)
+        except OSError:
+            pass
+
+
+def _prepare_output_file(path: Path, what: str) -> Path:
+    if path.is_dir():
+        raise CliError(f"{what} {path} is a folder; give a file name such as {path / 'model.protoseg.pt'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CliError(f"cannot create the folder {path.parent} for {what} {path} ({err.strerror or err})") from None
+    if not os.access(path.parent, os.W_OK):
+        raise CliError(f"cannot write {what} {path}: the folder {path.parent} is not writable")
+    return path
+
+
+def _prepare_output_folder(path: Path, what: str) -> Path:
+    if path.exists() and not path.is_dir():
+        raise CliError(f"{what} {path} exists and is a file; give a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CliError(f"cannot create {what} {path} ({err.strerror or err})") from None
+    if not os.access(path, os.W_OK):
+        raise CliError(f"cannot write into {what} {path}: the folder is not writable")
+    return path
+
+
+def _progress_bar(total: int, initial: int, desc: str, unit: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, file=sys.stderr,
+                dynamic_ncols=True, mininterval=0.5, leave=True)
+
+
+# ------------------------------------------------------------------------------------- train
+
+
+def _read_checkpoint(path: Path, project_classes) -> dict:
+    """A checkpoint's content, checked to be a protoseg checkpoint for the project's classes.
+
+    Loaded with ``weights_only=True``, so a file that is not a checkpoint never runs code here.
+    """
+    import pickle
+
+    import torch
+
+    from .modelfile import check_model_classes
+    from .project import ClassInfo
+    from .training import CHECKPOINT_FORMAT
+
+    hint = "Give the .ckpt file written by 'protoseg train' for this project."
+    if not path.is_file():
+        raise CliError(f"checkpoint {path} {'is a folder' if path.is_dir() else 'does not exist'}. {hint}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, KeyError,
+            AttributeError, ImportError, IndexError, TypeError, UnicodeDecodeError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CliError(f"checkpoint {path} cannot be read: it is not a protoseg training checkpoint "
+                       f"or it is damaged ({type(err).__name__}: {first[:200]}). {hint}") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CliError(f"{path} is not a protoseg training checkpoint. {hint}")
+    try:
+        classes = [ClassInfo(id=c["id"], name=c["name"], instances=c.get("instances", False),
+                             color=c.get("color")) for c in state["classes"]]
+        int(state["step"]), int(state["train_config"]["steps"])
+    except (KeyError, TypeError, ValueError):
+        raise CliError(f"checkpoint {path} is damaged (its class table or step count is missing). "
+                       f"{hint}") from None
+    messages = check_model_classes(classes, project_classes)
+    if messages:
+        raise CliError(f"checkpoint {path} was written for other classes than the project's", messages)
+    return state
+
+
+@dataclass
+class _TrainOutcome:
+    model: object | None        # TrainedModel, None after an abort
+    steps_done: int
+    total_steps: int
+    elapsed: float
+    device: str
+    losses: dict
+    stopped: bool
+
+
+class _InterruptFlag:
+    """Ctrl-C during training: the first asks to stop after the current step (a clean stop with a
+    checkpoint), the second aborts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+        self._installed = False
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc):
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nprotoseg: stopping after this step and keeping a checkpoint "
+              "(press Ctrl-C again to abort at once)", file=sys.stderr, flush=True)
+
+    def __call__(self) -> bool:
+        return self.requested
+
+
+def _on_train_event(event, bar) -> None:
+    """Progress of one training step (a hook the tests use)."""
+    bar.n = event.step
+    loss = event.losses.get("total")
+    bar.set_postfix_str(f"loss {loss:.4f}, {event.device}" if loss is not None else event.device,
+                        refresh=False)
+    bar.refresh()
+
+
+def _run_training(image, annotations, config, checkpoint: Path, resume: Path | None = None,
+                  start_step: int = 0, total_steps: int | None = None) -> _TrainOutcome:
+    """Train with a progress bar on stderr; Ctrl-C stops cleanly (see :class:`_InterruptFlag`)."""
+    from .training import train
+
+    total = config.steps if total_steps is None else total_steps
+    bar = _progress_bar(total, start_step, "training", "step")
+    event = None
+    started = time.perf_counter()
+    try:
+        with _InterruptFlag() as interrupt:
+            events = train(image, annotations, config, checkpoint_path=checkpoint, resume=resume,
+                           stop=interrupt)
+            try:
+                for event in events:
+                    _on_train_event(event, bar)
+            except KeyboardInterrupt:
+                events.close()  # writes the checkpoint if the generator was suspended
+                bar.close()
+                return _TrainOutcome(None, event.step if event else start_step, total,
+                                     time.perf_counter() - started, event.device if event else "?",
+                                     event.losses if event else {}, stopped=True)
+    finally:
+        bar.close()
+    return _TrainOutcome(event.model, event.step, event.total_steps, event.elapsed, event.device,
+                         event.losses, stopped=event.stopped or (interrupt.requested and not event.finished))
+
+
+def _interrupted(outcome: _TrainOutcome, checkpoint: Path, resume_hint: str) -> int:
+    print(f"protoseg: training stopped at step {outcome.steps_done} of {outcome.total_steps}.",
+          file=sys.stderr)
+    if checkpoint.exists():
+        print(f"The checkpoint {checkpoint} is kept. To continue where it stopped, run:\n"
+              f"  {resume_hint}", file=sys.stderr)
+    return EXIT_INTERRUPTED
+
+
+def _training_problems(image, annotations, folder: Path) -> None:
+    from .training import check_training_input
+
+    problems = check_training_input(image, annotations)
+    if problems:
+        raise CliError(f"cannot train on {folder}", problems)
+
+
+def cmd_train(args) -> int:
+    from .modelfile import save_model
+    from .training import TrainConfig
+
+    folder = Path(args.project)
+    device = _pick_device(args.device)
+    project = _read_project(folder)
+    _training_problems(project.image, project.annotations, folder)
+    out = _prepare_output_file(Path(args.out), "model file")
+    checkpoint = out.with_name(out.name + CHECKPOINT_SUFFIX)
+
+    resume = Path(args.resume) if args.resume else None
+    config = TrainConfig(device=args.device)
+    if args.steps is not None:
+        config.steps = args.steps
+    if args.seed is not None:
+        config.seed = args.seed
+    start_step = 0
+    if resume is not None:
+        state = _read_checkpoint(resume, project.annotations.classes)
+        # A resumed run is the checkpoint's run: its settings (steps, seed, device) win.
+        config = TrainConfig.from_dict(state["train_config"])
+        start_step = int(state["step"])
+        del state
+        ignored = [f"--{name} {given}" for name, given, kept in
+                   (("steps", args.steps, config.steps), ("seed", args.seed, config.seed),
+                    ("device", args.device, config.device))
+                   if given is not None and given != kept and not (name == "device" and given == "auto")]
+        if ignored:
+            print(f"protoseg: note: {', '.join(ignored)} ignored; a resumed run keeps the settings of "
+                  f"its checkpoint ({config.steps} steps, seed {config.seed}, device "
+                  f"{config.device}).", file=sys.stderr)
+        device = _pick_device(config.device)
+        print(f"resuming {resume} at step {start_step} of {config.steps}", file=sys.stderr)
+
+    summary = project.annotations.summary()
+    totals = summary["totals"]
+    print(f"training on {folder}: image {' x '.join(map(str, project.image.shape))}, "
+          f"{len(project.annotations.classes)} classes, {totals['mask_pixels']} mask pixels, "
+          f"{totals['boxes']} boxes, {totals['points']} points, {totals['tags']} tags; "
+          f"{config.steps} steps on {device}", file=sys.stderr)
+    hint_args = f"protoseg train {folder} --out {out} --resume {checkpoint}"
+    outcome = _run_training(project.image, project.annotations, config, checkpoint, resume,
+                            start_step=start_step, total_steps=config.steps)
+    if outcome.stopped or outcome.model is None:
+        return _interrupted(outcome, checkpoint, hint_args)
+    save_model(out, outcome.model)
+    _share_like_new_files(out)
+    checkpoint.unlink(missing_ok=True)
+    loss = outcome.losses.get("total")
+    print(f"trained {outcome.steps_done} steps in {_duration(outcome.elapsed)} on {outcome.device}"
+          + (f" (final loss {loss:.4f})" if loss is not None else ""))
+    print(f"model written to {out}")
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------------- predict
+
+
+def _load_model(path: Path, device):
+    from .modelfile import ModelFileError, load_model
+
+    try:
+        return load_model(path, device=device)
+    except ModelFileError as err:
+        raise CliError(str(err)) from None
+
+
+def _open_zarr_array(path: Path):
+    import zarr
+
+    try:
+        node = zarr.open(str(path), mode="r")
+    except Exception as err:  # zarr raises several types for folders that are not zarr
+        raise CliError(f"{path} is a folder but not a zarr array or group ({type(err).__name__}: "
+                       f"{str(err).strip()[:200]}). Give a TIFF file, a .zarr array, or a project "
+                       "folder.") from None
+    if isinstance(node, zarr.Array):
+        return node
+    names = sorted(node.array_keys())
+    if len(names) == 1:
+        return node[names[0]]
+    if not names:
+        raise CliError(f"{path} is a zarr group without arrays; give the path of a zarr array.")
+    raise CliError(f"{path} is a zarr group holding {len(names)} arrays ({', '.join(names[:8])}); "
+                   f"give the path of one of them, e.g. {path / names[0]}")
+
+
+def _read_input_image(path: Path):
+    """(image, project classes or None): a TIFF file, a zarr array (lazy) or a project folder."""
+    import tifffile
+
+    from .project import CLASSES_FILE, IMAGE_FILE, check_image, is_project_folder, read_classes
+
+    project_classes = None
+    if not path.exists():
+        raise CliError(f"image {path} does not exist")
+    if path.is_dir() and is_project_folder(path):
+        project_classes, problems = read_classes(path / CLASSES_FILE)
+        if problems:
+            raise CliError(f"{path}: not a valid annotation project", problems)
+        path = path / IMAGE_FILE
+    if path.is_dir():
+        image = _open_zarr_array(path)
+    else:
+        try:
+            image = tifffile.imread(path)
+        except Exception as err:  # tifffile raises several types for files that are not TIFF
+            raise CliError(f"image {path} cannot be read as a TIFF ({type(err).__name__}: "
+                           f"{str(err).strip()[:200]}). Give a TIFF file or a zarr array.") from None
+    problems = check_image(image, file=str(path))
+    if problems:
+        raise CliError(f"cannot segment {path}", problems)
+    return image, project_classes
+
+
+def _write_prediction(folder: Path, prediction, model) -> dict[str, Path]:
+    """semantic.tif, confidence.tif and classes.json in ``folder``; returns their paths."""
+    import numpy as np
+
+    from .project import _atomic_write_bytes, _tiff_bytes
+
+    paths = {"semantic": folder / "semantic.tif", "confidence": folder / "confidence.tif",
+             "classes": folder / "classes.json"}
+    _atomic_write_bytes(paths["semantic"], _tiff_bytes(np.asarray(prediction.classes), compress=True))
+    _atomic_write_bytes(paths["confidence"],
+                        _tiff_bytes(np.asarray(prediction.confidence, dtype=np.float32), compress=False))
+    doc = {"classes": [c.to_json() for c in model.classes]}
+    _atomic_write_bytes(paths["classes"], (json.dumps(doc, indent=1) + "\n").encode())
+    _share_like_new_files(*paths.values())
+    return paths
+
+
+def _predict_with_progress(model, image, device):
+    from .inference import predict_volume
+
+    n_planes = int(image.shape[0]) if len(image.shape) == 3 else 1
+    bar = _progress_bar(n_planes, 0, "predicting", "plane")
+
+    def progress(done, total):
+        bar.n = done
+        bar.refresh()
+
+    started = time.perf_counter()
+    try:
+        prediction = predict_volume(model, image, progress=progress, device=device)
+    finally:
+        bar.close()
+    return prediction, time.perf_counter() - started
+
+
+def _class_fractions(classes, model) -> str:
+    import numpy as np
+
+    counts = np.bincount(np.asarray(classes).ravel().astype(np.int64), minlength=max(model.class_ids) + 1)
+    total = max(int(counts.sum()), 1)
+    return ", ".join(f"{c.name} {100 * counts[c.id] / total:.1f} %" for c in model.classes)
+
+
+def cmd_predict(args) -> int:
+    from .modelfile import check_model_classes
+
+    device = _pick_device(args.device)
+    model = _load_model(Path(args.model), device)
+    image, project_classes = _read_input_image(Path(args.image))
+    if project_classes is not None:
+        messages = check_model_classes(model, project_classes)
+        if messages:
+            raise CliError(f"the model {args.model} was trained for other classes than the project "
+                           f"{args.image}", messages)
+    out = _prepare_output_folder(Path(args.out), "output folder")
+    shape = " x ".join(str(int(s)) for s in image.shape)
+    print(f"predicting {args.image} ({shape}) with {args.model} on {device}", file=sys.stderr)
+    prediction, seconds = _predict_with_progress(model, image, device)
+    paths = _write_prediction(out, prediction, model)
+    print(f"predicted {prediction.planes_done} plane(s) of {shape} in {_duration(seconds)} on {device}")
+    print(f"classes: {_class_fractions(prediction.classes, model)}")
+    print(f"mean confidence: {float(prediction.confidence.mean()):.3f}")
+    for path in paths.values():
+        print(f"wrote {path}")
+    return EXIT_OK
+
+
+# -------------------------------------------------------------------------------------- demo
+
+
 def cmd_demo(args) -> int:
+    if args.headless:
+        return _demo_headless(args)
+    given = [name for name, value in (("--out", args.out), ("--steps", args.steps)) if value is not None]
+    if args.device != "auto":
+        given.append("--device")
+    if given:
+        raise CliError(f"{' and '.join(given)} only go with 'protoseg demo --headless'")
     import napari
 
     viewer = napari.Viewer(title="protoseg demo", show=args.screenshot is None)
@@ -72,6 +517,129 @@ def cmd_demo(args) -> int:
     return EXIT_OK
 
 
+def iou_per_class(prediction, truth, class_ids) -> dict[int, float]:
+    """Intersection over union of every class (NaN where a class is in neither map)."""
+    import numpy as np
+
+    prediction, truth = np.asarray(prediction), np.asarray(truth)
+    out = {}
+    for cid in class_ids:
+        p, t = prediction == cid, truth == cid
+        union = int(np.count_nonzero(p | t))
+        out[cid] = float(np.count_nonzero(p & t)) / union if union else float("nan")
+    return out
+
+
+def demo_report(png_path: Path, sample, annotations, predicted, classes, steps: int, train_seconds: float,
+                device: str, final_loss: float | None, predict_seconds: float) -> tuple[list[str], Path]:
+    """The figures of a headless demo (lines for stdout) and its overview PNG."""
+    import math
+
+    import numpy as np
+
+    from .overview import pick_annotated_plane, summarize_annotations, write_overview
+
+    class_ids = [int(c.id) for c in classes]
+    annotated = annotations.summary()["planes_annotated"]
+    held_out = [z for z in range(annotations.n_planes) if z not in annotated]
+    eval_plane = held_out[-1] if held_out else annotations.n_planes - 1
+    shown_plane = pick_annotated_plane(annotations)
+    ious = iou_per_class(predicted[eval_plane], sample.semantic[eval_plane], class_ids)
+    valid = [v for v in ious.values() if not math.isnan(v)]
+    miou = float(np.mean(valid)) if valid else float("nan")
+    all_ious = iou_per_class(predicted, sample.semantic, class_ids)
+    all_miou = float(np.nanmean(list(all_ious.values())))
+
+    names = {int(c.id): c.name for c in classes}
+    held = "not annotated" if held_out else "annotated"
+    shape = " x ".join(map(str, sample.image.shape))
+    trained = f"{steps} steps in {_duration(train_seconds)} on {device}"
+    lines = [
+        f"sample: synthetic EM {shape}, classes {', '.join(names.values())}",
+        f"annotations: {summarize_annotations(annotations)}",
+        f"training: {trained}" + (f" (final loss {final_loss:.4f})" if final_loss is not None else ""),
+        f"prediction: {annotations.n_planes} planes in {_duration(predict_seconds)}",
+        f"plane {eval_plane} ({held}) vs dense ground truth:",
+        *(f"  IoU {names[cid]:<16}{v:.3f}" for cid, v in ious.items()),
+        f"  mIoU {'':<15}{miou:.3f}",
+        f"all {annotations.n_planes} planes ({len(annotated)} annotated) vs dense ground truth: "
+        f"mIoU {all_miou:.3f}",
+    ]
+    title = f"protoseg demo: synthetic EM {shape}; trained {trained}"
+    caption = (f"Trained on sparse annotations: {summarize_annotations(annotations)}.\n"
+               f"Plane {eval_plane} ({held}) vs dense ground truth: "
+               + ", ".join(f"{names[cid]} IoU {v:.2f}" for cid, v in ious.items())
+               + f"; mIoU {miou:.2f}.")
+    png = write_overview(png_path, image=sample.image, annotations=annotations, prediction=predicted,
+                         ground_truth=sample.semantic, planes=[shown_plane, eval_plane], classes=classes,
+                         title=title, caption=caption, notes={eval_plane: f"mIoU {miou:.2f}"},
+                         pixel_size_nm=SAMPLE_PIXEL_NM)
+    return lines, png
+
+
+def _demo_headless(args) -> int:
+    import numpy as np
+
+    from .modelfile import save_model
+    from .project import write_project
+    from .sample import generate_sample
+    from .training import TrainConfig
+
+    wall_start = time.perf_counter()
+    out = _prepare_output_folder(Path(args.out or DEMO_FOLDER), "output folder")
+    device = _pick_device(args.device)
+    config = TrainConfig(device=args.device)
+    if args.steps is not None:
+        config.steps = args.steps
+
+    print("generating the synthetic EM sample ...", file=sys.stderr)
+    sample = generate_sample()
+    project_dir = write_project(out / "project", sample.image, sample.annotations)
+    project = _read_project(project_dir)  # train on what was written, as 'protoseg train' does
+    annotations = project.annotations
+    shape = " x ".join(map(str, sample.image.shape))
+    print(f"project written to {project_dir} (image {shape}); training {config.steps} steps on {device}",
+          file=sys.stderr)
+
+    model_path = out / "model.protoseg.pt"
+    checkpoint = model_path.with_name(model_path.name + CHECKPOINT_SUFFIX)
+    outcome = _run_training(project.image, annotations, config, checkpoint)
+    if outcome.stopped or outcome.model is None:
+        return _interrupted(outcome, checkpoint,
+                            f"protoseg train {project_dir} --out {model_path} --resume {checkpoint}")
+    model = outcome.model
+    save_model(model_path, model)
+    _share_like_new_files(model_path)
+    checkpoint.unlink(missing_ok=True)
+
+    prediction, predict_seconds = _predict_with_progress(model, project.image, device)
+    pred_dir = _prepare_output_folder(out / "prediction", "prediction folder")
+    _write_prediction(pred_dir, prediction, model)
+
+    lines, png = demo_report(out / "overview.png", sample, annotations, np.asarray(prediction.classes),
+                             model.classes, outcome.steps_done, outcome.elapsed, outcome.device,
+                             outcome.losses.get("total"), predict_seconds)
+    print("\n".join(lines))
+    print(f"model: {model_path}")
+    print(f"prediction: {pred_dir}")
+    print(f"overview: {png}")
+    print(f"total time: {_duration(time.perf_counter() - wall_start)}")
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------ parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="protoseg",
@@ -81,11 +649,81 @@ def build_parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="check an annotation project folder and summarise it")
     validate.add_argument("project", help="project folder (image.tif, classes.json, annotations)")
     validate.set_defaults(func=cmd_validate)
-    demo = sub.add_parser("demo", help="open napari with the synthetic EM sample and its annotations")
-    demo.add_argument("--screenshot", metavar="PNG", type=Path,
+
+    train = sub.add_parser(
+        "train", help="train a model on an annotation project folder",
+        description="Train a model on whatever a project folder holds (masks, boxes, points, tags). "
+                    "A checkpoint MODEL.ckpt is kept during training; Ctrl-C stops cleanly and "
+                    "--resume MODEL.ckpt continues.")
+    train.add_argument("project", help="project folder (image.tif, classes.json, annotations)")
+    train.add_argument("--out", required=True, metavar="MODEL",
+                       help="model file to write (e.g. model.protoseg.pt)")
+    train.add_argument("--steps", type=_positive_int, metavar="N",
+                       help="optimiser steps (default: 250)")
+    train.add_argument("--device", choices=DEVICES, default="auto",
+                       help="where to train (default: auto = CUDA, else MPS, else CPU)")
+    train.add_argument("--seed", type=int, metavar="S", help="random seed (default: 0)")
+    train.add_argument("--resume", metavar="CKPT", help="continue from this checkpoint")
+    train.set_defaults(func=cmd_train)
+
+    predict = sub.add_parser(
+        "predict", help="segment an image with a trained model",
+        description="Segment every plane of IMAGE (a TIFF file, a zarr array or a project folder) "
+                    "and write semantic.tif, confidence.tif and classes.json into DIR.")
+    predict.add_argument("model", help="model file written by 'protoseg train' or the napari panel")
+    predict.add_argument("image", help="TIFF file, zarr array (.zarr folder) or project folder")
+    predict.add_argument("--out", required=True, metavar="DIR", help="folder for the results")
+    predict.add_argument("--device", choices=DEVICES, default="auto",
+                         help="where to predict (default: auto)")
+    predict.set_defaults(func=cmd_predict)
+
+    demo = sub.add_parser(
+        "demo", help="open napari with the synthetic EM sample and its annotations "
+                     "(--headless: train, predict and write an overview PNG, no display needed)",
+        description="Open napari with the synthetic EM sample, or with --headless run sample -> "
+                    "train -> predict without a display and write an overview PNG.")
+    mode = demo.add_mutually_exclusive_group()
+    mode.add_argument("--screenshot", metavar="PNG", type=Path,
                       help="save a screenshot of the window to PNG and quit (for checks without a person)")
+    mode.add_argument("--headless", action="store_true",
+                      help="no window: write the sample as a project, train, predict and write "
+                           "DIR/overview.png with the figures")
+    demo.add_argument("--out", metavar="DIR",
+                      help="output folder of --headless (default: ./protoseg-demo)")
+    demo.add_argument("--steps", type=_positive_int, metavar="N",
+                      help="training steps of --headless (default: 250; fewer for a quick check)")
+    demo.add_argument("--device", choices=DEVICES, default="auto",
+                      help="where --headless trains and predicts (default: auto)")
     demo.set_defaults(func=cmd_demo)
+    from . import benchmark
+
+    bench = sub.add_parser("benchmark", help="run the annotation-budget benchmark on the VNC data "
+                           "(see docs/benchmarks.md)")
+    benchmark.add_arguments(bench)
+    bench.set_defaults(func=lambda args: benchmark.run_from_args(args))
     return parser
+
+
+def _unexpected(err: BaseException) -> int:
+    """One line and a hint for an error no command expected; the traceback goes to a log file."""
+    log = None
+    try:
+        fd, name = tempfile.mkstemp(prefix="protoseg-error-", suffix=".log")
+        with os.fdopen(fd, "w") as f:
+            f.write(f"protoseg {' '.join(sys.argv[1:])}\n\n")
+            f.write("".join(traceback.format_exception(type(err), err, err.__traceback__)))
+        log = name
+    except OSError:
+        pass
+    first = (str(err).strip().splitlines() or [""])[0][:300]
+    print(f"protoseg: unexpected error: {type(err).__name__}{': ' + first if first else ''}", file=sys.stderr)
+    if isinstance(err, MemoryError) or "out of memory" in first.lower():
+        print("hint: the data does not fit into memory here; try a smaller image or --device cpu.",
+              file=sys.stderr)
+    where = f"the full traceback is in {log}; " if log else ""
+    print(f"hint: this is likely a bug in napari-protoseg; {where}run again with {DEBUG_ENV}=1 to "
+          "see it here, and include it when you report the problem.", file=sys.stderr)
+    return EXIT_INVALID
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,8 +734,15 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         return args.func(args)
+    except CliError as err:
+        return _error(err.message, err.details)
     except KeyboardInterrupt:
-        return 130
+        print("\nprotoseg: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as err:
+        if os.environ.get(DEBUG_ENV):
+            raise
+        return _unexpected(err)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ import json
 import math
 import os
 import pickle
-import tempfile
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ import torch
 
 from .data import Normalization
 from .model import ModelConfig, ProtoSegNet, pick_device
-from .project import ClassInfo, check_classes
+from .project import atomic_write, ClassInfo, check_classes
 
 __all__ = [
     "FORMAT",
@@ -151,17 +150,7 @@ def save_model(path: str | os.PathLike, model: TrainedModel) -> Path:
         "config": model_config_json(model),
         "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.net.state_dict().items()},
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: torch.save(payload, f))
     return path
 
 

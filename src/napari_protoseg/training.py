@@ -9,8 +9,8 @@ from them bit for bit on the CPU.
 
 from __future__ import annotations
 
+import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
@@ -24,7 +24,7 @@ from .inference import predict_region
 from .losses import LossWeights, strong_augment, total_loss
 from .model import ModelConfig, ProtoSegNet, pick_device
 from .modelfile import TrainedModel
-from .project import AnnotationSet, Problem, ProjectError, check_image
+from .project import AnnotationSet, Problem, ProjectError, atomic_write, check_image
 
 CHECKPOINT_FORMAT = "napari-protoseg checkpoint"
 
@@ -119,14 +119,7 @@ def check_training_input(image: np.ndarray, annotations: AnnotationSet) -> list[
 
 def _atomic_torch_save(obj, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def _training_info(annotations: AnnotationSet, step: int, losses: dict, config: TrainConfig) -> dict:
@@ -144,7 +137,7 @@ def _warmup_cosine(steps: int) -> Callable[[int], float]:
         if step < warmup:
             return (step + 1) / warmup
         progress = min(1.0, (step - warmup) / max(1, steps - warmup))
-        return 0.05 + 0.95 * 0.5 * (1.0 + np.cos(np.pi * progress))
+        return 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return factor
 
