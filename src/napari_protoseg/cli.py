@@ -130,17 +130,6 @@ def _read_project(folder: Path):
         raise CliError(f"{folder}: not a valid annotation project", err.problems) from None
 
 
-def _share_like_new_files(*paths: Path) -> None:
-    """Give files written through a temporary file (created 0600) the usual mode of new files."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in paths:
-        try:
-            os.chmod(path, 0o666 & ~umask)
-        except OSError:
-            pass
-
-
 def _prepare_output_file(path: Path, what: str) -> Path:
     if path.is_dir():
         raise CliError(f"{what} {path} is a folder; give a file name such as {path / 'model.protoseg.pt'}")
@@ -356,7 +345,6 @@ def cmd_train(args) -> int:
     if outcome.stopped or outcome.model is None:
         return _interrupted(outcome, checkpoint, hint_args)
     save_model(out, outcome.model)
-    _share_like_new_files(out)
     checkpoint.unlink(missing_ok=True)
     loss = outcome.losses.get("total")
     print(f"trained {outcome.steps_done} steps in {_duration(outcome.elapsed)} on {outcome.device}"
@@ -438,7 +426,6 @@ def _write_prediction(folder: Path, prediction, model) -> dict[str, Path]:
                         _tiff_bytes(np.asarray(prediction.confidence, dtype=np.float32), compress=False))
     doc = {"classes": [c.to_json() for c in model.classes]}
     _atomic_write_bytes(paths["classes"], (json.dumps(doc, indent=1) + "\n").encode())
-    _share_like_new_files(*paths.values())
     return paths
 
 
@@ -609,7 +596,6 @@ def _demo_headless(args) -> int:
                             f"protoseg train {project_dir} --out {model_path} --resume {checkpoint}")
     model = outcome.model
     save_model(model_path, model)
-    _share_like_new_files(model_path)
     checkpoint.unlink(missing_ok=True)
 
     prediction, predict_seconds = _predict_with_progress(model, project.image, device)
