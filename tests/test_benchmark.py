@@ -374,6 +374,50 @@ def test_markdown_and_plot(tmp_path):
     assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def _part(results, names, ablation_rows, complete=True):
+    part = json.loads(json.dumps(results))
+    part["settings"] = {n: part["settings"][n] for n in names}
+    part["ablations"] = ablation_rows
+    part["complete"] = complete
+    return part
+
+
+def test_partial_runs_merge_into_one_report(tmp_path):
+    """Settings and ablations run in separate sessions give the one report of a complete run."""
+    results = fake_results()
+    rows = [{"setting": s, "variant": v, "changes": c, "reused_main_run": False,
+             "protoseg": results["settings"][s]["protoseg"]} for s, v, c in bm.ABLATIONS]
+    first = _part(results, ["full", "masks", "masks+tags"], [])
+    second = _part(results, ["masks+boxes", "masks+points", "mixed", "points-only"], rows)
+    merged = bm.merge_results([first, second])
+    assert list(merged["settings"]) == list(SETTINGS) and merged["complete"] and not merged["partial"]
+    assert len(merged["ablations"]) == len(bm.ABLATIONS)
+    assert merged["shared_peer_fits"] == {"masks": ["masks+tags", "masks+boxes"]}
+    assert merged["targets"] == bm.evaluate_targets(results["settings"])
+
+    only_first = bm.merge_results([first])
+    assert not only_first["complete"] and "Partial results" in bm.render_markdown(only_first)
+    lonely = bm.merge_results([second])  # masks+boxes shared masks' fit, which is not in this merge
+    assert lonely["settings"]["masks+boxes"]["peer"]["shared_fit_with"] is None
+
+    other = _part(results, ["masks"], [])
+    other["train_config"] = {**other["train_config"], "steps": 7}
+    with pytest.raises(ValueError, match="differ in train_config"):
+        bm.merge_results([first, other])
+    with pytest.raises(ValueError, match="did not finish"):
+        bm.merge_results([first, _part(results, ["masks"], [], complete=False)])
+
+    files = []
+    for i, part in enumerate((first, second)):
+        files.append(tmp_path / f"part{i}.json")
+        bm.save_json(files[-1], part)
+    docs = tmp_path / "docs.md"
+    assert bm.main(["unused", "--merge", *map(str, files), "--out", str(tmp_path / "out"), "--docs", str(docs)]) == 0
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["complete"]
+    assert docs.read_text() == (tmp_path / "out" / "benchmarks.md").read_text()
+    assert bm.main(["unused", "--merge", str(tmp_path / "missing.json"), "--out", str(tmp_path / "o2")]) == 1
+
+
 def test_command_line_options(tmp_path):
     args = bm.build_parser().parse_args(["data", "--quick", "--settings", "masks", "mixed", "--no-ablations",
                                          "--steps", "5", "--seed", "2", "--out", str(tmp_path)])
@@ -427,6 +471,21 @@ def test_quick_benchmark_on_the_vnc_data(tmp_path):
     assert miou >= QUICK_FULL_MIOU_FLOOR, f"quick full mIoU {miou:.3f} below the floor"
     assert miou >= baseline + QUICK_MARGIN_OVER_CYTOPLASM, f"{miou:.3f} vs all-cytoplasm {baseline:.3f}"
     assert results["settings"]["full"]["protoseg"]["iou"]["membrane"] > 0.25  # share 0.16: learnt, not guessed
+    # The live preview was requested as the panel does, and scored over time.
+    timeline = full["protoseg"]["preview_timeline"]
+    assert timeline and all(0 <= m <= 1 for _, m in timeline)
+    assert [t for t, _ in timeline] == sorted(t for t, _ in timeline)
+    assert "## Interactivity" in md and "| `full` |" in md.split("## Interactivity")[1]
+
+
+def test_preview_summary_reads_the_timeline():
+    timeline = [[4.0, 0.2], [9.5, 0.4], [28.0, 0.55], [33.0, 0.6], [60.0, 0.62]]
+    ps = bm.preview_summary(timeline)
+    assert ps == {"first_seconds": 4.0, "miou_at": 0.55, "final_miou": 0.62, "seconds_to_90pct": 33.0}  # 0.9 * 0.62 > 0.55
+    assert bm.preview_summary([])["first_seconds"] is None
+    assert bm.preview_summary([[40.0, 0.5]])["miou_at"] is None  # nothing by 30 s
+    assert bm.preview_region((1024, 1024)) == (256, 256, 768, 768)
+    assert bm.preview_region((256, 300)) == (0, 0, 256, 300)  # smaller planes: all of it
 
 
 def test_only_a_complete_full_run_rewrites_the_docs(monkeypatch, tmp_path):

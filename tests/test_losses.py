@@ -458,6 +458,21 @@ def test_supervised_ce_uses_mask_and_point_pixels_only():
     empty.backward()
 
 
+def test_balanced_ce_weighs_every_present_class_equally():
+    """With balance, a class of 2 pixels counts as much as one of 30: mean of per-class means."""
+    mask = torch.full((1, 8, 8), -1)
+    mask[0, :4, :] = 0  # 32 pixels
+    mask[0, 7, :2] = 2  # 2 pixels; class 1 absent
+    t = targets(h=8, w=8, mask=mask)
+    logits = torch.randn(1, C, 8, 8, requires_grad=True)
+    ce = F.cross_entropy(logits, mask.clamp_min(0), reduction="none")[0]
+    want = (ce[mask[0] == 0].mean() + ce[mask[0] == 2].mean()) / 2
+    torch.testing.assert_close(supervised_ce(logits, t, balance=True), want)
+    assert not torch.isclose(supervised_ce(logits, t), want)
+    torch.testing.assert_close(pseudo_label_loss(logits, mask, balance=True), want)
+    assert supervised_ce(logits, CropTargets.empty(1, C, 8, 8), balance=True).item() == 0.0
+
+
 def test_pseudo_labels_never_pick_a_forbidden_class():
     """Pseudo labels avoid every class the annotations rule out and keep annotated classes."""
     for seed in range(5):

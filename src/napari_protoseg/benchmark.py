@@ -16,6 +16,7 @@ import datetime
 import hashlib
 import json
 import math
+import os
 import platform
 import resource
 import sys
@@ -476,17 +477,69 @@ def _prepare_project(setting: str, data: BenchmarkData, out_dir: Path, seed: int
     return project, folder
 
 
-def _run_protoseg(project, test: tuple, config, label: str, progress) -> dict:
+PREVIEW_EVERY_SECONDS = 5.0
+PREVIEW_SIZE = 512
+
+
+def preview_region(plane_shape: tuple[int, int], size: int = PREVIEW_SIZE) -> tuple[int, int, int, int]:
+    """(y0, x0, y1, x1): the centred ``size`` square (or less, on smaller planes) a user would watch
+    during training."""
+    h, w = plane_shape
+    sy, sx = min(size, h), min(size, w)
+    y0, x0 = (h - sy) // 2, (w - sx) // 2
+    return y0, x0, y0 + sy, x0 + sx
+
+
+def _load_average() -> float | None:
+    """The machine's 1-minute load average (other work slows the timings down), where known."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):  # pragma: no cover - not on every platform
+        return None
+
+
+def preview_summary(timeline: list, at_seconds: float = 30.0) -> dict:
+    """When the first live preview came, its mIoU at ``at_seconds`` (the latest preview by then) and
+    at the end, and when the preview first reached 90 % of its final mIoU."""
+    if not timeline:
+        return {"first_seconds": None, "miou_at": None, "final_miou": None, "seconds_to_90pct": None}
+    times = [t for t, _ in timeline]
+    mious = [m for _, m in timeline]
+    by_then = [m for t, m in timeline if t <= at_seconds]
+    final = mious[-1]
+    reached = [t for t, m in timeline if m >= 0.9 * final]
+    return {"first_seconds": times[0], "miou_at": by_then[-1] if by_then else None, "final_miou": final,
+            "seconds_to_90pct": reached[0] if reached else None}
+
+
+def _run_protoseg(project, test: tuple, config, label: str, progress, preview_truth: np.ndarray | None = None) -> dict:
+    """Train through the plugin's entry point, predict the test sections, score.
+
+    With ``preview_truth`` (the dense labels of the last training section), the live preview of
+    :func:`preview_region` of that section is requested as the panel does, and its mIoU over time
+    is recorded (``preview_timeline``: [seconds since training started, mIoU]).
+    """
     from .inference import predict_volume
-    from .training import train
+    from .training import PreviewRequest, train
 
     raw_test, sem_test, inst_test = test
     reset_peak_memory()
     every = max(1, config.steps // 5)
+    preview = None
+    timeline = []
+    if preview_truth is not None:
+        z = project.image.shape[0] - 1
+        y0, x0, y1, x1 = preview_region(preview_truth.shape)
+        preview = PreviewRequest(z, y0, x0, y1, x1, every_seconds=PREVIEW_EVERY_SECONDS)
+        truth_region = preview_truth[y0:y1, x0:x1]
+    load_before = _load_average()
     start = time.perf_counter()
     last = None
-    for event in train(project.image, project.annotations, config):
+    for event in train(project.image, project.annotations, config, preview=preview):
         last = event
+        if event.preview is not None:
+            ious = class_iou(event.preview, truth_region)
+            timeline.append([round(time.perf_counter() - start, 2), float(np.nanmean(list(ious.values())))])
         if event.model is None and (event.step % every == 0 or event.step == 1):
             total = event.losses.get("total", float("nan"))
             progress(f"  {label}: step {event.step}/{event.total_steps}  loss {total:.3f}  "
@@ -499,7 +552,8 @@ def _run_protoseg(project, test: tuple, config, label: str, progress) -> dict:
     result.update(train_seconds=train_seconds, predict_seconds=predict_seconds,
                   throughput_mpx_s=raw_test.size / predict_seconds / 1e6, peak_memory_mb=peak_memory_mb(),
                   gpu_peak_memory_mb=gpu_peak_memory_mb(), device=last.device, steps=last.step,
-                  final_losses=last.losses)
+                  final_losses=last.losses, preview_timeline=timeline,
+                  load_average=[load_before, _load_average()])
     progress(f"  {label}: mIoU {result['miou']:.3f}  mito AP50 {result['mito_ap50']:.3f}  "
              f"train {train_seconds:.0f} s  predict {result['throughput_mpx_s']:.2f} MPx/s  "
              f"peak {result['peak_memory_mb']:.0f} MiB  ({last.device})")
@@ -638,7 +692,8 @@ def run_benchmark(data_dir, out_dir, settings=None, quick: bool = False, ablatio
         progress(f"  {name}: {totals['mask_pixels']} mask px, {totals['boxes']} boxes, {totals['points']} points, "
                  f"{totals['tags']} tags -> {minutes:.1f} min of annotation (cost model)")
         entry = {"project": str(folder), "annotation_totals": totals, "annotation_minutes": minutes}
-        entry["protoseg"] = _run_protoseg(project, test, config, f"{name} protoseg", progress)
+        entry["protoseg"] = _run_protoseg(project, test, config, f"{name} protoseg", progress,
+                                          preview_truth=data.semantic[TRAIN_SECTIONS.stop - 1])
         tested[(name, json.dumps(config.to_dict(), sort_keys=True))] = entry["protoseg"]
         key = hashlib.sha1(rf_label_planes(project.annotations).tobytes()).hexdigest()
         if key in peer_fits:
@@ -707,6 +762,11 @@ def render_markdown(results: dict) -> str:
     env = results["environment"]
     names = list(CLASS_NAMES.values())
     lines = ["# Benchmark: segmentation quality against annotation time", ""]
+    if results.get("partial"):
+        missing = [n for n in SETTINGS if n not in results["settings"]]
+        lines += ["> **Partial results**: merged from runs that did not cover the whole protocol"
+                  + (f" (missing settings: {', '.join(f'`{n}`' for n in missing)})" if missing else "")
+                  + f"; {len(results['ablations'])} of {len(ABLATIONS)} ablations.", ""]
     if quick:
         lines += ["> **Quick run** (CI smoke test): sections cropped to "
                   f"{results['data']['crop']} x {results['data']['crop']} pixels, "
@@ -758,6 +818,12 @@ def render_markdown(results: dict) -> str:
                  "throughput includes feature computation for the peer. Peak memory is the peak resident "
                  "memory of the benchmark process during that setting's training and prediction (it includes "
                  "the loaded data set and the Python/PyTorch runtime).")
+    loads = [v for entry in results["settings"].values() for v in (entry["protoseg"].get("load_average") or [])
+             if v is not None]
+    if loads:
+        notes.append(f"Machine load (1-minute load average at the start and end of each training): "
+                     f"{min(loads):.1f} to {max(loads):.1f} on {env.get('cpu_count')} cores; above the core count, "
+                     "other work shared the CPU and the times are longer than on an idle machine.")
     notes.append(f"Device: {_device_line(results)}. napari-protoseg {results['napari_protoseg_version']}, "
                  f"PyTorch {env['torch']}, scikit-learn {env.get('sklearn')}, scikit-image {env.get('skimage')}; "
                  f"run {results['date']}, {results['wall_seconds'] / 60:.0f} min in all; seed {results['seed']}.")
@@ -774,6 +840,26 @@ def render_markdown(results: dict) -> str:
                  "(the plain decoder); AP50 = TP / (TP + FP + FN) at IoU >= 0.5.")
     lines += [""] + [n + "\n" for n in notes]
     lines += [f"Data: {results['data']['citation']}.", ""]
+
+    timelines = {name: entry["protoseg"].get("preview_timeline") for name, entry in results["settings"].items()}
+    if any(timelines.values()):
+        lines += ["## Interactivity: live preview and training time", "",
+                  f"While training, the panel predicts the plane in view every {PREVIEW_EVERY_SECONDS:g} s. Here the "
+                  f"view is the central {PREVIEW_SIZE} x {PREVIEW_SIZE} region of the last training section "
+                  "(section 9), scored against its expert labels (dense only in `full`; in the other settings "
+                  "that section has sparse or no annotations). Times count from the start of training, "
+                  "including setting up the crops; the default budget targets are a first useful preview "
+                  "within 30 s and a whole default run on this 10 x 1024 x 1024 stack within 5 min.", "",
+                  "| setting | first preview (s) | preview mIoU at 30 s | final preview mIoU | "
+                  "90 % of final reached at (s) | whole run (s) |", "|" + " --- |" * 6]
+        for name, timeline in timelines.items():
+            if not timeline:
+                continue
+            ps = preview_summary(timeline)
+            lines.append(f"| `{name}` | {_f(ps['first_seconds'], 1)} | {_f(ps['miou_at'])} | "
+                         f"{_f(ps['final_miou'])} | {_f(ps['seconds_to_90pct'], 0)} | "
+                         f"{results['settings'][name]['protoseg']['train_seconds']:.0f} |")
+        lines.append("")
 
     lines += ["## Targets", "", "| target | measured | threshold | verdict |", "| --- | --- | --- | --- |"]
     for t in results.get("targets") or evaluate_targets(results["settings"]):
@@ -852,6 +938,68 @@ def plot_miou_vs_time(results: dict, path: str | Path) -> None:
 # ----------------------------------------------------------------------------- command line
 
 
+def merge_results(parts: list[dict]) -> dict:
+    """One result from the ``results.json`` of runs that each did some of the settings and ablations.
+
+    A long benchmark can thus run in parts (``--settings ... --no-ablations`` in one session, the
+    rest in another) and still give the one report. All parts must have the same training
+    configuration, quick flag and seed; settings and ablation rows are taken from the part that ran
+    them (a later part wins a repeated one). The merged result is ``complete`` only when it holds
+    every setting and every ablation of the protocol.
+    """
+    if not parts:
+        raise ValueError("nothing to merge")
+    first = parts[0]
+    for key in ("train_config", "quick", "seed"):
+        for part in parts[1:]:
+            if part.get(key) != first.get(key):
+                raise ValueError(f"the parts differ in {key}: {first.get(key)!r} vs {part.get(key)!r}; "
+                                 "only runs of the same configuration can be merged")
+    merged = json.loads(json.dumps(first))
+    merged["settings"], merged["ablations"], merged["shared_peer_fits"] = {}, [], {}
+    rows: dict[tuple[str, str], dict] = {}
+    for part in parts:
+        if not part.get("complete"):
+            raise ValueError(f"the run of {part.get('date')} did not finish; run it again or leave it out")
+        merged["settings"].update(part["settings"])
+        for row in part.get("ablations", []):
+            rows[(row["setting"], row["variant"])] = row
+    ordered = [name for name in SETTINGS if name in merged["settings"]]
+    merged["settings"] = {name: merged["settings"][name] for name in ordered}
+    for name, entry in merged["settings"].items():
+        first_fit = entry["peer"].get("shared_fit_with")
+        if first_fit and first_fit in merged["settings"]:
+            merged["shared_peer_fits"].setdefault(first_fit, []).append(name)
+        elif first_fit:  # the setting it shared with is not in the merge: its own fit, then
+            entry["peer"]["shared_fit_with"] = None
+    merged["ablations"] = [rows[(s, v)] for s, v, _ in ABLATIONS if (s, v) in rows]
+    merged["targets"] = evaluate_targets(merged["settings"])
+    merged["wall_seconds"] = sum(part.get("wall_seconds", 0.0) for part in parts)
+    merged["merged_from"] = [part.get("date") for part in parts]
+    merged["complete"] = len(merged["settings"]) == len(SETTINGS) and len(merged["ablations"]) == len(ABLATIONS)
+    merged["partial"] = not merged["complete"]
+    return merged
+
+
+def write_merged(result_files: list[str | Path], out_dir: str | Path, docs_path: str | Path | None = None,
+                 progress=print) -> dict:
+    """Merge the ``results.json`` files of partial runs and write the report like a single run."""
+    parts = [json.loads(Path(f).read_text()) for f in result_files]
+    merged = merge_results(parts)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_json(out_dir / "results.json", merged)
+    markdown = render_markdown(merged)
+    (out_dir / "benchmarks.md").write_text(markdown)
+    plot_miou_vs_time(merged, out_dir / "miou_vs_time.png")
+    if docs_path is not None and merged["complete"]:
+        Path(docs_path).write_text(markdown)
+    progress(f"merged {len(parts)} runs: {len(merged['settings'])} of {len(SETTINGS)} settings, "
+             f"{len(merged['ablations'])} of {len(ABLATIONS)} ablations"
+             + ("" if merged["complete"] else " (incomplete: docs not rewritten)"))
+    return merged
+
+
 def _repository_docs() -> Path | None:
     """docs/benchmarks.md of the source checkout this module runs from, if it runs from one."""
     root = Path(__file__).resolve().parents[2]
@@ -887,9 +1035,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the simulated points, training and peer")
     parser.add_argument("--docs", metavar="MD", type=Path, help="also write the Markdown table here (a complete "
                         "full run from a source checkout writes docs/benchmarks.md by default)")
+    parser.add_argument("--merge", nargs="+", metavar="RESULTS_JSON", type=Path,
+                        help="do not train: merge the results.json of runs that each did some settings/ablations "
+                             "into one report in --out (DATA_DIR is then ignored); a merge holding every setting "
+                             "and ablation rewrites docs/benchmarks.md like a complete run")
 
 
 def run_from_args(args, argv: list[str] | None = None) -> int:
+    if getattr(args, "merge", None):
+        try:
+            write_merged(args.merge, args.out, docs_path=args.docs or _repository_docs(),
+                         progress=lambda message: print(message, flush=True))
+        except (OSError, ValueError, KeyError) as error:
+            print(f"protoseg benchmark --merge: {error}", file=sys.stderr)
+            return 1
+        return 0
     overrides = {"steps": args.steps} if args.steps is not None else None
     docs = args.docs
     complete = (not args.quick and args.settings in (None, list(SETTINGS)) and not args.no_ablations
@@ -913,7 +1073,8 @@ def main(argv: list[str] | None = None) -> int:
 
 __all__ = [
     "ABLATIONS", "BenchmarkData", "QUICK_SETTINGS", "RFConfig", "SETTINGS", "annotation_seconds", "benchmark_config",
-    "class_iou", "connected_instances", "evaluate_targets", "instance_scores", "main", "predict_random_forest",
+    "class_iou", "connected_instances", "evaluate_targets", "instance_scores", "main", "merge_results",
+    "predict_random_forest",
     "render_markdown", "run_benchmark", "simulate_setting", "train_random_forest",
 ]
 

@@ -79,14 +79,16 @@ class _Anchor:
     x0: int
     y1: int
     x1: int
+    class_index: int = -1
 
 
 class CropSampler:
     """Samples square training crops around annotations and builds their targets.
 
-    ``class_ids`` fixes the order of class indices (index i = ``class_ids[i]``). Each crop is
-    centred on an annotation chosen by first picking an annotation type uniformly among those
-    present, so rare types are seen as often as common ones.
+    ``class_ids`` fixes the order of class indices (index i = ``class_ids[i]``). Each crop holds
+    an annotation chosen in three uniform draws: an annotation type among those present, a class
+    among those that type annotates, then one annotation of that class. Rare types and rare classes
+    (a few mitochondria among acres of cytoplasm) are thus seen as often as common ones.
     """
 
     def __init__(self, image: np.ndarray, annotations: AnnotationSet, normalization: Normalization,
@@ -110,30 +112,46 @@ class CropSampler:
         self.mask_index = None if annotations.masks is None else lut[annotations.masks.reshape(self.volume.shape)]
         self.anchors = self._collect_anchors()
 
-    def _collect_anchors(self) -> dict[str, list[_Anchor]]:
+    def _collect_anchors(self) -> dict[str, dict[int, list[_Anchor]]]:
+        """Anchors by annotation type, then by class index."""
         ann = self.annotations
-        anchors: dict[str, list[_Anchor]] = {}
+        anchors: dict[str, dict[int, list[_Anchor]]] = {}
+
+        def add(anchor: _Anchor) -> None:
+            anchors.setdefault(anchor.kind, {}).setdefault(anchor.class_index, []).append(anchor)
+
         if self.mask_index is not None:
-            # A few hundred random annotated pixels per plane stand for the masks.
+            # Up to a few hundred random pixels of each class and plane stand for the masks.
             rng = np.random.default_rng(0)
             for z in range(self.volume.shape[0]):
-                ys, xs = np.nonzero(self.mask_index[z] >= 0)
-                if len(ys):
-                    pick = rng.choice(len(ys), size=min(len(ys), 256), replace=False)
-                    anchors.setdefault("mask", []).extend(
-                        _Anchor("mask", z, int(y), int(x), int(y) + 1, int(x) + 1) for y, x in zip(ys[pick], xs[pick]))
+                plane = self.mask_index[z]
+                for c in range(self.n_classes):
+                    ys, xs = np.nonzero(plane == c)
+                    if len(ys):
+                        pick = rng.choice(len(ys), size=min(len(ys), 256), replace=False)
+                        for y, x in zip(ys[pick].tolist(), xs[pick].tolist()):
+                            add(_Anchor("mask", z, y, x, y + 1, x + 1, c))
         for b in ann.boxes:
-            anchors.setdefault("box", []).append(_Anchor("box", int(b["z"]), int(b["y0"]), int(b["x0"]),
-                                                         int(b["y1"]), int(b["x1"])))
+            add(_Anchor("box", int(b["z"]), int(b["y0"]), int(b["x0"]), int(b["y1"]), int(b["x1"]),
+                        self.index_of[int(b["class"])]))
         for p in ann.points:
-            anchors.setdefault("point", []).append(_Anchor("point", int(p["z"]), int(p["y"]), int(p["x"]),
-                                                           int(p["y"]) + 1, int(p["x"]) + 1))
+            add(_Anchor("point", int(p["z"]), int(p["y"]), int(p["x"]), int(p["y"]) + 1, int(p["x"]) + 1,
+                        self.index_of[int(p["class"])]))
         h, w = ann.plane_shape
         for t in ann.tags:
             whole = int(t["y0"]) == NO_REGION
             y0, x0, y1, x1 = (0, 0, h, w) if whole else (int(t[f]) for f in ("y0", "x0", "y1", "x1"))
-            anchors.setdefault("tag", []).append(_Anchor("tag", int(t["z"]), y0, x0, y1, x1))
+            # Absent tags say nothing about where a class is; they are all one group.
+            add(_Anchor("tag", int(t["z"]), y0, x0, y1, x1, self.index_of[int(t["class"])] if t["present"] else -1))
         return anchors
+
+    def pick_anchor(self, rng: np.random.Generator) -> _Anchor:
+        """An annotation to centre a crop on: type, class and annotation each drawn uniformly."""
+        kinds = sorted(self.anchors)
+        by_class = self.anchors[kinds[int(rng.integers(len(kinds)))]]
+        classes = sorted(by_class)
+        group = by_class[classes[int(rng.integers(len(classes)))]]
+        return group[int(rng.integers(len(group)))]
 
     @property
     def has_annotations(self) -> bool:
@@ -156,11 +174,9 @@ class CropSampler:
 
     def sample(self, batch_size: int, rng: np.random.Generator) -> tuple[torch.Tensor, CropTargets]:
         """A batch of augmented crops (B, 2k+1, S, S) and their targets."""
-        kinds = sorted(self.anchors)
         images, masks, boxes, exhaustive, points, tags = [], [], [], [], [], []
         for b in range(batch_size):
-            kind = kinds[int(rng.integers(len(kinds)))]
-            anchor = self.anchors[kind][int(rng.integers(len(self.anchors[kind])))]
+            anchor = self.pick_anchor(rng)
             oy, ox = self._crop_origin(anchor, rng)
             k = int(rng.integers(4)) if self.augment else 0
             flip = bool(rng.integers(2)) if self.augment else False

@@ -574,21 +574,31 @@ def supervised_targets(t: CropTargets) -> torch.Tensor:
     return target
 
 
-def _masked_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def _masked_ce(logits: torch.Tensor, target: torch.Tensor, balance: bool = False) -> torch.Tensor:
+    """Mean cross-entropy over the pixels with a target (>= 0); with ``balance``, the mean over the
+    classes present of each class's mean, so a class of few pixels weighs as much as a common one."""
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
     valid = target >= 0
     if not bool(valid.any()):
         return _zero(logits)
     ce = F.cross_entropy(logits, target.clamp_min(0), reduction="none")
-    return (ce * valid).sum() / valid.sum()
+    if not balance:
+        return (ce * valid).sum() / valid.sum()
+    C = logits.shape[1]
+    cls = target[valid]
+    sums = ce.new_zeros(C).index_add(0, cls, ce[valid])
+    counts = ce.new_zeros(C).index_add(0, cls, torch.ones_like(sums[cls]))
+    present = counts > 0
+    return (sums[present] / counts[present]).mean()
 
 
-def supervised_ce(logits: torch.Tensor, t: CropTargets) -> torch.Tensor:
+def supervised_ce(logits: torch.Tensor, t: CropTargets, balance: bool = False) -> torch.Tensor:
     """Cross-entropy averaged over the annotated mask pixels and point pixels (one mean over their
-    union; a point overrides the mask under it); a graph-connected 0 when there are none."""
+    union; a point overrides the mask under it; ``balance``: each class present weighs the same);
+    a graph-connected 0 when there are none."""
     _check_logits(logits, t)
-    return _masked_ce(logits, supervised_targets(t))
+    return _masked_ce(logits, supervised_targets(t), balance)
 
 
 @torch.no_grad()
@@ -617,12 +627,13 @@ def pseudo_label_targets(weak_logits: torch.Tensor, t: CropTargets, threshold: f
     return target.masked_fill(drop, -1)
 
 
-def pseudo_label_loss(strong_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def pseudo_label_loss(strong_logits: torch.Tensor, targets: torch.Tensor, balance: bool = False) -> torch.Tensor:
     """Cross-entropy of the strongly augmented view's logits against pseudo labels (-1 ignored),
-    averaged over the labelled pixels; a graph-connected 0 when there are none."""
+    averaged over the labelled pixels (``balance``: per class, then over classes); a
+    graph-connected 0 when there are none."""
     if strong_logits.ndim != 4 or tuple(targets.shape) != (strong_logits.shape[0], *strong_logits.shape[2:]):
         raise ValueError(f"targets {tuple(targets.shape)} do not fit logits {tuple(strong_logits.shape)}")
-    return _masked_ce(strong_logits, targets)
+    return _masked_ce(strong_logits, targets, balance)
 
 
 def _uniform(shape: tuple[int, ...], low: float, high: float, generator: torch.Generator | None,
@@ -689,13 +700,15 @@ def strong_augment(x: torch.Tensor, generator: torch.Generator | None = None, *,
 
 def total_loss(logits: torch.Tensor, t: CropTargets, strong_logits: torch.Tensor | None = None, *,
                weights: LossWeights | None = None, tag_pooling: str = "mean", tag_power: float = 4.0,
-               pl_threshold: float | None = 0.8, eps: float = 1e-6) -> dict[str, torch.Tensor]:
+               pl_threshold: float | None = 0.8, eps: float = 1e-6,
+               balance_classes: bool = False) -> dict[str, torch.Tensor]:
     """``contrastive + w_ce * CE + w_pl * pseudo-label`` for one training step.
 
     ``logits``: the (weakly augmented) view's prediction, trained with the DSP loss and the
     supervised cross-entropy; its detached prediction also gives the pseudo labels (confidence
     ``pl_threshold``) for ``strong_logits``, the prediction of a strongly augmented, pixel-aligned
     view (see :func:`strong_augment`); without ``strong_logits`` the pseudo-label term is 0.
+    ``balance_classes``: both cross-entropies weigh every class present equally (see :func:`supervised_ce`).
     Returns ``{"total", "contrastive", "mask", "box", "point", "tag", "negative", "ce",
     "pseudo_label"}``, all scalars.
     """
@@ -703,12 +716,12 @@ def total_loss(logits: torch.Tensor, t: CropTargets, strong_logits: torch.Tensor
     B, C, H, W = _check_logits(logits, t)
     neg = negative_map(t, C, H, W)
     out = dsp_loss(logits, t, tag_pooling=tag_pooling, eps=eps, tag_power=tag_power, negatives=neg)
-    out["ce"] = supervised_ce(logits, t)
+    out["ce"] = supervised_ce(logits, t, balance_classes)
     if strong_logits is not None:
         if strong_logits.shape != logits.shape:
             raise ValueError(f"strong_logits {tuple(strong_logits.shape)} differ from logits {tuple(logits.shape)}")
         pl = pseudo_label_targets(logits, t, threshold=pl_threshold, negatives=neg)
-        out["pseudo_label"] = pseudo_label_loss(strong_logits, pl)
+        out["pseudo_label"] = pseudo_label_loss(strong_logits, pl, balance_classes)
     else:
         out["pseudo_label"] = _zero(logits)
     out["total"] = w.contrastive * out["contrastive"] + w.ce * out["ce"] + w.pseudo_label * out["pseudo_label"]

@@ -45,6 +45,7 @@ class TrainConfig:
     prototypes_per_class: int = 5
     temperature: float = 0.05
     tag_pooling: str = "mean"
+    balance_classes: bool = False
     weight_contrastive: float = 1.0
     weight_ce: float = 1.0
     weight_pseudo_label: float = 0.5
@@ -244,7 +245,7 @@ def train(
             else:
                 logits, strong_logits = net(x)["logits"], None
             terms = total_loss(logits, targets, strong_logits, weights=weights, tag_pooling=config.tag_pooling,
-                               pl_threshold=config.pseudo_label_threshold)
+                               pl_threshold=config.pseudo_label_threshold, balance_classes=config.balance_classes)
             optimizer.zero_grad(set_to_none=True)
             terms["total"].backward()
             torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
