@@ -406,6 +406,8 @@ ABLATIONS = (
     ("masks+tags", "tag pooling: mean", {"tag_pooling": "mean"}),
     ("masks+tags", "tag pooling: max", {"tag_pooling": "max"}),
     ("masks+tags", "tag pooling: smoothmax", {"tag_pooling": "smoothmax"}),
+    ("full", "all loss terms", {}),
+    ("full", "cross-entropy not class-balanced", {"balance_classes": False}),
 )
 TARGET_MIXED_FRACTION = 0.90
 TARGET_EXTRA_GAIN = 0.05

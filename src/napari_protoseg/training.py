@@ -45,7 +45,7 @@ class TrainConfig:
     prototypes_per_class: int = 5
     temperature: float = 0.05
     tag_pooling: str = "mean"
-    balance_classes: bool = False
+    balance_classes: bool = True  # each class weighs the same in the cross-entropies (see benchmark)
     weight_contrastive: float = 1.0
     weight_ce: float = 1.0
     weight_pseudo_label: float = 0.5
