@@ -433,3 +433,26 @@ def test_a_class_table_loaded_with_two_classes_of_the_same_name_is_refused(sampl
     session = Session(sample_viewer(sample))
     with pytest.raises(SessionError, match="used twice"):
         session._set_classes([ClassInfo(1, "a"), ClassInfo(2, "a")])
+
+
+def test_a_single_2d_image_goes_through_training_prediction_and_accepting(tmp_path):
+    plane = generate_sample(shape=(96, 96), seed=3)
+    session = Session(sample_viewer(plane))
+    session.set_project_folder(tmp_path / "plane")
+    image, annotations = session.training_input()
+    assert image.ndim == 2 and session.current_plane() is None
+    *_, last = training_run(image, annotations, TINY, snapshot=session.snapshot(image, annotations))
+    session.set_model(last.event.model)
+    (piece,) = prediction_run(session.check_model(), image, "plane")
+    assert piece.z is None and piece.semantic.shape == (96, 96)
+    session.write_prediction(piece)
+    assert session.viewer.layers[PREDICTION_SEMANTIC].data.shape == (96, 96)
+    session.set_tag(1, "present", z=None)
+    assert session.tag_states(None)[1] == "present"
+    expected = session.viewer.layers[PREDICTION_SEMANTIC].data.astype(int)
+    expected[(expected == 3) & (session.viewer.layers[PREDICTION_INSTANCES].data == 0)] = 0  # dropped specks
+    written = session.accept()
+    masks = session.viewer.layers["Masks"].data
+    assert written == np.count_nonzero(expected) > 0
+    np.testing.assert_array_equal(masks[expected > 0], expected[expected > 0])
+    assert read_project(tmp_path / "plane").annotations.image_shape == (96, 96)

@@ -41,10 +41,10 @@ from qtpy.QtWidgets import (
     QSpinBox,
     QTableWidget,
     QTableWidgetItem,
+    QToolButton,
     QVBoxLayout,
     QWidget,
 )
-from superqt import QCollapsible
 
 from .modelfile import MODEL_SUFFIX, ModelFileError, check_model_classes, load_model, save_model
 from .layers import METADATA_KEY, classes_from_metadata
@@ -59,6 +59,7 @@ from .session import (
     PreviewTarget,
     Session,
     SessionError,
+    default_projects_dir,
     prediction_run,
     training_run,
 )
@@ -151,7 +152,10 @@ def _run_until_done(generator, done: threading.Event):
 
 
 class LossPlot(QWidget):
-    """A small live plot of the training loss (log scale), painted directly (cheap to redraw)."""
+    """A small live plot of the training loss: every step faint, a running average on top. Painted
+    directly, so a redraw costs next to nothing while training runs."""
+
+    SMOOTHING = 0.1  # weight of the newest step in the running average
 
     def __init__(self, parent=None):
         super().__init__(parent)
@@ -174,6 +178,15 @@ class LossPlot(QWidget):
         self.steps, self.losses = [], []
         self.update()
 
+    def smoothed(self) -> np.ndarray:
+        values = np.asarray(self.losses, dtype=float)
+        out = np.empty_like(values)
+        average = values[0] if len(values) else 0.0
+        for i, value in enumerate(values):
+            average += self.SMOOTHING * (value - average) if i else 0.0
+            out[i] = average
+        return out
+
     def paintEvent(self, event):  # noqa: N802 - Qt's name
         painter = QPainter(self)
         painter.setRenderHint(QPainter.RenderHint.Antialiasing)
@@ -187,27 +200,73 @@ class LossPlot(QWidget):
         if len(self.losses) < 2:
             painter.drawText(plot, Qt.AlignmentFlag.AlignCenter, "the loss appears here during training")
             return
-        values = np.log10(np.maximum(np.asarray(self.losses), 1e-6))
+        raw = np.asarray(self.losses, dtype=float)
+        smooth = self.smoothed()
         steps = np.asarray(self.steps, dtype=float)
-        if len(values) > 1000:  # a point per pixel is plenty
-            keep = np.linspace(0, len(values) - 1, 1000).astype(int)
-            values, steps = values[keep], steps[keep]
-        low, high = float(values.min()), float(values.max())
-        if high - low < 1e-6:
+        if len(raw) > 1000:  # a point per pixel is plenty
+            keep = np.linspace(0, len(raw) - 1, 1000).astype(int)
+            raw, smooth, steps = raw[keep], smooth[keep], steps[keep]
+        # Single odd steps should not squash the curve: the range covers 98 % of the steps.
+        low, high = float(min(np.percentile(raw, 1), smooth.min())), float(max(np.percentile(raw, 99), smooth.max()))
+        if high - low < 1e-9:
             low, high = low - 0.5, high + 0.5
         first, last = float(steps[0]), float(max(steps[-1], steps[0] + 1))
         xs = plot.left() + (steps - first) / (last - first) * plot.width()
-        ys = plot.bottom() - (values - low) / (high - low) * plot.height()
-        painter.setPen(QPen(QColor("#f0a030"), 1.6))
-        painter.drawPolyline(QPolygonF([QPointF(float(x), float(y)) for x, y in zip(xs, ys)]))
+
+        def line(values):
+            ys = plot.bottom() - (np.clip(values, low, high) - low) / (high - low) * plot.height()
+            return QPolygonF([QPointF(float(x), float(y)) for x, y in zip(xs, ys)])
+
+        faint = QColor("#f0a030")
+        faint.setAlpha(90)
+        painter.setPen(QPen(faint, 1))
+        painter.drawPolyline(line(raw))
+        painter.setPen(QPen(QColor("#f0a030"), 2))
+        painter.drawPolyline(line(smooth))
         painter.setPen(QPen(text_color, 1))
         right = Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter
-        painter.drawText(0, plot.top() - 6, 40, 14, right, f"{10 ** high:.3g}")
-        painter.drawText(0, plot.bottom() - 8, 40, 14, right, f"{10 ** low:.3g}")
+        painter.drawText(0, plot.top() - 6, 40, 14, right, f"{high:.3g}")
+        painter.drawText(0, plot.bottom() - 8, 40, 14, right, f"{low:.3g}")
         painter.drawText(plot.left(), plot.bottom() + 2, plot.width(), 14, Qt.AlignmentFlag.AlignLeft,
                          f"step {int(first)}")
         painter.drawText(plot.left(), plot.bottom() + 2, plot.width(), 14, Qt.AlignmentFlag.AlignRight,
-                         f"loss (log scale) · step {int(last)}")
+                         f"loss (line: running average) · step {int(last)}")
+
+
+class Section(QWidget):
+    """A titled part of the panel that folds away; its content keeps its natural height."""
+
+    def __init__(self, title: str, content: QWidget, parent=None):
+        super().__init__(parent)
+        self.header = QToolButton()
+        self.header.setText(title)
+        self.header.setCheckable(True)
+        self.header.setToolButtonStyle(Qt.ToolButtonStyle.ToolButtonTextBesideIcon)
+        self.header.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
+        font = self.header.font()
+        font.setBold(True)
+        self.header.setFont(font)
+        self.header.toggled.connect(self._show)
+        self.content = content
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 2, 0, 2)
+        layout.setSpacing(2)
+        layout.addWidget(self.header)
+        layout.addWidget(content)
+        self._show(False)
+
+    def _show(self, expanded: bool) -> None:
+        self.header.setArrowType(Qt.ArrowType.DownArrow if expanded else Qt.ArrowType.RightArrow)
+        self.content.setVisible(expanded)
+
+    def expand(self, animate: bool = False) -> None:
+        self.header.setChecked(True)
+
+    def collapse(self, animate: bool = False) -> None:
+        self.header.setChecked(False)
+
+    def isExpanded(self) -> bool:
+        return self.header.isChecked()
 
 
 class PreviewView(QWidget):
@@ -235,6 +294,14 @@ class PreviewView(QWidget):
         self.picture.setPixmap(pixmap)
         self.caption.setText(caption)
         self.setVisible(True)
+
+
+def _fit_height(table: QTableWidget) -> None:
+    """Make a short table exactly as tall as its rows (no inner scroll bar)."""
+    table.setVerticalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+    header = table.horizontalHeader().sizeHint().height()
+    rows = sum(table.rowHeight(r) for r in range(table.rowCount()))
+    table.setFixedHeight(header + rows + 2 * table.frameWidth() + 2)
 
 
 def _swatch(color: str, size: int = 14) -> QIcon:
@@ -295,7 +362,7 @@ class ProtosegWidget(QWidget):
         scroll.setWidget(body)
         layout = QVBoxLayout(body)
         layout.setContentsMargins(6, 6, 6, 6)
-        self.sections: dict[str, QCollapsible] = {}
+        self.sections: dict[str, Section] = {}
         for title, builder, expanded in (
             ("Classes", self._build_classes, True),
             ("Annotate", self._build_annotate, True),
@@ -305,18 +372,16 @@ class ProtosegWidget(QWidget):
             ("Model", self._build_model, False),
             ("Project", self._build_project, False),
         ):
-            section = QCollapsible(title)
             content = QWidget()
             builder(content)
-            section.addWidget(content)
+            section = Section(title, content)
             if expanded:
-                section.expand(animate=False)
-            else:
-                section.collapse(animate=False)
+                section.expand()
             layout.addWidget(section)
             self.sections[title] = section
         layout.addStretch(1)
-        self.setMinimumWidth(360)
+        # Wide enough for every section, so nothing is cut off at the right edge of the dock.
+        scroll.setMinimumWidth(max(400, body.minimumSizeHint().width()) + scroll.verticalScrollBar().sizeHint().width())
 
     def _build_classes(self, parent: QWidget) -> None:
         layout = QVBoxLayout(parent)
@@ -361,27 +426,40 @@ class ProtosegWidget(QWidget):
             row.addWidget(button)
             self.layer_buttons[role] = button
         layout.addLayout(row)
-        self.exhaustive_check = QCheckBox("Every object of this class in the plane gets a box/point")
-        self.exhaustive_check.setToolTip("Tick when you box (or click) ALL objects of the class in this plane: "
-                                         "then everything outside them is known not to be that class.")
+        row = QHBoxLayout()
+        self.exhaustive_check = QCheckBox()
+        tip = ("Tick when you box (or click) ALL objects of the class in this plane: then everything outside "
+               "them is known not to be that class.")
+        self.exhaustive_check.setToolTip(tip)
         self.exhaustive_check.toggled.connect(self.session.set_exhaustive)
-        layout.addWidget(self.exhaustive_check)
+        exhaustive_label = QLabel("Boxes and points mark every object of the class in their plane")
+        exhaustive_label.setWordWrap(True)
+        exhaustive_label.setToolTip(tip)
+        exhaustive_label.setBuddy(self.exhaustive_check)
+        row.addWidget(self.exhaustive_check)
+        row.addWidget(exhaustive_label, 1)
+        layout.addLayout(row)
 
-        tags_header = QHBoxLayout()
         self.tags_label = QLabel("Tags")
-        tags_header.addWidget(self.tags_label, 1)
+        layout.addWidget(self.tags_label)
+        tags_scope = QHBoxLayout()
+        tags_scope.addWidget(QLabel("for the"))
         self.tag_whole_plane = QRadioButton("whole plane")
         self.tag_visible = QRadioButton("visible region")
         self.tag_whole_plane.setChecked(True)
         self.tag_whole_plane.toggled.connect(lambda _: self.refresh_tags())
-        tags_header.addWidget(self.tag_whole_plane)
-        tags_header.addWidget(self.tag_visible)
-        layout.addLayout(tags_header)
+        tags_scope.addWidget(self.tag_whole_plane)
+        tags_scope.addWidget(self.tag_visible)
+        tags_scope.addStretch(1)
+        layout.addLayout(tags_scope)
         self.tag_table = QTableWidget(0, 4)
         self.tag_table.setHorizontalHeaderLabels(["class", "present", "absent", "unknown"])
         self.tag_table.horizontalHeader().setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
+        for column in (1, 2, 3):
+            self.tag_table.horizontalHeader().setSectionResizeMode(column, QHeaderView.ResizeMode.ResizeToContents)
         self.tag_table.verticalHeader().setVisible(False)
         self.tag_table.setSelectionMode(QAbstractItemView.SelectionMode.NoSelection)
+        self.tag_table.setFocusPolicy(Qt.FocusPolicy.NoFocus)
         self.tag_table.setToolTip("Image tags: say which classes occur in the plane (or the visible region).")
         layout.addWidget(self.tag_table)
         self._tag_groups: list[QButtonGroup] = []
@@ -607,8 +685,7 @@ class ProtosegWidget(QWidget):
             table.setItem(row, 2, flag)
             table.setVerticalHeaderItem(row, QTableWidgetItem(str(info.id)))
         table.blockSignals(False)
-        table.setFixedHeight(table.horizontalHeader().height() + 4
-                             + sum(table.rowHeight(r) for r in range(table.rowCount())))
+        _fit_height(table)
 
     def _fill_class_combo(self) -> None:
         self.class_combo.blockSignals(True)
@@ -626,21 +703,33 @@ class ProtosegWidget(QWidget):
         return z, region
 
     def refresh_tags(self) -> None:
-        table = self.tag_table
+        """Show the tags of the plane (or region) in view; rows are rebuilt only when classes change."""
         try:
             z, region = self._tag_place()
             states = self.session.tag_states(z, region)
         except (SessionError, ProjectError):
-            table.setRowCount(0)
+            self._build_tag_rows([])
             self.tags_label.setText("Tags (open an image first)")
             return
         where = "the image" if z is None else f"plane {z}"
         if region is not None:
             where += f", y {region[0]}-{region[2]}, x {region[1]}-{region[3]}"
         self.tags_label.setText(f"Tags of {where}")
+        self._build_tag_rows(self.session.classes)
+        for info, group in zip(self.session.classes, self._tag_groups):
+            column = 1 + TAG_STATES.index(states.get(info.id, TAG_STATES[-1]))
+            group.button(column).setChecked(True)
+
+    def _build_tag_rows(self, classes) -> None:
+        key = [(c.id, c.name, c.display_color()) for c in classes]
+        if key == getattr(self, "_tag_rows_key", None):
+            return
+        self._tag_rows_key = key
+        table = self.tag_table
+        table.clearContents()
+        table.setRowCount(len(classes))
         self._tag_groups = []
-        table.setRowCount(len(self.session.classes))
-        for row, info in enumerate(self.session.classes):
+        for row, info in enumerate(classes):
             item = QTableWidgetItem(info.name)
             item.setIcon(_swatch(info.display_color()))
             item.setFlags(Qt.ItemFlag.ItemIsEnabled)
@@ -649,7 +738,6 @@ class ProtosegWidget(QWidget):
             for column, state in enumerate(TAG_STATES, start=1):
                 radio = QRadioButton()
                 radio.setToolTip(f"{info.name}: {state}")
-                radio.setChecked(states.get(info.id) == state)
                 group.addButton(radio, column)
                 cell = QWidget()
                 cell_layout = QHBoxLayout(cell)
@@ -659,8 +747,7 @@ class ProtosegWidget(QWidget):
                 table.setCellWidget(row, column, cell)
             group.idClicked.connect(lambda column, cid=info.id: self.set_tag(cid, TAG_STATES[column - 1]))
             self._tag_groups.append(group)
-        table.setFixedHeight(table.horizontalHeader().height() + 4
-                             + sum(table.rowHeight(r) for r in range(table.rowCount())))
+        _fit_height(table)
 
     def _refresh_model_info(self) -> None:
         self.model_info.setText(self.session.model_info())
@@ -674,8 +761,7 @@ class ProtosegWidget(QWidget):
         entry = layer.metadata.get(METADATA_KEY) or {}
         folder = entry.get("project")
         self.project_label.setText(f"Project folder: {folder}" if folder else
-                                   "Project folder: chosen at the first save (in "
-                                   f"{os.environ.get('PROTOSEG_PROJECTS_DIR') or '~/protoseg-projects'})")
+                                   f"Project folder: made in {default_projects_dir()} at the first save")
 
     def _busy(self) -> bool:
         return self._train_worker is not None or self._predict_worker is not None
@@ -823,7 +909,7 @@ class ProtosegWidget(QWidget):
         try:
             image, annotations = self.session.training_input()
             resume, initial_model = self.session.continue_plan() if continuing else (None, None)
-            snapshot = self.session.snapshot()
+            snapshot = self.session.snapshot(image, annotations)
         except SessionError as err:
             self.notify("error", str(err))
             return
@@ -1069,7 +1155,7 @@ class ProtosegWidget(QWidget):
             return
         self._update_buttons()
         if PREDICTION_SEMANTIC in self.viewer.layers:
-            self.sections["Review"].expand(animate=False)
+            self.sections["Review"].expand()
 
     # ========================================================================== review
 

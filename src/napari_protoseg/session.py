@@ -360,13 +360,10 @@ class Session:
         shape = self._image_shape()
         empty = AnnotationSet(image_shape=shape, classes=self.classes)
         data, meta, kind = annotation_layers(empty)[list(ANNOTATION_ROLES).index(role)]
-        for key in ("edge_color", "face_color"):
-            if key in meta and np.size(meta[key]) == 0:
-                meta[key] = self._drawing_color()
         meta["scale"] = image_layer.scale[-len(shape):]
         meta["translate"] = image_layer.translate[-len(shape):]
         layer = Layer.create(data, meta, kind)
-        self.viewer.add_layer(layer)
+        self._add_keeping_selection(layer)
         self.watch_layer(layer)
         self.set_drawing_class(self.drawing_class)
         return layer
@@ -587,9 +584,11 @@ class Session:
         entry.update(role="image", project=str(Path(folder).resolve()))
         layer.metadata = {**layer.metadata, METADATA_KEY: entry}
 
-    def snapshot(self) -> ProjectSnapshot:
-        """A copy of what the project folder should hold now (taken on the GUI thread)."""
-        image, annotations = self.annotations()
+    def snapshot(self, image: np.ndarray | None = None, annotations: AnnotationSet | None = None) -> ProjectSnapshot:
+        """A copy of what the project folder should hold now (taken on the GUI thread; pass the image
+        and annotations when they were just gathered)."""
+        if image is None or annotations is None:
+            image, annotations = self.annotations()
         folder = self.project_folder()
         snapshot = ProjectSnapshot(folder=folder, image=image, annotations=annotations)
         self.dirty = False
@@ -613,8 +612,20 @@ class Session:
         # A label the user painted is taken: later predictions number their instances above it.
         self._next_instance_id = max(self._next_instance_id, int(layer.selected_label) + 1)
 
+    def _add_keeping_selection(self, layer):
+        """Add a layer without taking the active layer away from what the user works on."""
+        selection = self.viewer.layers.selection
+        active, selected = selection.active, set(selection)
+        self.viewer.add_layer(layer)
+        if active is not None and active in self.viewer.layers:
+            selection.active = active
+            selection.update(selected)
+        return layer
+
     def ensure_prediction_layer(self, name: str):
         """One review layer, created with the image's shape when missing (or of another shape)."""
+        from napari.layers import Image, Labels
+
         image_layer = self.image_layer()
         shape = self._image_shape()
         layer = self._layer(name)
@@ -628,15 +639,16 @@ class Session:
         meta = {"name": name, "scale": image_layer.scale[-ndim:], "translate": image_layer.translate[-ndim:],
                 "axis_labels": axis_labels(ndim), "metadata": {METADATA_KEY: {"role": "prediction"}}}
         if name == PREDICTION_SEMANTIC:
-            layer = self.viewer.add_labels(np.zeros(shape, np.uint16), colormap=labels_colormap(self.classes),
-                                           opacity=0.5, **meta)
+            layer = Labels(np.zeros(shape, np.uint16), colormap=labels_colormap(self.classes), opacity=0.5, **meta)
         elif name == PREDICTION_INSTANCES:
-            layer = self.viewer.add_labels(np.zeros(shape, np.uint32), opacity=0.6, **meta)
+            layer = Labels(np.zeros(shape, np.uint32), opacity=0.6, **meta)
             self._next_instance_id = 1
             layer.events.paint.connect(lambda *args: self._instance_painted(layer))
         else:
-            return self.viewer.add_image(np.zeros(shape, np.float32), colormap="magma", contrast_limits=(0.0, 1.0),
-                                         opacity=0.6, visible=False, blending="additive", **meta)
+            layer = Image(np.zeros(shape, np.float32), colormap="magma", contrast_limits=(0.0, 1.0), opacity=0.6,
+                          visible=False, blending="additive", **meta)
+            return self._add_keeping_selection(layer)
+        self._add_keeping_selection(layer)
         layer.events.paint.connect(lambda *args: self._prediction_edited(name))
         layer.events.data.connect(lambda *args: self._prediction_edited(name))
         return layer
