@@ -384,3 +384,25 @@ def test_closing_napari_during_training_stops_the_worker_and_keeps_the_checkpoin
 
     checkpoint = torch.load(sample_folder / CHECKPOINT_FILE, weights_only=False)
     assert 2 <= checkpoint["step"] < 5000
+
+
+def test_protoseg_demo_opens_the_sample_with_the_panel(qtbot, tmp_path, monkeypatch):
+    from napari._qt.qt_main_window import Window
+
+    from napari_protoseg import sample as sample_module
+    from napari_protoseg.cli import main
+
+    small = sample_module.generate_sample
+    monkeypatch.setattr(sample_module, "generate_sample", lambda *a, **k: small(shape=(2, 64, 64)))
+    opened = []
+    add_dock = Window.add_plugin_dock_widget
+
+    def record(window, *args, **kwargs):
+        dock, widget = add_dock(window, *args, **kwargs)
+        opened.append((type(widget), [layer.name for layer in widget.viewer.layers]))
+        return dock, widget
+
+    monkeypatch.setattr(Window, "add_plugin_dock_widget", record)
+    assert main(["demo", "--screenshot", str(tmp_path / "demo.png")]) == 0
+    assert (tmp_path / "demo.png").stat().st_size > 10_000
+    assert opened == [(ProtosegWidget, ["EM (synthetic)", "Masks", "Boxes", "Points", "Tags"])]

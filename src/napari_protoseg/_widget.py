@@ -46,8 +46,8 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from .modelfile import MODEL_SUFFIX, ModelFileError, check_model_classes, load_model, save_model
 from .layers import METADATA_KEY, classes_from_metadata
+from .modelfile import MODEL_SUFFIX, ModelFileError, check_model_classes, load_model, save_model
 from .project import ProjectError
 from .session import (
     ANNOTATION_ROLES,
@@ -71,6 +71,7 @@ PREVIEW_MAX_SIZE = 384  # the live preview predicts at most this many pixels squ
 AUTOSAVE_MS = AUTOSAVE_SECONDS * 1000
 CLOSE_WAIT_SECONDS = 60.0
 GIL_SWITCH_SECONDS = 0.001
+PROGRESS_REFRESH_SECONDS = 0.25
 _PREPARING = "preparing"  # stands for the prediction worker while its layers are being made
 
 
@@ -164,7 +165,7 @@ class LossPlot(QWidget):
         self.setMinimumHeight(110)
         self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
 
-    def add(self, step: int, loss: float) -> None:
+    def add(self, step: int, loss: float, redraw: bool = True) -> None:
         if not math.isfinite(loss):
             return
         if self.steps and self.steps[-1] == int(step):  # the last event of a run repeats its step
@@ -172,7 +173,8 @@ class LossPlot(QWidget):
         else:
             self.steps.append(int(step))
             self.losses.append(float(loss))
-        self.update()
+        if redraw:
+            self.update()
 
     def clear(self) -> None:
         self.steps, self.losses = [], []
@@ -330,6 +332,8 @@ class ProtosegWidget(QWidget):
         self._training_done.set()
         self._prediction_done.set()
         self._predict_after_training = False
+        self._progress_pending = False
+        self._last_progress_shown = 0.0
         self._workers_running = 0
         self._switch_interval: float | None = None
         self._lifecycle = {"closed": False}
@@ -999,13 +1003,8 @@ class ProtosegWidget(QWidget):
         if event is None:
             return
         self.last_event = event
-        self.train_progress.setMaximum(max(1, event.total_steps))
-        self.train_progress.setValue(event.step)
-        eta = "" if event.model is not None else f" · ETA {format_duration(event.eta)}"
-        self.train_progress.setFormat(f"step {event.step} / {event.total_steps}{eta}")
-        self.device_label.setText(f"Device: {event.device}")
         if "total" in event.losses:
-            self.loss_plot.add(event.step, event.losses["total"])
+            self.loss_plot.add(event.step, event.losses["total"], redraw=False)
         if event.preview is not None and update.preview_at is not None:
             z, region = update.preview_at
             try:
@@ -1016,8 +1015,36 @@ class ProtosegWidget(QWidget):
                 where = ("" if z is None else f"plane {z}, ") + f"y {region[0]}-{region[2]}, x {region[1]}-{region[3]}"
                 self.preview_view.show_picture(picture, f"Live preview at step {event.step}: {where}")
         if event.model is not None:
+            self._show_progress()
             self._training_finished(event, update)
         else:
+            self._show_progress_soon()
+
+    def _show_progress_soon(self) -> None:
+        """Redraw the progress at most every PROGRESS_REFRESH_SECONDS: every redraw of the window
+        costs napari's event loop time (a lot with software OpenGL), steps can come much faster."""
+        if self._progress_pending:
+            return
+        wait = PROGRESS_REFRESH_SECONDS - (time.monotonic() - self._last_progress_shown)
+        if wait <= 0:
+            self._show_progress()
+        else:
+            self._progress_pending = True
+            QTimer.singleShot(int(wait * 1000), self._show_progress)
+
+    def _show_progress(self) -> None:
+        self._progress_pending = False
+        self._last_progress_shown = time.monotonic()
+        event = self.last_event
+        if self._closed or event is None:
+            return
+        self.train_progress.setMaximum(max(1, event.total_steps))
+        self.train_progress.setValue(event.step)
+        eta = "" if event.model is not None else f" · ETA {format_duration(event.eta)}"
+        self.train_progress.setFormat(f"step {event.step} / {event.total_steps}{eta}")
+        self.device_label.setText(f"Device: {event.device}")
+        self.loss_plot.update()
+        if event.model is None:
             self.train_status.setText(f"Training: loss {event.losses.get('total', float('nan')):.3f}")
 
     def _training_finished(self, event, update) -> None:
@@ -1270,11 +1297,3 @@ class ProtosegWidget(QWidget):
                 return
             self._refresh_project_label()
             self.autosave(force=True)
-
-    # ======================================================================= lifecycle
-
-    def wait_idle(self, timeout: float = 60.0) -> bool:
-        """Block until training and prediction workers have ended (for scripts and tests)."""
-        deadline = time.monotonic() + timeout
-        ok = self._training_done.wait(max(0.0, deadline - time.monotonic()))
-        return self._prediction_done.wait(max(0.0, deadline - time.monotonic())) and ok
