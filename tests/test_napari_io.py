@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from napari_protoseg.project import read_annotations, read_project, write_project
+from napari_protoseg.project import AnnotationSet, ClassInfo, read_annotations, read_project, write_project
 
 
 @pytest.fixture
@@ -95,3 +95,14 @@ def test_the_sample_opens_the_image_together_with_its_annotation_layers(make_nap
     assert viewer.layers["Masks"].data.shape == viewer.layers["EM (synthetic)"].data.shape == (8, 512, 512)
     assert len(viewer.layers["Boxes"].data) > 0 and len(viewer.layers["Points"].data) > 0
     assert viewer.dims.axis_labels == ("z", "y", "x")
+
+
+def test_a_project_with_only_masks_opens_with_empty_box_point_and_tag_layers(make_napari_viewer, tmp_path):
+    masks = np.zeros((2, 16, 16), np.uint8)
+    masks[0, 2:6, 2:6] = 1
+    annotations = AnnotationSet((2, 16, 16), [ClassInfo(1, "a"), ClassInfo(2, "b")], masks=masks)
+    folder = write_project(tmp_path / "masks-only", np.zeros((2, 16, 16), np.uint8), annotations)
+    viewer = make_napari_viewer()
+    viewer.open(str(folder), plugin="napari-protoseg")
+    assert [layer.name for layer in viewer.layers] == ["masks-only", "Masks", "Boxes", "Points", "Tags"]
+    assert [len(viewer.layers[name].data) for name in ("Boxes", "Points", "Tags")] == [0, 0, 0]

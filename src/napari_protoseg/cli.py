@@ -1,7 +1,8 @@
 """The ``protoseg`` command line.
 
 ``validate`` checks a project folder, ``train`` trains a model on a project, ``predict`` applies a
-model to a TIFF or zarr image, and ``demo`` opens napari with the synthetic sample (or, with
+model to a TIFF or zarr image, and ``demo`` opens napari with the synthetic sample and the protoseg
+panel (or, with
 ``--headless``, runs the whole sample -> train -> predict -> overview chain without a display).
 Bad input of any kind is reported as a message on stderr with exit code 1, never as a traceback.
 """
@@ -494,6 +495,7 @@ def cmd_demo(args) -> int:
 
     viewer = napari.Viewer(title="protoseg demo", show=args.screenshot is None)
     viewer.open_sample("napari-protoseg", "synthetic_em")
+    viewer.window.add_plugin_dock_widget("napari-protoseg", "protoseg")
     if args.screenshot is not None:
         viewer.window._qt_window.resize(1400, 900)
         viewer.screenshot(str(args.screenshot), canvas_only=False, flash=False)
@@ -664,7 +666,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.set_defaults(func=cmd_predict)
 
     demo = sub.add_parser(
-        "demo", help="open napari with the synthetic EM sample and its annotations "
+        "demo", help="open napari with the synthetic EM sample, its annotations and the protoseg panel "
                      "(--headless: train, predict and write an overview PNG, no display needed)",
         description="Open napari with the synthetic EM sample, or with --headless run sample -> "
                     "train -> predict without a display and write an overview PNG.")

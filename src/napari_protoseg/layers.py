@@ -322,6 +322,13 @@ def shapes_to_tags(data: Sequence[np.ndarray], features, image_shape: Sequence[i
 # ------------------------------------------------------------------------------- all layers
 
 
+def _item_colors(class_ids: Sequence[int], classes: Sequence[ClassInfo]):
+    """Colours of shapes or points by class; a plain colour for an empty layer (napari cannot
+    build a Points layer from an empty colour array)."""
+    return class_colors(class_ids, classes) if len(class_ids) else "white"
+
+
+
 def annotation_layers(annotations: AnnotationSet) -> list[tuple]:
     """napari ``LayerDataTuple``s for the Masks, Boxes, Points and Tags of an annotation set."""
     classes = annotations.classes
@@ -336,11 +343,11 @@ def annotation_layers(annotations: AnnotationSet) -> list[tuple]:
     box_data, box_features = boxes_to_shapes(annotations.boxes, is_stack)
     boxes = (box_data, {
         "name": BOXES_LAYER, "ndim": ndim, "shape_type": "rectangle", "features": box_features,
-        "edge_color": class_colors(box_features["class"], classes), "face_color": "transparent",
+        "edge_color": _item_colors(box_features["class"], classes), "face_color": "transparent",
         "edge_width": 2, "metadata": layer_metadata("boxes", classes), "axis_labels": axes}, "shapes")
 
     point_coords, point_features = points_to_layer(annotations.points, is_stack)
-    point_colors = class_colors(point_features["class"], classes)
+    point_colors = _item_colors(point_features["class"], classes)
     points = (point_coords, {
         "name": POINTS_LAYER, "ndim": ndim, "features": point_features, "face_color": point_colors,
         "border_color": "white", "size": 9, "metadata": layer_metadata("points", classes), "axis_labels": axes}, "points")
@@ -348,7 +355,7 @@ def annotation_layers(annotations: AnnotationSet) -> list[tuple]:
     tag_data, tag_features = tags_to_shapes(annotations.tags, annotations.image_shape, classes)
     tags = (tag_data, {
         "name": TAGS_LAYER, "ndim": ndim, "shape_type": "rectangle", "features": tag_features,
-        "edge_color": class_colors(tag_features["class"], classes), "face_color": "transparent",
+        "edge_color": _item_colors(tag_features["class"], classes), "face_color": "transparent",
         "edge_width": 1, "opacity": 0.8,
         "text": {"string": "{label}", "anchor": "upper_left", "size": 9, "color": "white"},
         "metadata": layer_metadata("tags", classes), "axis_labels": axes}, "shapes")

@@ -1,0 +1,408 @@
+"""The protoseg panel in a real napari viewer, used the way a biologist would (run with -p xvfb)."""
+
+import time
+
+import numpy as np
+import pytest
+from napari.utils.notifications import notification_manager
+from qtpy.QtCore import Qt, QTimer
+from qtpy.QtGui import QColor
+
+from napari_protoseg import session as session_module
+from napari_protoseg._widget import TRAIN_BUTTON_TEXT, ProtosegWidget
+from napari_protoseg.modelfile import save_model
+from napari_protoseg.project import read_project, write_project
+from napari_protoseg.sample import generate_sample
+from napari_protoseg.session import (
+    CHECKPOINT_FILE,
+    PREDICTION_CONFIDENCE,
+    PREDICTION_INSTANCES,
+    PREDICTION_SEMANTIC,
+)
+from napari_protoseg.training import TrainConfig
+
+TINY = TrainConfig(steps=12, batch_size=2, crop_size=64, base_width=4, depth=2, embed_dim=8,
+                   prototypes_per_class=2, pseudo_label_warmup=1000, checkpoint_every=0)
+MITOCHONDRION, VESICLE, MEMBRANE = 3, 4, 2
+
+
+@pytest.fixture(scope="module")
+def small_sample():
+    return generate_sample(shape=(3, 128, 128), seed=2)
+
+
+@pytest.fixture(autouse=True)
+def projects_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("PROTOSEG_PROJECTS_DIR", str(tmp_path / "projects"))
+    return tmp_path / "projects"
+
+
+@pytest.fixture
+def sample_folder(tmp_path, small_sample):
+    return write_project(tmp_path / "cells", small_sample.image, small_sample.annotations)
+
+
+def open_panel(make_napari_viewer, folder=None, config=TINY):
+    """A viewer with the project folder opened (as File > Open does) and the panel docked."""
+    viewer = make_napari_viewer()
+    if folder is not None:
+        viewer.open(str(folder), plugin="napari-protoseg")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-protoseg", "protoseg")
+    widget.set_train_config(config)
+    widget.confirm = lambda question: pytest.fail(f"unexpected question: {question}")
+    return viewer, widget
+
+
+def wait_idle(qtbot, widget, timeout=90_000):
+    qtbot.waitUntil(lambda: not widget._busy() and widget._save_worker is None, timeout=timeout)
+
+
+def new_notifications(since: int, severity: str | None = None) -> list[str]:
+    records = notification_manager.records[since:]
+    return [r.message for r in records if severity is None or str(r.severity).lower().endswith(severity)]
+
+
+def choose_class(widget, class_id):
+    widget.class_combo.setCurrentIndex(widget.session.class_ids.index(class_id))
+
+
+def tag_radio(widget, class_id, state):
+    row = widget.session.class_ids.index(class_id)
+    column = 1 + ("present", "absent", "unknown").index(state)
+    return widget._tag_groups[row].button(column)
+
+
+# ------------------------------------------------------------------------- the whole scenario
+
+
+def test_a_user_annotates_trains_reviews_accepts_stops_and_continues(make_napari_viewer, qtbot, sample_folder):
+    viewer, widget = open_panel(make_napari_viewer, sample_folder)
+    assert isinstance(widget, ProtosegWidget)
+    assert widget.train_button.text() == TRAIN_BUTTON_TEXT
+    assert [c.name for c in widget.session.classes] == ["cytoplasm", "membrane", "mitochondrion", "vesicle"]
+    viewer.dims.set_current_step(0, 2)
+
+    # Annotate with every type through the panel's layers, each in the chosen class.
+    choose_class(widget, MEMBRANE)
+    qtbot.mouseClick(widget.layer_buttons["masks"], Qt.MouseButton.LeftButton)
+    masks = viewer.layers.selection.active
+    assert masks.name == "Masks" and masks.mode == "paint" and masks.selected_label == MEMBRANE
+    for x in range(20, 60):
+        masks.paint((2, 70, x), masks.selected_label)
+    choose_class(widget, MITOCHONDRION)
+    qtbot.mouseClick(widget.layer_buttons["boxes"], Qt.MouseButton.LeftButton)
+    boxes = viewer.layers.selection.active
+    assert boxes.name == "Boxes" and boxes.mode == "add_rectangle"
+    boxes.add_rectangles(np.array([[2, 10, 10], [2, 10, 40], [2, 30, 40], [2, 30, 10]]))
+    choose_class(widget, VESICLE)
+    qtbot.mouseClick(widget.layer_buttons["points"], Qt.MouseButton.LeftButton)
+    points = viewer.layers.selection.active
+    assert points.name == "Points" and points.mode == "add"
+    points.add(np.array([[2, 100, 100]]))
+    tag_radio(widget, VESICLE, "absent").click()
+    assert list(boxes.features["class"])[-1] == MITOCHONDRION
+    assert list(points.features["class"])[-1] == VESICLE
+    assert widget.session.tag_states(2)[VESICLE] == "absent"
+
+    # One click trains in the background; the predictions of the plane in view come back as layers.
+    qtbot.mouseClick(widget.train_button, Qt.MouseButton.LeftButton)
+    assert not widget.train_button.isEnabled() and widget.stop_button.isEnabled()
+    wait_idle(qtbot, widget)
+    assert widget.last_event.finished and widget.last_event.step == TINY.steps
+    assert widget.train_progress.value() == TINY.steps and widget.device_label.text() == "Device: cpu"
+    assert len(widget.loss_plot.losses) == TINY.steps
+    for name in (PREDICTION_SEMANTIC, PREDICTION_INSTANCES, PREDICTION_CONFIDENCE):
+        assert viewer.layers[name].data.shape == (3, 128, 128)
+    assert widget.preview_view.shown is not None and widget.preview_view.shown.shape[2] == 3
+    assert np.any(viewer.layers[PREDICTION_SEMANTIC].data[2])
+    assert "Trained 12 step(s)" in widget.model_info.text()
+    # Training started with a save of everything drawn, into the folder the project came from.
+    saved = read_project(sample_folder).annotations
+    assert np.count_nonzero(saved.masks[2, 70, 20:60] == MEMBRANE) == 40
+    assert (2, MITOCHONDRION) in saved.boxes[["z", "class"]].tolist()
+
+    # The user paints one instance by hand and accepts just that instance; training continues.
+    instances = viewer.layers[PREDICTION_INSTANCES]
+    instances.selected_label = 500
+    for y in range(40, 52):
+        for x in range(80, 92):
+            instances.paint((2, y, x), 500)
+    widget.accept_scope.setCurrentIndex(1)
+    questions = []
+    widget.confirm = lambda question: questions.append(question) or True
+    steps_before = len(widget.loss_plot.losses)
+    qtbot.mouseClick(widget.accept_button, Qt.MouseButton.LeftButton)
+    assert np.all(masks.data[2, 40:52, 80:92] == MITOCHONDRION)
+    wait_idle(qtbot, widget)
+    assert len(widget.loss_plot.losses) == steps_before + TINY.steps  # continued, not restarted
+    assert questions and "You edited 'Prediction: instances'" in questions[0]  # asked before overwriting
+
+    # Stop mid-training keeps the checkpoint; Continue resumes from it.
+    widget.steps_spin.setValue(400)
+    qtbot.mouseClick(widget.continue_button, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: widget.last_event is not None and widget.last_event.step >= 3, timeout=30_000)
+    qtbot.mouseClick(widget.stop_button, Qt.MouseButton.LeftButton)
+    wait_idle(qtbot, widget)
+    stopped_at = widget.last_event.step
+    assert widget.last_event.stopped and stopped_at < 400
+    assert "Stopped at step" in widget.train_status.text()
+    assert (sample_folder / CHECKPOINT_FILE).is_file()
+    events = []
+    original = widget._on_training_update
+
+    def record(update):
+        if update.event is not None:
+            events.append(update.event.step)
+        original(update)
+
+    widget._on_training_update = record
+    qtbot.mouseClick(widget.continue_button, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: len(events) >= 2, timeout=30_000)
+    qtbot.mouseClick(widget.stop_button, Qt.MouseButton.LeftButton)
+    wait_idle(qtbot, widget)
+    assert events[0] == stopped_at + 1
+
+
+# ---------------------------------------------------------------------------- responsiveness
+
+
+def test_napari_stays_responsive_while_training(make_napari_viewer, qtbot, sample_folder):
+    """A 20 ms timer keeps firing while training runs: no gap of 100 ms or more."""
+    config = TrainConfig(**{**TINY.to_dict(), "steps": 60})
+    viewer, widget = open_panel(make_napari_viewer, sample_folder, config)
+    assert widget.warmed_up.wait(60)
+    stamps = []
+    timer = QTimer()
+    timer.setInterval(20)
+    timer.timeout.connect(lambda: stamps.append(time.perf_counter()))
+    timer.start()
+    finished_at = []
+    original = widget._training_finished
+    widget._training_finished = lambda event, update: (finished_at.append(time.perf_counter()),
+                                                       original(event, update))
+    qtbot.wait(200)
+    clicked = time.perf_counter()
+    qtbot.mouseClick(widget.train_button, Qt.MouseButton.LeftButton)
+    wait_idle(qtbot, widget)
+    timer.stop()
+    stamps = np.asarray(stamps)
+    during = stamps[(stamps >= clicked) & (stamps <= finished_at[0])]
+    gaps = np.diff(np.concatenate([[clicked], during, [finished_at[0]]]))
+    print(f"\ntraining {finished_at[0] - clicked:.2f} s, {len(during)} timer ticks, largest gap "
+          f"{1000 * gaps.max():.0f} ms, median {1000 * np.median(gaps):.0f} ms")
+    assert finished_at[0] - clicked > 1.0  # long enough to measure something
+    assert gaps.max() < 0.100
+
+
+# ---------------------------------------------------------------------- autosave and reopen
+
+
+def test_autosave_writes_every_layer_and_the_class_table_and_reopening_restores_them(
+        make_napari_viewer, qtbot, small_sample, projects_dir, monkeypatch):
+    viewer, widget = open_panel(make_napari_viewer)
+    from napari.layers import Layer
+    from napari_protoseg.layers import annotation_layers
+
+    viewer.add_image(small_sample.image, name="my stack")
+    for data, meta, kind in annotation_layers(small_sample.annotations):
+        viewer.add_layer(Layer.create(data, meta, kind))
+    assert widget.session.classes[2].name == "mitochondrion"  # taken from the layers
+
+    # Edit the class table through the panel: add, rename, recolour, flag instances.
+    qtbot.mouseClick(widget.add_class_button, Qt.MouseButton.LeftButton)
+    new_row = widget.class_table.rowCount() - 1
+    widget.class_table.item(new_row, 1).setText("synapse")
+    widget.class_table.item(new_row, 2).setCheckState(Qt.CheckState.Checked)
+    qtbot.wait(10)
+    monkeypatch.setattr("napari_protoseg._widget.QColorDialog.getColor", lambda *a, **k: QColor("#123456"))
+    widget.class_table.cellWidget(new_row, 0).click()
+    synapse = widget.session.classes[-1]
+    assert (synapse.name, synapse.instances, synapse.color) == ("synapse", True, "#123456")
+
+    # Draw in the new class, then let the autosave timer run.
+    choose_class(widget, synapse.id)
+    masks = widget.activate_layer("masks")
+    masks.paint((1, 64, 64), synapse.id)
+    widget.activate_layer("points").add(np.array([[0, 5, 6]]))
+    tag_radio(widget, synapse.id, "present").click()
+    widget.autosave_timer.setInterval(50)
+    qtbot.waitUntil(lambda: "Saved at" in widget.save_status.text(), timeout=20_000)
+    wait_idle(qtbot, widget)
+    folder = projects_dir / "my-stack"
+    _, drawn = widget.session.annotations()
+    assert read_project(folder).annotations.equals(drawn)
+
+    # Reopening the folder in a fresh napari restores every layer and the class table.
+    viewer2, widget2 = open_panel(make_napari_viewer, folder)
+    assert widget2.session.classes == widget.session.classes
+    assert [widget2.class_table.item(r, 1).text() for r in range(5)] == [
+        "cytoplasm", "membrane", "mitochondrion", "vesicle", "synapse"]
+    _, reopened = widget2.session.annotations()
+    assert reopened.equals(drawn)
+    assert [layer.name for layer in viewer2.layers] == ["my-stack", "Masks", "Boxes", "Points", "Tags"]
+    np.testing.assert_allclose(viewer2.layers["Masks"].colormap.map(np.array([synapse.id]))[0][:3],
+                               np.array([0x12, 0x34, 0x56]) / 255, atol=1e-2)
+    # ... and the project remembers its folder: the next save goes back there.
+    assert widget2.session.project_folder() == folder
+
+
+# ------------------------------------------------------------------------------- bad input
+
+
+def _no_image(viewer, widget, folder):
+    pass
+
+
+def _rgb_image(viewer, widget, folder):
+    viewer.add_image(np.zeros((64, 64, 3), np.uint8), name="photo", rgb=True)
+
+
+def _masks_of_another_shape(viewer, widget, folder):
+    viewer.open(str(folder), plugin="napari-protoseg")
+    viewer.layers.remove("Masks")
+    viewer.add_labels(np.zeros((3, 64, 64), np.uint16), name="Masks")
+
+
+def _no_annotations(viewer, widget, folder):
+    viewer.add_image(np.zeros((2, 64, 64), np.uint8), name="empty")
+
+
+def _single_class(viewer, widget, folder):
+    viewer.add_image(np.zeros((64, 64), np.uint8), name="plane")
+    widget.session.remove_class(2)
+    widget.activate_layer("masks").paint((10, 10), 1)
+
+
+BAD_INPUTS = [
+    (_no_image, "There is no image. Open an EM image"),
+    (_rgb_image, "is an RGB colour image"),
+    (_masks_of_another_shape, "'Masks' layer has shape (3, 64, 64) but the image 'cells' has shape (3, 128, 128)"),
+    (_no_annotations, "nothing is annotated yet"),
+    (_single_class, "there is only one class"),
+]
+
+
+@pytest.mark.parametrize("make_bad, message", BAD_INPUTS, ids=[f.__name__.strip("_") for f, _ in BAD_INPUTS])
+def test_bad_input_gets_a_notification_saying_what_to_do_and_the_panel_stays_usable(
+        make_napari_viewer, qtbot, sample_folder, make_bad, message):
+    viewer, widget = open_panel(make_napari_viewer)
+    make_bad(viewer, widget, sample_folder)
+    since = len(notification_manager.records)
+    qtbot.mouseClick(widget.train_button, Qt.MouseButton.LeftButton)
+    errors = new_notifications(since, "error")
+    assert errors and message in errors[-1]
+    assert widget._train_worker is None and widget.train_button.isEnabled()
+
+
+def test_a_model_for_other_classes_gets_a_notification_and_no_prediction(
+        make_napari_viewer, qtbot, sample_folder, small_sample, tmp_path):
+    *_, last = session_module.training_run(small_sample.image, small_sample.annotations,
+                                           TrainConfig(**{**TINY.to_dict(), "steps": 2}))
+    model_file = save_model(tmp_path / "other.protoseg.pt", last.event.model)
+    viewer, widget = open_panel(make_napari_viewer, sample_folder)
+    widget.session.rename_class(VESICLE, "synaptic vesicle")
+    since = len(notification_manager.records)
+    assert widget.load_model_from(model_file)
+    warnings = new_notifications(since, "warning")
+    assert warnings and "trained for other classes" in warnings[-1]
+    qtbot.mouseClick(widget.predict_buttons["plane"], Qt.MouseButton.LeftButton)
+    errors = new_notifications(since, "error")
+    assert errors and "'vesicle' in the model but 'synaptic vesicle' in the project" in errors[-1]
+    assert PREDICTION_SEMANTIC not in viewer.layers and not widget._busy()
+
+
+def test_a_loaded_model_predicts_and_says_what_it_was_trained_on(make_napari_viewer, qtbot, sample_folder,
+                                                                 small_sample, tmp_path):
+    *_, last = session_module.training_run(small_sample.image, small_sample.annotations, TINY)
+    model_file = save_model(tmp_path / "m.protoseg.pt", last.event.model)
+    viewer, widget = open_panel(make_napari_viewer, sample_folder)
+    assert widget.load_model_from(model_file)
+    assert "Loaded from m.protoseg.pt" in widget.model_info.text()
+    assert "Classes: cytoplasm, membrane, mitochondrion (instances), vesicle" in widget.model_info.text()
+    qtbot.mouseClick(widget.predict_buttons["stack"], Qt.MouseButton.LeftButton)
+    wait_idle(qtbot, widget)
+    semantic = viewer.layers[PREDICTION_SEMANTIC].data
+    assert all(np.any(semantic[z]) for z in range(3))
+    assert widget.predict_progress.value() == 3
+    saved = widget.save_model_to(tmp_path / "again")
+    assert saved.name == "again.protoseg.pt" and saved.is_file()
+
+
+# --------------------------------------------------------------------- failures and closing
+
+
+def test_an_error_inside_the_training_worker_is_shown_and_the_panel_recovers(
+        make_napari_viewer, qtbot, sample_folder, monkeypatch):
+    real_train = session_module.train
+
+    def failing_train(*args, **kwargs):
+        events = real_train(*args, **kwargs)
+        yield next(events)
+        events.close()
+        raise RuntimeError("the GPU caught fire")
+
+    monkeypatch.setattr(session_module, "train", failing_train)
+    viewer, widget = open_panel(make_napari_viewer, sample_folder)
+    since = len(notification_manager.records)
+    qtbot.mouseClick(widget.train_button, Qt.MouseButton.LeftButton)
+    wait_idle(qtbot, widget)
+    errors = new_notifications(since, "error")
+    assert errors and "Training failed: RuntimeError: the GPU caught fire" in errors[-1]
+    assert widget.train_button.isEnabled() and not widget.stop_button.isEnabled()
+    monkeypatch.setattr(session_module, "train", real_train)
+    qtbot.mouseClick(widget.train_button, Qt.MouseButton.LeftButton)
+    wait_idle(qtbot, widget)
+    assert widget.last_event.finished and PREDICTION_SEMANTIC in viewer.layers
+
+
+def test_keeping_an_edited_prediction_is_offered_before_a_new_prediction_overwrites_it(
+        make_napari_viewer, qtbot, sample_folder):
+    viewer, widget = open_panel(make_napari_viewer, sample_folder)
+    qtbot.mouseClick(widget.train_button, Qt.MouseButton.LeftButton)
+    wait_idle(qtbot, widget)
+    semantic = viewer.layers[PREDICTION_SEMANTIC]
+    semantic.paint((0, 5, 5), MEMBRANE)
+    edited = semantic.data.copy()
+    questions = []
+    widget.confirm = lambda question: questions.append(question) or False
+    qtbot.mouseClick(widget.train_button, Qt.MouseButton.LeftButton)
+    wait_idle(qtbot, widget)
+    assert len(questions) == 1 and "'Prediction: semantic'" in questions[0]
+    np.testing.assert_array_equal(semantic.data, edited)
+
+
+def test_closing_napari_during_training_stops_the_worker_and_keeps_the_checkpoint(
+        make_napari_viewer, qtbot, sample_folder):
+    config = TrainConfig(**{**TINY.to_dict(), "steps": 5000})
+    viewer, widget = open_panel(make_napari_viewer, sample_folder, config)
+    qtbot.mouseClick(widget.train_button, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: widget.last_event is not None and widget.last_event.step >= 2, timeout=30_000)
+    done = widget._training_done
+    viewer.close()
+    qtbot.waitUntil(done.is_set, timeout=30_000)
+    import torch
+
+    checkpoint = torch.load(sample_folder / CHECKPOINT_FILE, weights_only=False)
+    assert 2 <= checkpoint["step"] < 5000
+
+
+def test_protoseg_demo_opens_the_sample_with_the_panel(qtbot, tmp_path, monkeypatch):
+    from napari._qt.qt_main_window import Window
+
+    from napari_protoseg import sample as sample_module
+    from napari_protoseg.cli import main
+
+    small = sample_module.generate_sample
+    monkeypatch.setattr(sample_module, "generate_sample", lambda *a, **k: small(shape=(2, 64, 64)))
+    opened = []
+    add_dock = Window.add_plugin_dock_widget
+
+    def record(window, *args, **kwargs):
+        dock, widget = add_dock(window, *args, **kwargs)
+        opened.append((type(widget), [layer.name for layer in widget.viewer.layers]))
+        return dock, widget
+
+    monkeypatch.setattr(Window, "add_plugin_dock_widget", record)
+    assert main(["demo", "--screenshot", str(tmp_path / "demo.png")]) == 0
+    assert (tmp_path / "demo.png").stat().st_size > 10_000
+    assert opened == [(ProtosegWidget, ["EM (synthetic)", "Masks", "Boxes", "Points", "Tags"])]
