@@ -24,8 +24,9 @@ target is computed on the CPU without gradient:
   different points' basins; *local split*: the same boundaries inside each predicted blob
   (``p > 0.5``, 4-connected) that holds ``n >= 2`` points, weighted by ``n - 1`` (LCFCN);
 * false-positive ``-log(1 - p)`` on every blob holding no point, only in crops where that class's
-  points are exhaustive (or the whole crop is mask-labelled); blobs touching the crop's edge are
-  spared, as their object's point may lie just outside the crop;
+  points are exhaustive (or the whole crop is mask-labelled). Where only the points are exhaustive,
+  blobs reaching within ``edge_margin`` pixels of the crop's edge are spared: an object cut by the
+  crop may have its point outside (a mask-labelled crop has a virtual point in every cut component);
 * negative (an addition to LCFCN): ``-log(1 - p)`` on the pixels the annotations rule the class
   out (:func:`~napari_protoseg.losses.negative_map`: other classes' mask pixels and points,
   absent tags, outside exhaustive boxes).
@@ -107,6 +108,7 @@ class InstanceLossSettings:
     region_threshold: float = 0.5
     background_threshold: float = 0.1
     blob_threshold: float = 0.5
+    edge_margin: int = 32
     eps: float = 0.01
 
 
@@ -244,7 +246,7 @@ def _thick_boundaries(labels: np.ndarray) -> np.ndarray:
 @torch.no_grad()
 def lcfcn_targets(localization: torch.Tensor, t: CropTargets, instance_indices: Sequence[int],
                   points: ObjectPoints | None = None, negatives: torch.Tensor | None = None,
-                  blob_threshold: float = 0.5) -> LCFCNTargets:
+                  blob_threshold: float = 0.5, edge_margin: int = 32) -> LCFCNTargets:
     """The LCFCN targets of a batch (see the module docstring); ``negatives`` (B, C, H, W) may be
     passed when already computed."""
     B, K, H, W = localization.shape
@@ -278,14 +280,17 @@ def lcfcn_targets(localization: torch.Tensor, t: CropTargets, instance_indices: 
     split_local_weight = np.maximum(points_in_blob - 1, 0).astype(np.float32)
 
     c_of_k = torch.as_tensor(idx, device=t.mask.device)
-    exhaustive = t.points_exhaustive()[:, c_of_k] | (t.mask >= 0).flatten(1).all(dim=1)[:, None]
-    exhaustive = exhaustive.cpu().numpy().reshape(B * K)
+    labelled = (t.mask >= 0).flatten(1).all(dim=1)[:, None].expand(B, K)
+    by_points = t.points_exhaustive()[:, c_of_k] & ~labelled
+    labelled, by_points = (v.cpu().numpy().reshape(B * K) for v in (labelled, by_points))
     blob_plane = np.zeros(n_blobs + 1, dtype=np.int64)
     blob_plane[flat_blobs] = np.arange(B * K).repeat(H * W)  # every pixel writes its plane
-    at_edge = np.zeros(n_blobs + 1, dtype=bool)
-    at_edge[np.concatenate([blobs[:, 0].ravel(), blobs[:, -1].ravel(), blobs[:, :, 0].ravel(),
-                            blobs[:, :, -1].ravel()])] = True
-    false_blob = (points_in_blob == 0) & exhaustive[blob_plane] & ~at_edge
+    margin = int(min(max(edge_margin, 1), (min(H, W) + 1) // 2))
+    border = np.ones((H, W), dtype=bool)
+    border[margin:H - margin, margin:W - margin] = False
+    near_edge = np.zeros(n_blobs + 1, dtype=bool)
+    near_edge[blobs[:, border].ravel()] = True
+    false_blob = (points_in_blob == 0) & (labelled[blob_plane] | (by_points[blob_plane] & ~near_edge))
     false_blob[0] = False
     fp_pixels = np.flatnonzero(false_blob[flat_blobs])
     false_positive = (fp_pixels, fp_pixels // (H * W))
@@ -567,7 +572,8 @@ def instance_loss(localization: torch.Tensor, instance_embedding: torch.Tensor, 
     B, K, H, W = localization.shape
     if negatives is None:
         negatives = negative_map(t, t.n_classes, H, W)
-    targets = lcfcn_targets(localization, t, instance_indices, negatives=negatives, blob_threshold=s.blob_threshold)
+    targets = lcfcn_targets(localization, t, instance_indices, negatives=negatives, blob_threshold=s.blob_threshold,
+                            edge_margin=s.edge_margin)
     out = lcfcn_loss(localization, t, instance_indices, targets=targets, negatives=negatives, weights=weights)
     out["embedding"] = embedding_loss(instance_embedding, semantic_logits, t, instance_indices, lcfcn=targets,
                                       rng=rng, negatives=negatives, settings=s)

@@ -191,12 +191,13 @@ class DSPHead(nn.Module):
 
 
 class InstanceHead(nn.Module):
-    """3x3 conv -> GroupNorm -> ReLU -> 1x1 conv: a small per-pixel head on the backbone features."""
+    """3x3 conv -> norm (as the backbone's) -> ReLU -> 1x1 conv: a small per-pixel head on the
+    backbone features."""
 
-    def __init__(self, channels: int, hidden: int, out_channels: int) -> None:
+    def __init__(self, channels: int, hidden: int, out_channels: int, norm: str = "group") -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(channels, hidden, 3, padding=1, bias=False)
-        self.norm = _norm_layer("group", hidden)
+        self.norm = _norm_layer(norm, hidden)
         self.act = nn.ReLU(inplace=True)
         self.conv2 = nn.Conv2d(hidden, out_channels, 1)
 
@@ -227,8 +228,9 @@ class ProtoSegNet(nn.Module):
         self.prototypes = nn.Parameter(F.normalize(protos, dim=-1))
         if config.has_instance_heads:
             width = max(16, config.embed_dim)
-            self.localization_head = InstanceHead(config.embed_dim, width, config.n_instance_classes)
-            self.instance_embedding_head = InstanceHead(config.embed_dim, width, config.instance_embed_dim)
+            self.localization_head = InstanceHead(config.embed_dim, width, config.n_instance_classes, config.norm)
+            self.instance_embedding_head = InstanceHead(config.embed_dim, width, config.instance_embed_dim,
+                                                        config.norm)
             with torch.no_grad():  # start with few blobs (p ~ 0.1), as LCFCN's initial background bias
                 self.localization_head.conv2.bias.fill_(-2.0)
         # NHWC convolutions are markedly faster on CPU (oneDNN) and fine on CUDA; the input is
