@@ -151,7 +151,7 @@ def test_point_level_term_is_minus_log_p_at_the_points():
         loc[0, 0, 9, 9] = 2.0
     t = targets(points=[(0, 2, 5, 5), (0, 2, 9, 9), (0, 1, 3, 3)])  # the last is not an instance class
     terms = lcfcn_loss(loc, t, INSTANCE)
-    expected = -(math.log(0.5) + math.log(torch.sigmoid(torch.tensor(2.0)).item())) / 2
+    expected = -(math.log(0.5) + math.log(torch.sigmoid(torch.tensor(2.0)).item()))  # summed over the crop's points
     assert terms["loc_point"].item() == pytest.approx(expected, rel=1e-5)
 
 

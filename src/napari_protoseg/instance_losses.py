@@ -17,7 +17,8 @@ target is computed on the CPU without gradient:
 * image-level ``-log max p`` over the crop where the class is present (a point, virtual point or
   whole box of it in the crop) and over every present tag's region; ``-log(1 - max p)`` over every
   absent tag's region and over crops where the annotations rule the class out everywhere;
-* point-level ``-log p`` at every (virtual) point;
+* point-level ``-log p`` at every (virtual) point, summed over a crop's points (as LCFCN sums over
+  an image's points, so every object counts fully however many share the crop), mean over crops;
 * split-level: ONE ``skimage.segmentation.watershed`` per step, of the elevation ``-p`` of every
   (crop, channel) with two or more points, with one integer marker per point (planes stacked, a
   footprint that does not connect them). *Global split*: ``-log(1 - p)`` on the boundaries between
@@ -32,7 +33,7 @@ target is computed on the CPU without gradient:
   absent tags, outside exhaustive boxes).
 
 The watershed uses the elevation ``-p`` directly (LCFCN's code uses a black top-hat of ``p``).
-Each term is a mean: over pixels within a (crop, channel) or blob, then over those groups.
+The other terms are means: over pixels within a (crop, channel) or blob, then over those groups.
 
 **Similarity loss.** ``S(Ei, Ej) = 2 / (1 + exp(|Ei - Ej|^2))`` on the embedding head's vectors;
 ``L_E = mean_same[-log S] + mean_different[-log(1 - S)]``. WISE-Net samples object pixels from
@@ -41,15 +42,17 @@ generic object proposals; here object regions come from our annotations and the 
 
 * a mask component (its annotated point, else its virtual point, is the anchor);
 * a point's region: the pixels of its class's confident semantic region (argmax is the class and
-  probability >= ``region_threshold``) connected to the point, within the point's watershed basin
-  (so touching objects with a point each are split between them);
+  probability >= ``region_threshold``) connected to the point, plus the pixels within
+  ``point_radius`` of the point, within the point's watershed basin (so touching objects with a
+  point each are split between them);
 * a whole box holding no point of its class: the largest connected part of its interior where the
   semantic model says the class (anchor: its pixel farthest from the part's border).
 
 Background (per crop and class): pixels the annotations rule the class out and pixels where its
 semantic probability is at most ``background_threshold``, outside every object region. Pairs:
 sampled object pixels with their anchor (same); anchors of different objects, sampled object
-pixels with the other objects' anchors, and sampled background pixels with every anchor (different).
+pixels with the other objects' anchors, sampled background pixels with every anchor, and each sampled
+object pixel with ``background_per_pixel`` random background samples of its crop (different).
 ``-log(1 - S) = -log tanh(d^2 / 2)`` is evaluated at ``d^2 + eps`` so its gradient stays finite.
 """
 
@@ -106,6 +109,8 @@ class InstanceLossSettings:
     pixels_per_object: int = 32
     background_pixels: int = 64
     region_threshold: float = 0.5
+    point_radius: float = 4.0
+    background_per_pixel: int = 4
     background_threshold: float = 0.1
     blob_threshold: float = 0.5
     edge_margin: int = 32
@@ -362,7 +367,7 @@ def lcfcn_loss(localization: torch.Tensor, t: CropTargets, instance_indices: Seq
     if len(pts):
         at = logits[torch.as_tensor(pts.b, device=device), torch.as_tensor(pts.k, device=device),
                     torch.as_tensor(pts.y, device=device), torch.as_tensor(pts.x, device=device)]
-        terms["loc_point"] = F.binary_cross_entropy_with_logits(at, torch.ones_like(at))
+        terms["loc_point"] = F.binary_cross_entropy_with_logits(at, torch.ones_like(at), reduction="sum") / B
     else:
         terms["loc_point"] = zero
     pixels, groups = targets.split_global
@@ -469,7 +474,21 @@ def _object_regions(t: CropTargets, idx: np.ndarray, lcfcn: LCFCNTargets, semant
             hit &= sorted_keys[pos] == flat_key
             objects.reshape(-1)[hit] = sorted_ids[pos[hit]]
         point_flat = np.ravel_multi_index((pts.b[free], pts.k[free], pts.y[free], pts.x[free]), (B, K, H, W))
-        objects.reshape(-1)[point_flat] = ids  # a point outside the semantic region is its own region
+        # Pixels within point_radius of a point (in its basin) belong to it even where the
+        # semantic model does not (yet) see the class.
+        if settings.point_radius > 0:
+            markers = np.zeros((B * K, H, W), dtype=np.int64)
+            markers.reshape(-1)[point_flat] = ids
+            for plane in np.unique(pts.b[free] * K + pts.k[free]):
+                distance, (iy, ix) = ndi.distance_transform_edt(markers[plane] == 0, return_indices=True)
+                nearest = markers[plane][iy, ix]
+                point_index = nearest - next_id  # index into ``free``
+                basin = lcfcn.basins.reshape(B * K, H, W)[plane]
+                own_basin = basin == basin.reshape(-1)[point_flat[point_index] % (H * W)].reshape(H, W)
+                near = (distance <= settings.point_radius) & own_basin
+                target = objects.reshape(B * K, H, W)[plane]
+                target[near & (target == 0)] = nearest[near & (target == 0)]
+        objects.reshape(-1)[point_flat] = ids
         anchors.append(point_flat)
         next_id += len(free)
 
@@ -537,6 +556,14 @@ def embedding_loss(instance_embedding: torch.Tensor, semantic_logits: torch.Tens
     pi, pj = np.nonzero((picked[:, None] // plane_size == anchor_plane[None, :])
                         & (picked_obj[:, None] != np.arange(M)[None, :]))
     qi, qj = np.nonzero(bg[:, None] // plane_size == anchor_plane[None, :])
+    # Each sampled object pixel also meets a few background samples of its plane.
+    bg_plane = bg // plane_size
+    order = np.argsort(bg_plane, kind="stable")
+    first = np.searchsorted(bg_plane[order], picked // plane_size)
+    count = np.searchsorted(bg_plane[order], picked // plane_size, side="right") - first
+    has_bg = np.flatnonzero(count > 0)
+    ri = np.repeat(has_bg, s.background_per_pixel)
+    rj = order[first[ri] + (rng.random(len(ri)) * count[ri]).astype(np.int64)]
 
     # One gather of every pixel involved: anchors, object samples, background samples.
     table = np.concatenate([anchor_flat, picked, bg])
@@ -547,7 +574,8 @@ def embedding_loss(instance_embedding: torch.Tensor, semantic_logits: torch.Tens
                                  torch.as_tensor(rem % W, device=device)].float()  # (N, E)
     n_picked = len(picked)
     same = (np.arange(M, M + n_picked), picked_obj)
-    different = (np.concatenate([ai, M + pi, M + n_picked + qi]), np.concatenate([aj, pj, qj]))
+    different = (np.concatenate([ai, M + pi, M + n_picked + qi, M + ri]),
+                 np.concatenate([aj, pj, qj, M + n_picked + rj]))
 
     def squared_distance(pairs) -> torch.Tensor:
         i, j = (torch.as_tensor(p, device=device, dtype=torch.long) for p in pairs)
