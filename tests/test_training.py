@@ -170,7 +170,7 @@ def mito_sample():
 
 
 # Seeded decoding of the true mitochondrion mask (ground-truth grouping, the model's seeds) after
-# 120 steps from points only: measured AP50 0.40 (6 of 15 mitochondria get exactly one seed);
+# 120 steps from points only: measured AP50 0.47 (7 of 15 mitochondria get exactly one seed);
 # 0.0 with weight_localization=0 (checked by hand: no blobs, no seeds; kept out of the suite to save
 # a second training run). The floor is well above what a map without blobs (0), with one blob per
 # plane (< 0.1) or with fragments everywhere could reach. (At this budget the learned embedding does

@@ -192,7 +192,8 @@ class DSPHead(nn.Module):
 
 class InstanceHead(nn.Module):
     """3x3 conv -> norm (as the backbone's) -> ReLU -> 1x1 conv: a small per-pixel head on the
-    backbone features."""
+    backbone features. The 1x1 conv runs as a matrix product over channels-last pixels (on the CPU
+    several times faster than PyTorch's 1x1 convolution, same result)."""
 
     def __init__(self, channels: int, hidden: int, out_channels: int, norm: str = "group") -> None:
         super().__init__()
@@ -202,7 +203,9 @@ class InstanceHead(nn.Module):
         self.conv2 = nn.Conv2d(hidden, out_channels, 1)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.conv2(self.act(self.norm(self.conv1(features))))
+        hidden = self.act(self.norm(self.conv1(features)))
+        weight = self.conv2.weight.reshape(self.conv2.out_channels, -1)
+        return F.linear(hidden.permute(0, 2, 3, 1), weight, self.conv2.bias).permute(0, 3, 1, 2)
 
 
 class ProtoSegNet(nn.Module):
@@ -227,7 +230,7 @@ class ProtoSegNet(nn.Module):
         protos = torch.randn(config.n_classes, config.prototypes_per_class, config.embed_dim)
         self.prototypes = nn.Parameter(F.normalize(protos, dim=-1))
         if config.has_instance_heads:
-            width = max(16, config.embed_dim)
+            width = 16  # hidden channels of each head: more cost time (full resolution) without helping
             self.localization_head = InstanceHead(config.embed_dim, width, config.n_instance_classes, config.norm)
             self.instance_embedding_head = InstanceHead(config.embed_dim, width, config.instance_embed_dim,
                                                         config.norm)
@@ -255,6 +258,9 @@ class ProtoSegNet(nn.Module):
         out = {"embedding": e, "logits": logits}
         if self.config.has_instance_heads:
             head_features = features if instance_batch is None else features[:instance_batch]
+            # The backbone's output is cropped back to the input size; channels_last keeps the
+            # heads' convolutions on the fast (oneDNN) path.
+            head_features = head_features.contiguous(memory_format=torch.channels_last)
             out["localization"] = self.localization_head(head_features).contiguous()
             out["instance_embedding"] = self.instance_embedding_head(head_features)
         return out
