@@ -499,3 +499,51 @@ def test_only_a_complete_full_run_rewrites_the_docs(monkeypatch, tmp_path):
         assert bm.main(["data", "--out", str(tmp_path), *argv]) == 0
         assert calls[-1]["docs_path"] == expect_docs, argv
     assert calls[-1]["command"].startswith("protoseg benchmark data")
+
+
+# ------------------------------------------------------------------ mitochondrion instances
+
+
+def test_touching_recall_counts_only_objects_close_to_another():
+    truth = np.zeros((1, 20, 40), np.int32)
+    truth[0, 5:15, 2:10] = 1
+    truth[0, 5:15, 11:19] = 2  # one pixel from object 1: both touch
+    truth[0, 5:15, 28:36] = 3  # far away
+    merged = np.where(truth > 0, 1, 0)
+    merged[0, 5:15, 10] = 1  # a plain decoder that merges the touching pair
+    split = truth.copy()
+    assert bm.touching_objects(truth) == [{1, 2}]
+    a = bm.instance_figures(merged, truth)
+    b = bm.instance_figures(split, truth)
+    assert a["touching_objects"] == b["touching_objects"] == 2
+    assert a["touching_recall"] == 0.0 and b["touching_recall"] == 1.0
+    assert b["ap50"] == 1.0 and a["ap50"] == pytest.approx(0 / 4)  # merged pair + far object as one: all miss
+
+
+def with_instances(results, wise=0.8, watershed=0.6, peer=0.5, touching=(0.9, 0.4)):
+    def figures(ap50, recall):
+        return {"ap50": ap50, "matched_iou": 0.8, "tp": 8, "fp": 1, "fn": 1, "touching_recall": recall,
+                "touching_objects": 10}
+    for name in bm.INSTANCE_SETTINGS:
+        entry = results["settings"][name]
+        entry["protoseg"]["instances"] = {"wise": figures(wise, touching[0]), "watershed": figures(watershed, touching[1]),
+                                          "components": figures(0.4, 0.1)}
+        entry["peer"]["instances"] = {"components": figures(peer, 0.1)}
+    return results
+
+
+def test_instance_targets_and_table():
+    results = with_instances(fake_results(), wise=0.75, peer=0.5)
+    targets = {t["target"]: t for t in bm.evaluate_targets(results["settings"])}
+    assert targets["`points-only` mito AP50 (WISE decoder) >= 0.70"]["met"] is True
+    assert targets["`points-only` mito AP50 (WISE) beats the peer's connected components by >= 0.20"]["met"] is True
+    assert targets["`full`: WISE decoder beats the plain decoder where mitochondria touch"]["met"] is True
+    low = {t["target"]: t for t in bm.evaluate_targets(with_instances(fake_results(), wise=0.65, peer=0.5)["settings"])}
+    assert low["`points-only` mito AP50 (WISE decoder) >= 0.70"]["met"] is False
+    assert low["`points-only` mito AP50 (WISE) beats the peer's connected components by >= 0.20"]["met"] is False
+    md = bm.render_markdown(results)
+    assert "## Mitochondrion instances" in md
+    assert "| `points-only` | protoseg | wise | 0.750 |" in md and "| `points-only` | random forest | components |" in md
+    plain = {t["target"]: t for t in bm.evaluate_targets(fake_results()["settings"])}
+    assert plain["`points-only` mito AP50 (WISE decoder) >= 0.70"]["met"] is None  # not measured
+    assert "## Mitochondrion instances" not in bm.render_markdown(fake_results())

@@ -323,3 +323,47 @@ def test_headless_demo_writes_overview_prediction_model_and_figures(tmp_path, ca
 def test_headless_options_without_headless_are_a_message(tmp_path, capsys):
     assert main(["demo", "--steps", "3", "--out", str(tmp_path)]) == 1
     assert "--out and --steps only go with 'protoseg demo --headless'" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------- instances
+
+
+def test_predict_writes_instances_per_plane_or_linked_in_3d(trained, tmp_path, capsys):
+    from napari_protoseg.instances import link_planes, plain_instances
+
+    assert load_model(trained["model"]).has_instance_heads  # the sample flags mitochondria as instances
+    out = tmp_path / "wise"
+    assert main(["predict", str(trained["model"]), str(trained["image"]), "--out", str(out)]) == 0
+    assert "(wise decoder)" in capsys.readouterr().out
+    semantic = tifffile.imread(out / "semantic.tif")
+    instances = tifffile.imread(out / "instances.tif")
+    assert instances.shape == semantic.shape and instances.dtype == np.uint32
+    assert np.all(semantic[instances > 0] == 3)  # objects of the instance class only
+    planes = [set(np.unique(p[p > 0]).tolist()) for p in instances]
+    assert planes[0].isdisjoint(planes[1])  # ids unique over the stack
+
+    out = tmp_path / "components"
+    assert main(["predict", str(trained["model"]), str(trained["image"]), "--out", str(out),
+                 "--instance-decoder", "components", "--link-3d"]) == 0
+    assert "3D objects" in capsys.readouterr().out
+    semantic = tifffile.imread(out / "semantic.tif")
+    np.testing.assert_array_equal(tifffile.imread(out / "instances.tif"),
+                                  link_planes(plain_instances(semantic, [3], method="components")))
+
+
+def test_predict_without_instance_classes_writes_no_instances(tmp_path, capsys):
+    from napari_protoseg.data import Normalization
+    from napari_protoseg.model import ModelConfig, ProtoSegNet
+    from napari_protoseg.modelfile import TrainedModel, save_model
+
+    classes = [ClassInfo(c.id, c.name, False, c.color) for c in SAMPLE_CLASSES]
+    net = ProtoSegNet(ModelConfig(n_classes=len(classes), base_width=4, depth=2, embed_dim=8))
+    model_file = save_model(tmp_path / "plain.protoseg.pt", TrainedModel(net, classes, Normalization(0.0, 255.0)))
+    image = tmp_path / "image.tif"
+    tifffile.imwrite(image, np.zeros((40, 48), np.uint8))
+    assert main(["predict", str(model_file), str(image), "--out", str(tmp_path / "a")]) == 0
+    assert not (tmp_path / "a" / "instances.tif").exists() and (tmp_path / "a" / "semantic.tif").exists()
+    capsys.readouterr()
+    assert main(["predict", str(model_file), str(image), "--out", str(tmp_path / "b"),
+                 "--instance-decoder", "wise"]) == 1
+    assert "no class flagged 'instances'" in capsys.readouterr().err

@@ -479,3 +479,92 @@ def test_stop_before_start():
     model = make_model()
     result = predict_volume(model, smooth_image((2, 20, 20)), stop=lambda: True)
     assert result.stopped and result.planes_done == 0 and (result.classes == 0).all()
+
+
+# ------------------------------------------------------------------------- instance outputs
+
+
+def make_instance_model(seed=0, norm="batch") -> TrainedModel:
+    torch.manual_seed(seed)
+    classes = [ClassInfo(1, "cytoplasm"), ClassInfo(3, "membrane"), ClassInfo(7, "mitochondrion", instances=True)]
+    config = ModelConfig(n_classes=3, base_width=4, depth=2, embed_dim=8, norm=norm, n_instance_classes=1,
+                         instance_embed_dim=4)
+    return TrainedModel(net=ProtoSegNet(config).eval(), classes=classes, normalization=Normalization(20.0, 220.0))
+
+
+def test_instance_maps_are_tiled_like_the_semantic_prediction_and_match_a_whole_plane_forward():
+    """predict_instance_maps blends localization and embedding with the semantic windows: its
+    classes equal predict_plane's, and with BatchNorm and enough overlap every output equals a
+    forward pass over the whole plane; embeddings are kept on the instance class and a ring around it."""
+    from napari_protoseg.inference import predict_instance_maps
+
+    model = make_instance_model()
+    image = smooth_image((2, 150, 300), seed=4)
+    with torch.no_grad():  # prototypes that split the plane between classes 1 and 7 (an untrained net says 1 class)
+        e = model.net(torch.from_numpy(model.normalization(image[1][None, None])))["embedding"][0].reshape(8, -1)
+        mean = e.mean(1)
+        u = torch.linalg.svd(e - mean[:, None], full_matrices=False)[0][:, 0]
+        u = u - (u @ mean) / (mean @ mean) * mean
+        model.net.prototypes[0] = -u
+        model.net.prototypes[1] = -mean
+        model.net.prototypes[2] = u
+    maps = predict_instance_maps(model, image, 1, tile=128, overlap=96)  # overlap / 4 >= receptive radius 23
+    semantic = predict_plane(model, image, 1, tile=128, overlap=96)
+    np.testing.assert_array_equal(maps.classes, semantic.classes)
+    np.testing.assert_allclose(maps.confidence, semantic.confidence, atol=1e-6)
+    with torch.no_grad():
+        whole = model.net(torch.from_numpy(model.normalization(image[1][None, None])))
+    # (Except the last row and column: tiles reaching past the image's bottom/right edge show the
+    # heads' 3x3 convolution the reflected image where a whole-plane forward has zero padding.)
+    np.testing.assert_allclose(maps.localization[:, :-1, :-1],
+                               torch.sigmoid(whole["localization"])[0, :, :-1, :-1].numpy(), atol=1e-5)
+    region = maps.classes == 7
+    assert region.any() and maps.embedding.available()[region].all()
+    assert maps.embedding.available()[ndi.binary_dilation(region, iterations=3)].all()
+    assert not maps.embedding.available().all()  # far from the class: not kept
+    flat = np.flatnonzero(region[:-1, :-1])
+    flat = (flat // (region.shape[1] - 1)) * region.shape[1] + flat % (region.shape[1] - 1)
+    expected = whole["instance_embedding"][0].numpy().reshape(4, -1)[:, flat].T
+    np.testing.assert_allclose(maps.embedding.at(flat), expected, atol=1e-2)  # float16 storage
+
+
+class _BlobNet(torch.nn.Module):
+    """A stand-in network with instance heads: class index 2 where the (normalised) input is above
+    0.5, localization blobs where it is above 0.7, embedding = pixel coordinates / 8."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = ModelConfig(n_classes=3, base_width=4, depth=2, embed_dim=8, n_instance_classes=1,
+                                  instance_embed_dim=2)
+        self.backbone = torch.nn.Module()
+        self.backbone.multiple = 4
+        self.unused = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x, instance_batch=None):
+        v = x[:, :1]
+        logits = torch.cat([10 * (0.5 - v), torch.full_like(v, -5.0), 10 * (v - 0.5)], dim=1)
+        h, w = x.shape[-2:]
+        yy, xx = torch.meshgrid(torch.arange(h, dtype=x.dtype), torch.arange(w, dtype=x.dtype), indexing="ij")
+        coords = torch.stack([yy, xx])[None].expand(len(x), 2, h, w) / 8
+        return {"logits": logits, "embedding": logits, "localization": 20 * (v - 0.7), "instance_embedding": coords}
+
+
+def test_predict_instances_with_the_wise_decoder_gives_unique_ids_on_the_instance_class_only():
+    from napari_protoseg.instances import predict_instances
+
+    classes = [ClassInfo(1, "cytoplasm"), ClassInfo(3, "membrane"), ClassInfo(7, "mitochondrion", instances=True)]
+    model = TrainedModel(net=_BlobNet(), classes=classes, normalization=Normalization(0.0, 255.0))
+    image = smooth_image((3, 64, 80), seed=5, sigma=4.0)
+    result = predict_instances(model, image, tile=128, overlap=16, min_size=4)
+    assert result.decoder == "wise" and result.labels.shape == image.shape and result.labels.dtype == np.uint32
+    assert np.all(result.classes[result.labels > 0] == 7)
+    ids = [set(np.unique(p[p > 0]).tolist()) for p in result.labels]
+    assert all(ids) and ids[0].isdisjoint(ids[1]) and ids[1].isdisjoint(ids[2])
+    blobs = [ndi.label(image[z] / 255.0 > 0.7)[1] for z in range(3)]
+    assert [len(i) for i in ids] <= blobs  # at most one object per blob
+    linked = predict_instances(model, image, tile=128, overlap=16, min_size=4, link_3d=True)
+    assert linked.linked_3d and len(np.unique(linked.labels)) <= len(np.unique(result.labels))
+    plane = predict_instances(model, image[0], tile=128, overlap=16, min_size=4)
+    np.testing.assert_array_equal(plane.labels > 0, result.labels[0] > 0)
+    with pytest.raises(ValueError, match="no instance heads"):
+        inference.predict_instance_maps(make_model(), image, 0)

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from scipy import ndimage as ndi
 
 from napari_protoseg.instances import link_planes, plain_instances
 
@@ -64,3 +65,93 @@ def test_link_planes_continues_an_object_into_one_object_only():
     linked = link_planes(planes)
     assert linked[1, 10, 10] != linked[1, 10, 30]
     assert linked[0, 10, 10] in (linked[1, 10, 10], linked[1, 10, 30])
+
+
+# ------------------------------------------------------------------------------ WISE decoder
+
+from napari_protoseg.instances import PixelEmbeddings, predict_instances, wise_instances  # noqa: E402
+
+
+def _touching_discs(shape=(64, 96)):
+    """Two overlapping discs of class 3 (one merged region), a blob on each centre, an embedding
+    that tells them apart, background embedded at the origin."""
+    a, b = _disc(shape, 32, 30, 14), _disc(shape, 32, 56, 14)
+    classes = np.ones(shape, np.uint8)
+    classes[a | b] = 3
+    localization = np.full((1, *shape), 0.05, np.float32)
+    localization[0][_disc(shape, 32, 30, 3)] = 0.9
+    localization[0][_disc(shape, 32, 56, 3)] = 0.9
+    embedding = np.zeros((2, *shape), np.float32)
+    embedding[0][a] = 3.0
+    embedding[1][b & ~a] = 3.0
+    return classes, localization, embedding, a, b
+
+
+def test_wise_decoding_separates_two_touching_discs_given_one_seed_each():
+    classes, localization, embedding, a, b = _touching_discs()
+    assert len(np.unique(plain_instances(classes, [3], method="components"))) == 2  # merged
+    labels = wise_instances(classes, localization, embedding, [3])
+    assert labels.dtype == np.uint32 and set(np.unique(labels)) == {0, 1, 2}
+    left, right = labels[32, 30], labels[32, 56]
+    assert left != right and left > 0 and right > 0
+    assert np.all(labels[a] == left) and np.all(labels[b & ~a] == right)
+    assert np.all(labels[classes != 3] == 0)
+
+
+def test_wise_decoding_makes_one_object_per_blob_and_none_without_a_blob():
+    classes, localization, embedding, a, b = _touching_discs()
+    localization[0][_disc(classes.shape, 32, 56, 3)] = 0.05  # only the left blob remains
+    labels = wise_instances(classes, localization, embedding, [3])
+    assert set(np.unique(labels)) == {0, 1}
+    assert np.all(labels[a] == 1)
+    assert np.all(labels[b & ~a] == 0)  # the right disc is most similar to background seeds: dropped
+    assert not wise_instances(classes, np.zeros_like(localization), embedding, [3]).any()
+
+
+def test_wise_decoding_drops_region_pixels_that_resemble_background():
+    classes, localization, embedding, a, b = _touching_discs()
+    embedding[:, 20:26, 20:40] = 0.0  # part of disc a looks like background
+    labels = wise_instances(classes, localization, embedding, [3])
+    assert np.all(labels[20:26, 20:40] == 0)
+    assert labels[32, 30] > 0
+
+
+def test_sparse_pixel_embeddings_decode_like_the_dense_array():
+    classes, localization, embedding, *_ = _touching_discs()
+    kept = ndi.binary_dilation(classes == 3, iterations=8)
+    flat = np.flatnonzero(kept)
+    sparse = PixelEmbeddings(classes.shape, flat, embedding.reshape(2, -1)[:, flat].T.astype(np.float16))
+    np.testing.assert_array_equal(wise_instances(classes, localization, sparse, [3]),
+                                  wise_instances(classes, localization, embedding, [3]))
+    with pytest.raises(ValueError, match="not kept"):
+        sparse.at(np.array([0]))
+
+
+def test_wise_decoding_checks_its_inputs():
+    classes, localization, embedding, *_ = _touching_discs()
+    with pytest.raises(ValueError, match="localization must be"):
+        wise_instances(classes, localization, embedding, [3, 4])
+    with pytest.raises(ValueError, match="one plane"):
+        wise_instances(classes[None], localization, embedding, [3])
+
+
+class _ModelWithoutHeads:
+    has_instance_heads = False
+    instance_class_ids = [3]
+
+
+def test_predict_instances_decodes_a_given_class_map_and_links_planes_on_request():
+    stack = np.zeros((2, 40, 40), np.uint8)
+    stack[:, 5:15, 5:15] = 3
+    stack[1, 25:35, 25:35] = 3
+    image = np.zeros(stack.shape, np.uint8)
+    per_plane = predict_instances(_ModelWithoutHeads(), image, class_map=stack)
+    assert per_plane.decoder == "watershed" and not per_plane.linked_3d
+    assert per_plane.labels[0, 10, 10] != per_plane.labels[1, 10, 10]
+    linked = predict_instances(_ModelWithoutHeads(), image, class_map=stack, decoder="components", link_3d=True)
+    assert linked.linked_3d and linked.labels[0, 10, 10] == linked.labels[1, 10, 10]
+    assert len(np.unique(linked.labels)) == 3
+    with pytest.raises(ValueError, match="needs a model with instance heads"):
+        predict_instances(_ModelWithoutHeads(), image, class_map=stack, decoder="wise")
+    with pytest.raises(ValueError, match="unknown instance decoder"):
+        predict_instances(_ModelWithoutHeads(), image, class_map=stack, decoder="magic")

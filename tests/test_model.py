@@ -163,3 +163,39 @@ def test_model_moves_with_to_device():
     net = tiny().to(device)
     out = net(torch.randn(1, 1, 16, 16, device=device))
     assert out["logits"].device.type == device.type
+
+
+def test_instance_heads_add_localization_and_embedding_outputs():
+    """n_instance_classes > 0 adds (B, K, H, W) localization logits and (B, E, H, W) embeddings;
+    the semantic outputs are those of the same backbone."""
+    net = tiny(n_instance_classes=2, instance_embed_dim=6)
+    out = net(torch.randn(3, 1, 20, 28))
+    assert set(out) == {"embedding", "logits", "localization", "instance_embedding"}
+    assert out["localization"].shape == (3, 2, 20, 28)
+    assert out["instance_embedding"].shape == (3, 6, 20, 28)
+    # Heads start with few blobs: sigmoid(localization) well below 0.5 everywhere.
+    assert torch.sigmoid(out["localization"]).max() < 0.5
+    part = net(torch.randn(4, 1, 16, 16), instance_batch=1)
+    assert part["logits"].shape[0] == 4 and part["localization"].shape[0] == 1
+    assert part["instance_embedding"].shape[0] == 1
+
+
+def test_no_instance_classes_means_no_heads_and_the_same_network_as_before():
+    plain = tiny()
+    assert not any(k.startswith(("localization_head", "instance_embedding_head")) for k in plain.state_dict())
+    # The heads are built after everything else: the semantic weights of a seeded network are the same.
+    with_heads = tiny(n_instance_classes=1)
+    for key, value in plain.state_dict().items():
+        torch.testing.assert_close(with_heads.state_dict()[key], value)
+    assert set(plain(torch.randn(1, 1, 16, 16))) == {"embedding", "logits"}
+
+
+def test_configs_without_the_instance_fields_load_with_no_heads():
+    old = {"n_classes": 3, "in_channels": 1, "base_width": 4, "depth": 2, "embed_dim": 8,
+           "prototypes_per_class": 2, "temperature": 0.05, "norm": "group"}
+    cfg = ModelConfig.from_dict(old)
+    assert cfg.n_instance_classes == 0 and cfg.instance_embed_dim == 64 and not cfg.has_instance_heads
+    for bad in (dict(n_classes=2, n_instance_classes=3), dict(n_classes=2, n_instance_classes=-1),
+                dict(n_classes=2, n_instance_classes=1, instance_embed_dim=0)):
+        with pytest.raises(ValueError):
+            ModelConfig(**bad)

@@ -99,7 +99,7 @@ def test_file_layout(saved):
     model, path = saved
     payload = payload_of(path)
     assert set(payload) == {"format", "format_version", "config", "state_dict"}
-    assert payload["format"] == FORMAT and payload["format_version"] == FORMAT_VERSION
+    assert payload["format"] == FORMAT and payload["format_version"] == 1  # no instance heads: version 1
     config = json.loads(payload["config"])
     assert config["napari_protoseg_version"] == __version__
     assert config["model"] == model.net.config.to_dict()
@@ -423,3 +423,44 @@ def test_check_model_classes_differences():
     assert "class id 4 ('vesicle') was not among the model's classes" in text
     assert messages[-1].startswith("Train a new model")
     assert len(messages) == 4
+
+
+# ------------------------------------------------------------------------- instance heads
+
+
+def make_instance_model(seed=0) -> TrainedModel:
+    torch.manual_seed(seed)
+    config = ModelConfig(n_classes=len(CLASSES), base_width=4, depth=2, embed_dim=8, n_instance_classes=1,
+                         instance_embed_dim=5)
+    return TrainedModel(net=ProtoSegNet(config), classes=list(CLASSES), normalization=Normalization(10.0, 200.0))
+
+
+def test_a_model_with_instance_heads_round_trips(tmp_path):
+    model = make_instance_model()
+    path = save_model(tmp_path / "wise.protoseg.pt", model)
+    assert payload_of(path)["format_version"] == 2
+    loaded = load_model(path)
+    assert loaded.has_instance_heads and loaded.instance_class_ids == [7]
+    assert loaded.net.config == model.net.config
+    x = torch.randn(2, 1, 24, 24)
+    model.net.eval()
+    with torch.no_grad():
+        a, b = model.net(x), loaded.net(x)
+    for key in ("logits", "localization", "instance_embedding"):
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_instance_heads_must_match_the_classes_flagged_instances(tmp_path):
+    model = make_instance_model()
+    unflagged = [ClassInfo(c.id, c.name, False, c.color) for c in CLASSES]
+    with pytest.raises(ValueError, match="instance heads for 1 class"):
+        TrainedModel(net=model.net, classes=unflagged, normalization=model.normalization)
+    path = save_model(tmp_path / "wise.protoseg.pt", model)
+    payload = payload_of(path)
+    config = json.loads(payload["config"])
+    config["classes"] = [c.to_json() for c in unflagged]
+    payload["config"] = json.dumps(config)
+    expect_error(write_payload(path, payload), "instance heads for 1 class", "flags 0")
+    payload = payload_of(save_model(tmp_path / "wise2.protoseg.pt", model))
+    payload["state_dict"] = {k: v for k, v in payload["state_dict"].items() if not k.startswith("localization_head")}
+    expect_error(write_payload(path, payload), "missing")

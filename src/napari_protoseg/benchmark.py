@@ -514,12 +514,14 @@ def preview_summary(timeline: list, at_seconds: float = 30.0) -> dict:
             "seconds_to_90pct": reached[0] if reached else None}
 
 
-def _run_protoseg(project, test: tuple, config, label: str, progress, preview_truth: np.ndarray | None = None) -> dict:
+def _run_protoseg(project, test: tuple, config, label: str, progress, preview_truth: np.ndarray | None = None,
+                  instances: bool = False) -> dict:
     """Train through the plugin's entry point, predict the test sections, score.
 
     With ``preview_truth`` (the dense labels of the last training section), the live preview of
     :func:`preview_region` of that section is requested as the panel does, and its mIoU over time
-    is recorded (``preview_timeline``: [seconds since training started, mIoU]).
+    is recorded (``preview_timeline``: [seconds since training started, mIoU]). ``instances``: also
+    decode mitochondrion instances with every decoder and score them.
     """
     from .inference import predict_volume
     from .training import PreviewRequest, train
@@ -556,6 +558,11 @@ def _run_protoseg(project, test: tuple, config, label: str, progress, preview_tr
                   gpu_peak_memory_mb=gpu_peak_memory_mb(), device=last.device, steps=last.step,
                   final_losses=last.losses, preview_timeline=timeline,
                   load_average=[load_before, _load_average()])
+    if instances:
+        result["instances"] = protoseg_instance_figures(last.model, raw_test, np.asarray(prediction.classes),
+                                                        inst_test)
+        progress(f"  {label}: mito AP50 by decoder: " + ", ".join(
+            f"{name} {figures['ap50']:.3f}" for name, figures in result["instances"].items()))
     progress(f"  {label}: mIoU {result['miou']:.3f}  mito AP50 {result['mito_ap50']:.3f}  "
              f"train {train_seconds:.0f} s  predict {result['throughput_mpx_s']:.2f} MPx/s  "
              f"peak {result['peak_memory_mb']:.0f} MiB  ({last.device})")
@@ -572,6 +579,7 @@ def _run_peer(project, test: tuple, rf: RFConfig, seed: int, label: str, progres
     prediction = predict_random_forest(forest, raw_test, rf)
     predict_seconds = time.perf_counter() - start
     result = _scores(prediction, sem_test, inst_test)
+    result["instances"] = {"components": instance_figures(connected_instances(prediction, MITOCHONDRION), inst_test)}
     result.update(train_seconds=train_seconds, predict_seconds=predict_seconds,
                   throughput_mpx_s=raw_test.size / predict_seconds / 1e6, peak_memory_mb=peak_memory_mb(),
                   device="cpu", training_pixels=int(min(np.count_nonzero(rf_label_planes(project.annotations)),
@@ -609,6 +617,7 @@ def evaluate_targets(settings: dict) -> list[dict]:
                     "measured_text": f"{gain:+.3f} ({entry['protoseg']['miou']:.3f} vs {entry['peer']['miou']:.3f})",
                     "threshold_text": f">= +{TARGET_PEER_MARGIN:.2f}",
                     "met": bool(gain >= TARGET_PEER_MARGIN - _TOLERANCE)})
+    out += evaluate_instance_targets(settings)
     return out
 
 
@@ -695,7 +704,8 @@ def run_benchmark(data_dir, out_dir, settings=None, quick: bool = False, ablatio
                  f"{totals['tags']} tags -> {minutes:.1f} min of annotation (cost model)")
         entry = {"project": str(folder), "annotation_totals": totals, "annotation_minutes": minutes}
         entry["protoseg"] = _run_protoseg(project, test, config, f"{name} protoseg", progress,
-                                          preview_truth=data.semantic[TRAIN_SECTIONS.stop - 1])
+                                          preview_truth=data.semantic[TRAIN_SECTIONS.stop - 1],
+                                          instances=name in INSTANCE_SETTINGS)
         tested[(name, json.dumps(config.to_dict(), sort_keys=True))] = entry["protoseg"]
         key = hashlib.sha1(rf_label_planes(project.annotations).tobytes()).hexdigest()
         if key in peer_fits:
@@ -749,6 +759,125 @@ def run_benchmark(data_dir, out_dir, settings=None, quick: bool = False, ablatio
                  f"(threshold {target['threshold_text']}) -> {verdict}")
     progress(f"benchmark finished in {results['wall_seconds'] / 60:.1f} min; wrote " + ", ".join(map(str, written)))
     return results
+
+
+# ----------------------------------------------------------------------------- instances
+
+INSTANCE_SETTINGS = ("points-only", "masks+points", "mixed", "full")
+TARGET_POINTS_ONLY_AP50 = 0.70
+TARGET_AP50_OVER_PEER = 0.20
+TOUCHING_GAP = 2  # objects at most this many pixels apart count as touching
+
+
+def touching_objects(truth: np.ndarray, gap: int = TOUCHING_GAP) -> list[set[int]]:
+    """Per section, the ids of the true instances that lie within ``gap`` pixels of another."""
+    out = []
+    for plane in truth:
+        ids = np.unique(plane[plane > 0])
+        near = set()
+        for i in ids:
+            own = plane == i
+            ring = ndi.binary_dilation(own, iterations=gap) & ~own
+            if np.any((plane[ring] > 0) & (plane[ring] != i)):
+                near.add(int(i))
+        out.append(near)
+    return out
+
+
+def instance_figures(predicted: np.ndarray, truth: np.ndarray, gap: int = TOUCHING_GAP,
+                     threshold: float = 0.5) -> dict:
+    """:func:`instance_scores` plus ``touching_recall``: the share of true instances within ``gap``
+    pixels of another true instance that some predicted instance matches at IoU >= ``threshold``
+    (where decoders differ: a merged pair loses both), and ``touching_objects``, their number."""
+    scores = instance_scores(predicted, truth, threshold)
+    hits = total = 0
+    for z, near in enumerate(touching_objects(truth, gap)):
+        for i in near:
+            own = truth[z] == i
+            overlapping, counts = np.unique(predicted[z][own], return_counts=True)
+            best = 0.0
+            for pid, inter in zip(overlapping, counts):
+                if pid:
+                    union = np.count_nonzero(own | (predicted[z] == pid))
+                    best = max(best, inter / union)
+            hits += best >= threshold
+            total += 1
+    scores.update(touching_recall=hits / total if total else float("nan"), touching_objects=total)
+    return scores
+
+
+def protoseg_instance_figures(model, raw_test: np.ndarray, classes: np.ndarray, truth: np.ndarray) -> dict:
+    """Mitochondrion instance figures of a trained model for each decoder: ``wise`` (with instance
+    heads), ``watershed`` and ``components`` (both of the class map ``classes``), each with its
+    decoding time in seconds."""
+    from .instances import predict_instances
+
+    if MITOCHONDRION not in model.instance_class_ids:
+        return {}
+    decoders = (["wise"] if model.has_instance_heads else []) + ["watershed", "components"]
+    out = {}
+    for decoder in decoders:
+        start = time.perf_counter()
+        labels = predict_instances(model, raw_test, decoder=decoder,
+                                   class_map=None if decoder == "wise" else classes).labels
+        out[decoder] = {**instance_figures(labels, truth), "seconds": time.perf_counter() - start}
+    return out
+
+
+def evaluate_instance_targets(settings: dict) -> list[dict]:
+    """The instance targets: `points-only` AP50 (WISE decoder) >= 0.7 and >= the peer's connected
+    components + 0.2; the WISE decoder beats the plain (watershed) decoder on touching objects."""
+    entry = settings.get("points-only")
+    inst = (entry or {}).get("protoseg", {}).get("instances", {})
+    wise = inst.get("wise")
+    peer = (entry or {}).get("peer", {}).get("instances", {}).get("components")
+    out = [{"target": f"`points-only` mito AP50 (WISE decoder) >= {TARGET_POINTS_ONLY_AP50:.2f}",
+            "measured": None if wise is None else wise["ap50"],
+            "measured_text": "not run" if wise is None else f"{wise['ap50']:.3f}",
+            "threshold_text": f">= {TARGET_POINTS_ONLY_AP50:.2f}",
+            "met": None if wise is None else bool(wise["ap50"] >= TARGET_POINTS_ONLY_AP50 - _TOLERANCE)}]
+    gain = None if wise is None or peer is None else wise["ap50"] - peer["ap50"]
+    out.append({"target": f"`points-only` mito AP50 (WISE) beats the peer's connected components by >= "
+                          f"{TARGET_AP50_OVER_PEER:.2f}", "measured": gain,
+                "measured_text": "not run" if gain is None else f"{gain:+.3f} ({wise['ap50']:.3f} vs {peer['ap50']:.3f})",
+                "threshold_text": f">= +{TARGET_AP50_OVER_PEER:.2f}",
+                "met": None if gain is None else bool(gain >= TARGET_AP50_OVER_PEER - _TOLERANCE)})
+    for name in INSTANCE_SETTINGS:
+        inst = settings.get(name, {}).get("protoseg", {}).get("instances", {})
+        if "wise" not in inst or "watershed" not in inst:
+            continue
+        a, b = inst["wise"]["touching_recall"], inst["watershed"]["touching_recall"]
+        measured = None if a is None or b is None or not (math.isfinite(a) and math.isfinite(b)) else a - b
+        out.append({"target": f"`{name}`: WISE decoder beats the plain decoder where mitochondria touch",
+                    "measured": measured,
+                    "measured_text": "no touching objects" if measured is None else
+                    f"{measured:+.3f} (recall of touching objects {a:.3f} vs {b:.3f})",
+                    "threshold_text": "> 0", "met": None if measured is None else bool(measured > 0)})
+    return out
+
+
+def render_instance_markdown(results: dict) -> list[str]:
+    """The mitochondrion-instance table (settings of :data:`INSTANCE_SETTINGS` that have instance figures)."""
+    rows = []
+    for setting in INSTANCE_SETTINGS:
+        entry = results["settings"].get(setting)
+        if not entry:
+            continue
+        for method, label in (("protoseg", "protoseg"), ("peer", "random forest")):
+            for decoder, figures in entry.get(method, {}).get("instances", {}).items():
+                rows.append(f"| `{setting}` | {label} | {decoder} | {_f(figures['ap50'])} | "
+                            f"{_f(figures['matched_iou'])} | {_f(figures.get('touching_recall'))} | "
+                            f"{figures['tp']} / {figures['fp']} / {figures['fn']} |")
+    if not rows:
+        return []
+    return ["## Mitochondrion instances", "",
+            "Per test section, a predicted instance matches a true one at IoU >= 0.5; AP50 = TP / (TP + FP + FN); "
+            "matched IoU = mean IoU of the matches. Decoders: `wise` (localization seeds + embedding similarity, "
+            "restricted to the predicted mitochondrion class), `watershed` (distance-transform split of the "
+            "class map), `components` (4-connected components; the peer's only option). Touching recall: share of "
+            f"true mitochondria within {TOUCHING_GAP} px of another that are matched.", "",
+            "| setting | method | decoder | AP50 | matched IoU | touching recall | TP / FP / FN |",
+            "| --- | --- | --- | --- | --- | --- | --- |", *rows, ""]
 
 
 # --------------------------------------------------------------------------------- reporting
@@ -842,6 +971,7 @@ def render_markdown(results: dict) -> str:
                  "(the plain decoder); AP50 = TP / (TP + FP + FN) at IoU >= 0.5.")
     lines += [""] + [n + "\n" for n in notes]
     lines += [f"Data: {results['data']['citation']}.", ""]
+    lines += render_instance_markdown(results)
 
     timelines = {name: entry["protoseg"].get("preview_timeline") for name, entry in results["settings"].items()}
     if any(timelines.values()):
@@ -1074,10 +1204,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 __all__ = [
-    "ABLATIONS", "BenchmarkData", "QUICK_SETTINGS", "RFConfig", "SETTINGS", "annotation_seconds", "benchmark_config",
-    "class_iou", "connected_instances", "evaluate_targets", "instance_scores", "main", "merge_results",
-    "predict_random_forest",
-    "render_markdown", "run_benchmark", "simulate_setting", "train_random_forest",
+    "ABLATIONS", "BenchmarkData", "INSTANCE_SETTINGS", "QUICK_SETTINGS", "RFConfig", "SETTINGS", "annotation_seconds",
+    "benchmark_config", "class_iou", "connected_instances", "evaluate_instance_targets", "evaluate_targets",
+    "instance_figures", "instance_scores", "main", "merge_results", "predict_random_forest",
+    "protoseg_instance_figures", "render_instance_markdown", "render_markdown", "run_benchmark", "simulate_setting",
+    "touching_objects", "train_random_forest",
 ]
 
 

@@ -430,8 +430,13 @@ def _write_prediction(folder: Path, prediction, model) -> dict[str, Path]:
     return paths
 
 
-def _predict_with_progress(model, image, device):
+def _predict_with_progress(model, image, device, decoder: str | None = None, link_3d: bool = False):
+    """(semantic prediction, instances or None, seconds). The 'wise' decoder's pass also gives the
+    semantic prediction; the plain decoders decode the class map of :func:`predict_volume`."""
+    import numpy as np
+
     from .inference import predict_volume
+    from .instances import predict_instances
 
     n_planes = int(image.shape[0]) if len(image.shape) == 3 else 1
     bar = _progress_bar(n_planes, 0, "predicting", "plane")
@@ -441,11 +446,36 @@ def _predict_with_progress(model, image, device):
         bar.refresh()
 
     started = time.perf_counter()
+    instances = None
     try:
-        prediction = predict_volume(model, image, progress=progress, device=device)
+        if decoder == "wise":
+            instances = predict_instances(model, image, decoder="wise", link_3d=link_3d, progress=progress,
+                                          device=device)
+            prediction = instances
+        else:
+            prediction = predict_volume(model, image, progress=progress, device=device)
+            if decoder is not None:
+                instances = predict_instances(model, image, decoder=decoder, link_3d=link_3d,
+                                              class_map=np.asarray(prediction.classes))
     finally:
         bar.close()
-    return prediction, time.perf_counter() - started
+    return prediction, instances, time.perf_counter() - started
+
+
+def _instance_decoder(model, requested: str | None) -> str | None:
+    """The decoder 'protoseg predict' uses: the one asked for, else 'wise' for a model with instance
+    heads, else 'watershed'; None when the model has no class flagged 'instances'."""
+    from .instances import default_decoder
+
+    if not model.instance_class_ids:
+        if requested is not None:
+            raise CliError(f"--instance-decoder {requested}: the model has no class flagged 'instances', so "
+                           "there are no objects to separate. Flag the class in classes.json and train again.")
+        return None
+    if requested == "wise" and not model.has_instance_heads:
+        raise CliError("--instance-decoder wise needs a model with instance heads; this model has none (it was "
+                       "trained without them). Use --instance-decoder watershed or components, or train again.")
+    return requested or default_decoder(model)
 
 
 def _class_fractions(classes, model) -> str:
@@ -457,6 +487,8 @@ def _class_fractions(classes, model) -> str:
 
 
 def cmd_predict(args) -> int:
+    import numpy as np
+
     from .modelfile import check_model_classes
 
     device = _pick_device(args.device)
@@ -467,14 +499,28 @@ def cmd_predict(args) -> int:
         if messages:
             raise CliError(f"the model {args.model} was trained for other classes than the project "
                            f"{args.image}", messages)
+    decoder = _instance_decoder(model, args.instance_decoder)
+    if args.link_3d and decoder is None:
+        raise CliError("--link-3d: the model has no class flagged 'instances', so there are no objects to link")
     out = _prepare_output_folder(Path(args.out), "output folder")
     shape = " x ".join(str(int(s)) for s in image.shape)
     print(f"predicting {args.image} ({shape}) with {args.model} on {device}", file=sys.stderr)
-    prediction, seconds = _predict_with_progress(model, image, device)
+    prediction, instances, seconds = _predict_with_progress(model, image, device, decoder, args.link_3d)
     paths = _write_prediction(out, prediction, model)
+    if instances is not None:
+        from .project import _atomic_write_bytes, _tiff_bytes
+
+        paths["instances"] = out / "instances.tif"
+        _atomic_write_bytes(paths["instances"], _tiff_bytes(np.asarray(instances.labels, dtype=np.uint32),
+                                                            compress=True))
     print(f"predicted {prediction.planes_done} plane(s) of {shape} in {_duration(seconds)} on {device}")
     print(f"classes: {_class_fractions(prediction.classes, model)}")
     print(f"mean confidence: {float(prediction.confidence.mean()):.3f}")
+    if instances is not None:
+        n_objects = len(np.unique(instances.labels)) - int((instances.labels == 0).any())
+        kind = "3D objects (linked across planes)" if instances.linked_3d else "objects"
+        print(f"instances: {n_objects} {kind} of {', '.join(c.name for c in model.classes if c.instances)} "
+              f"({decoder} decoder)")
     for path in paths.values():
         print(f"wrote {path}")
     return EXIT_OK
@@ -600,7 +646,7 @@ def _demo_headless(args) -> int:
     save_model(model_path, model)
     checkpoint.unlink(missing_ok=True)
 
-    prediction, predict_seconds = _predict_with_progress(model, project.image, device)
+    prediction, _, predict_seconds = _predict_with_progress(model, project.image, device)
     pred_dir = _prepare_output_folder(out / "prediction", "prediction folder")
     _write_prediction(pred_dir, prediction, model)
 
@@ -657,12 +703,20 @@ def build_parser() -> argparse.ArgumentParser:
     predict = sub.add_parser(
         "predict", help="segment an image with a trained model",
         description="Segment every plane of IMAGE (a TIFF file, a zarr array or a project folder) "
-                    "and write semantic.tif, confidence.tif and classes.json into DIR.")
+                    "and write semantic.tif, confidence.tif and classes.json into DIR, and instances.tif "
+                    "(one id per object of the classes flagged 'instances') when the model has such classes.")
     predict.add_argument("model", help="model file written by 'protoseg train' or the napari panel")
     predict.add_argument("image", help="TIFF file, zarr array (.zarr folder) or project folder")
     predict.add_argument("--out", required=True, metavar="DIR", help="folder for the results")
     predict.add_argument("--device", choices=DEVICES, default="auto",
                          help="where to predict (default: auto)")
+    predict.add_argument("--instance-decoder", choices=("wise", "watershed", "components"), default=None,
+                         help="how instances.tif separates objects: wise (learned seeds and embeddings; the "
+                              "default for models with instance heads), watershed (distance-transform split "
+                              "of the class map; the default otherwise) or components (connected components)")
+    predict.add_argument("--link-3d", action="store_true",
+                         help="link the objects of neighbouring planes into 3D objects (one id per 3D object) "
+                              "instead of numbering each plane's objects separately")
     predict.set_defaults(func=cmd_predict)
 
     demo = sub.add_parser(

@@ -174,7 +174,7 @@ class CropSampler:
 
     def sample(self, batch_size: int, rng: np.random.Generator) -> tuple[torch.Tensor, CropTargets]:
         """A batch of augmented crops (B, 2k+1, S, S) and their targets."""
-        images, masks, boxes, exhaustive, points, tags = [], [], [], [], [], []
+        images, masks, boxes, exhaustive, points, tags, points_exhaustive = [], [], [], [], [], [], []
         for b in range(batch_size):
             anchor = self.pick_anchor(rng)
             oy, ox = self._crop_origin(anchor, rng)
@@ -186,6 +186,7 @@ class CropSampler:
             images.append(image)
             masks.append(targets["mask"])
             exhaustive.append(targets["box_exhaustive"])
+            points_exhaustive.append(targets["point_exhaustive"])
             boxes += [(b, *row) for row in targets["boxes"]]
             points += [(b, *row) for row in targets["points"]]
             tags += [(b, *row) for row in targets["tags"]]
@@ -199,6 +200,7 @@ class CropSampler:
             box_exhaustive=torch.from_numpy(np.stack(exhaustive)),
             points=table(points, 4),
             tags=table(tags, 7),
+            point_exhaustive=torch.from_numpy(np.stack(points_exhaustive)),
         )
 
     def _crop(self, z: int, oy: int, ox: int, k: int, flip: bool):
@@ -235,6 +237,10 @@ class CropSampler:
 
         point_rows = []
         in_plane = ann.points[ann.points["z"] == z]
+        # As for boxes: a class's points are exhaustive in this plane when all of them say so.
+        points_exhaustive = np.zeros(self.n_classes, dtype=bool)
+        for cid in np.unique(in_plane["class"]):
+            points_exhaustive[self.index_of[int(cid)]] = bool(np.all(in_plane["exhaustive"][in_plane["class"] == cid]))
         for p in in_plane:
             y, x = int(p["y"]) - oy, int(p["x"]) - ox
             if 0 <= y < s and 0 <= x < s:
@@ -267,7 +273,7 @@ class CropSampler:
             mask = mask[:, ::-1]
         return np.ascontiguousarray(image), {
             "mask": np.ascontiguousarray(mask), "boxes": box_rows, "box_exhaustive": exhaustive,
-            "points": point_rows, "tags": tag_rows}
+            "points": point_rows, "tags": tag_rows, "point_exhaustive": points_exhaustive}
 
 
 def _intensity_jitter(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -30,12 +30,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from .instances import PixelEmbeddings
 from .modelfile import TrainedModel
 from .model import ModelConfig, pick_device
 
 __all__ = [
+    "PlaneInstanceMaps",
     "PlanePrediction",
     "VolumePrediction",
+    "predict_instance_maps",
+    "predict_instance_maps_of_planes",
     "predict_plane",
     "predict_region",
     "predict_volume",
@@ -278,14 +282,32 @@ class _Runner:
             probs = torch.softmax(logits.float(), dim=1)
         return probs.cpu().numpy()
 
+    def instance_outputs(self, batch: np.ndarray) -> np.ndarray:
+        """(B, 2k+1, h, w) raw intensities -> (B, C + K + E, h, w) float32: softmax probabilities,
+        localization probabilities (sigmoid) and the instance embedding, stacked."""
+        x = torch.from_numpy(self.model.normalization(batch)).to(self.device)
+        with torch.inference_mode():
+            out = self.net(x)
+            stacked = torch.cat([torch.softmax(out["logits"].float(), dim=1),
+                                 torch.sigmoid(out["localization"].float()),
+                                 out["instance_embedding"].float()], dim=1)
+        return stacked.cpu().numpy()
+
+    @property
+    def n_instance_channels(self) -> int:
+        config = self.net.config
+        return self.n_classes + config.n_instance_classes + config.instance_embed_dim
+
 
 def _plane_bands(runner: _Runner, source: _Source, z: int, bounds: tuple[int, int, int, int],
                  tile: int, overlap: int, batch_size: int,
-                 stop: Callable[[], bool] | None = None) -> Iterator[tuple[int, int, np.ndarray]]:
+                 stop: Callable[[], bool] | None = None,
+                 instance: bool = False) -> Iterator[tuple[int, int, np.ndarray]]:
     """Blended probabilities of the region ``bounds = (y0, x0, y1, x1)`` of plane ``z``, yielded as
     finished row bands ``(r0, r1, probs (C, r1 - r0, X))`` in region coordinates, top to bottom.
     Tiles may reach past the region's bottom/right (to a multiple of ``2 ** depth``): they read the
-    image there, or its reflection beyond the image's edge."""
+    image there, or its reflection beyond the image's edge. With ``instance`` the bands hold the
+    stacked outputs of :meth:`_Runner.instance_outputs` (C + K + E channels), blended alike."""
     y_lo, x_lo, y_hi, x_hi = bounds
     height, width = y_hi - y_lo, x_hi - x_lo
     m = runner.multiple
@@ -293,7 +315,9 @@ def _plane_bands(runner: _Runner, source: _Source, z: int, bounds: tuple[int, in
     ys, th, _, overlap_y = _axis_tiles(height, tile, overlap, m)
     xs, tw, padded_w, overlap_x = _axis_tiles(width, tile, overlap, m)
     wx = [_window(tw, overlap_x, i > 0, i < len(xs) - 1) for i in range(len(xs))]
-    acc = np.zeros((runner.n_classes, th, width), np.float32)
+    channels = runner.n_instance_channels if instance else runner.n_classes
+    predict = runner.instance_outputs if instance else runner.probabilities
+    acc = np.zeros((channels, th, width), np.float32)
     weight = np.zeros((th, width), np.float32)
     for k, py in enumerate(ys):
         if stop is not None and stop():
@@ -304,7 +328,7 @@ def _plane_bands(runner: _Runner, source: _Source, z: int, bounds: tuple[int, in
         for b in range(0, len(xs), batch_size):
             cols = xs[b:b + batch_size]
             batch = np.stack([np.stack([p[:, px:px + tw] for p in planes]) for px in cols])
-            probs = runner.probabilities(batch)
+            probs = predict(batch)
             for j, px in enumerate(cols):
                 cw = min(tw, width - px)
                 w2 = wy[:rows, None] * wx[b + j][None, :cw]
@@ -404,6 +428,95 @@ def predict_region(model: TrainedModel, volume, z: int | None, y0: int, x0: int,
     classes, confidence = _decide(probs, np.asarray(ids, dtype=_class_dtype(ids)))
     return PlanePrediction(probabilities=probs, classes=classes, confidence=confidence,
                            class_ids=ids, origin=(y0, x0))
+
+
+@dataclass
+class PlaneInstanceMaps:
+    """The outputs of one plane that instance decoding needs (see :func:`predict_instance_maps`).
+
+    ``classes`` (Y, X) class ids and ``confidence`` as in :class:`PlanePrediction`;
+    ``localization`` (K, Y, X) float32 blob probabilities, channel ``k`` for
+    ``instance_class_ids[k]``; ``embedding``: the instance embedding (float16) of the pixels of the
+    instance classes and of a ring of ``ring`` pixels around them.
+    """
+
+    classes: np.ndarray
+    confidence: np.ndarray
+    localization: np.ndarray
+    embedding: PixelEmbeddings
+    class_ids: list[int]
+    instance_class_ids: list[int]
+
+
+def predict_instance_maps_of_planes(model: TrainedModel, image, planes=None, *, tile: int = 512,
+                                    overlap: int = 64, device=None, batch_size: int = 4, ring: int = 8,
+                                    stop: Callable[[], bool] | None = None
+                                    ) -> Iterator[tuple[int, PlaneInstanceMaps]]:
+    """Yield ``(z, PlaneInstanceMaps)`` for the planes ``planes`` (default: all) of a plane or stack,
+    tiled and blended as :func:`predict_volume` does (same windows for every output). Memory: one
+    row of tiles of (C + K + E) accumulators, the plane's K localization maps and the embeddings
+    of the pixels kept (float16). ``stop()`` is checked before each plane and row of tiles."""
+    if not model.has_instance_heads:
+        raise ValueError("the model has no instance heads; train it on a project with a class flagged "
+                         "'instances' to predict localization and embedding maps")
+    _check_tiling(tile, overlap)
+    batch_size = _check_batch(batch_size)
+    source = _Source(image, model.context, cache_planes=True)
+    height, width = source.plane_shape
+    n_classes = model.net.config.n_classes
+    n_inst = model.net.config.n_instance_classes
+    ids = model.class_ids
+    lut = np.asarray(ids, dtype=_class_dtype(ids))
+    instance_index = np.zeros(n_classes, dtype=bool)
+    instance_index[[i for i, c in enumerate(model.classes) if c.instances]] = True
+    cross = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], dtype=bool)
+    planes = range(source.n_planes) if planes is None else [_check_z(source, z) for z in planes]
+    from scipy import ndimage as ndi
+
+    with _Runner(model, device) as runner:
+        for z in planes:
+            if stop is not None and stop():
+                return
+            source.begin_plane(z)
+            classes = np.empty((height, width), lut.dtype)
+            confidence = np.empty((height, width), np.float32)
+            localization = np.empty((n_inst, height, width), np.float32)
+            kept_index, kept_values = [], []
+            try:
+                for r0, r1, band in _plane_bands(runner, source, z, (0, 0, height, width), tile, overlap,
+                                                 batch_size, stop, instance=True):
+                    probs = band[:n_classes]
+                    index = np.argmax(probs, axis=0)
+                    classes[r0:r1] = lut[index]
+                    confidence[r0:r1] = np.take_along_axis(probs, index[None], axis=0)[0]
+                    localization[:, r0:r1] = band[n_classes:n_classes + n_inst]
+                    near = instance_index[index]
+                    if ring > 0 and near.any():
+                        near = ndi.binary_dilation(near, cross, iterations=int(ring))
+                    flat = np.flatnonzero(near)
+                    kept_index.append(flat + r0 * width)
+                    kept_values.append(band[n_classes + n_inst:].reshape(band.shape[0] - n_classes - n_inst, -1)
+                                       [:, flat].T.astype(np.float16))
+            except _Stopped:
+                return
+            embedding = PixelEmbeddings((height, width), np.concatenate(kept_index),
+                                        np.concatenate(kept_values))
+            yield z, PlaneInstanceMaps(classes=classes, confidence=confidence, localization=localization,
+                                       embedding=embedding, class_ids=ids,
+                                       instance_class_ids=model.instance_class_ids)
+
+
+def predict_instance_maps(model: TrainedModel, volume_or_plane, z: int | None = None, *, tile: int = 512,
+                          overlap: int = 64, device=None, batch_size: int = 4, ring: int = 8) -> PlaneInstanceMaps:
+    """Semantic classes, localization maps and instance embeddings of one whole plane (a 2D image
+    with ``z`` None, or plane ``z`` of a stack), for :func:`~napari_protoseg.instances.wise_instances`.
+    Needs a model with instance heads."""
+    source = _Source(volume_or_plane, model.context)
+    z = _check_z(source, z)
+    for _, maps in predict_instance_maps_of_planes(model, volume_or_plane, [z], tile=tile, overlap=overlap,
+                                                   device=device, batch_size=batch_size, ring=ring):
+        return maps
+    raise RuntimeError("no plane was predicted")  # pragma: no cover
 
 
 class _Sink:

@@ -1,13 +1,27 @@
-"""From a semantic class map to instance labels: plain decoders and linking planes into 3D objects.
+"""Instance labels for the classes flagged ``instances: true``: the WISE-Net decoder, plain decoders
+of the semantic class map, linking planes into 3D objects, and one entry point that applies a model.
 
-Pure NumPy/scikit-image. Instances are decoded per plane for the classes flagged
-``instances: true``; every object gets its own id (unique over the whole array, 0 = background).
-The learned WISE-Net decoder lives next to these and uses the same id conventions.
+Pure NumPy/scikit-image (the entry point :func:`predict_instances` runs the network through
+:mod:`napari_protoseg.inference`). Instances are decoded per plane; every object gets its own id
+(unique over the whole array, 0 = background).
+
+Decoders:
+
+* ``"wise"`` (:func:`wise_instances`, needs a model with instance heads): each blob of the
+  localization map (probability > 0.5, 4-connected) gives one seed, its most probable pixel inside
+  the class's semantic region; background seeds are sampled among the pixels the semantic model
+  calls background within a few pixels of the region; every pixel of the region goes to the seed
+  whose embedding is most similar (``S = 2 / (1 + exp(|Ei - Ej|^2))``, i.e. the nearest one), pixels
+  won by background seeds are dropped, and each object keeps the part connected to its seed;
+* ``"watershed"``: the class's connected components split at the necks of their distance transform;
+* ``"components"``: connected components (4-connectivity) of the class map.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -15,9 +29,12 @@ from skimage.feature import peak_local_max
 from skimage.measure import label
 from skimage.segmentation import watershed
 
-__all__ = ["PLAIN_DECODERS", "plain_instances", "link_planes", "relabel_sequential"]
+__all__ = ["DECODERS", "PLAIN_DECODERS", "InstancePrediction", "PixelEmbeddings", "default_decoder",
+           "link_planes", "plain_instances", "predict_instances", "relabel_sequential", "wise_instances"]
 
 PLAIN_DECODERS = ("components", "watershed")
+DECODERS = ("wise", *PLAIN_DECODERS)
+_CROSS = ndi.generate_binary_structure(2, 1)
 
 
 def _components(region: np.ndarray) -> np.ndarray:
@@ -128,3 +145,233 @@ def link_planes(labels: np.ndarray, min_overlap: float = 0.3) -> np.ndarray:
         out[z] = current
         previous = current
     return relabel_sequential(out)
+
+
+# ------------------------------------------------------------------------------ WISE decoder
+
+
+@dataclass
+class PixelEmbeddings:
+    """Instance embeddings of (some of) the pixels of a plane of ``shape`` (Y, X): ``index`` holds
+    their sorted flat pixel indices, ``values`` (N, E) their vectors. Inference keeps only the
+    pixels near instance classes (see :func:`~napari_protoseg.inference.predict_instance_maps`);
+    :meth:`dense` wraps a full (E, Y, X) array."""
+
+    shape: tuple[int, int]
+    index: np.ndarray
+    values: np.ndarray
+
+    @classmethod
+    def dense(cls, embedding: np.ndarray) -> PixelEmbeddings:
+        embedding = np.asarray(embedding)
+        if embedding.ndim != 3:
+            raise ValueError(f"a dense embedding must be (E, Y, X), got shape {embedding.shape}")
+        e, h, w = embedding.shape
+        return cls((h, w), np.arange(h * w), embedding.reshape(e, h * w).T)
+
+    @property
+    def dim(self) -> int:
+        return int(self.values.shape[1])
+
+    def available(self) -> np.ndarray:
+        """(Y, X) bool: the pixels that have an embedding."""
+        out = np.zeros(self.shape[0] * self.shape[1], dtype=bool)
+        out[self.index] = True
+        return out.reshape(self.shape)
+
+    def at(self, flat: np.ndarray) -> np.ndarray:
+        """(n, E) float32 vectors of the flat pixel indices ``flat`` (all must be available)."""
+        pos = np.searchsorted(self.index, flat)
+        if len(flat) and (pos.max() >= len(self.index) or np.any(self.index[pos] != flat)):
+            raise ValueError("asked for the embedding of a pixel that was not kept")
+        return self.values[pos].astype(np.float32, copy=False)
+
+
+def _nearest(pixels: np.ndarray, seeds: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:
+    """Index of the nearest seed (Euclidean, i.e. the most similar one) of every pixel vector."""
+    seed_norm = (seeds * seeds).sum(axis=1)
+    out = np.empty(len(pixels), dtype=np.int64)
+    for start in range(0, len(pixels), chunk):
+        block = pixels[start:start + chunk]
+        out[start:start + chunk] = np.argmin(seed_norm[None, :] - 2.0 * block @ seeds.T, axis=1)
+    return out
+
+
+def _blob_seeds(probability: np.ndarray, region: np.ndarray, threshold: float) -> np.ndarray:
+    """Flat index of the most probable pixel inside ``region`` of every blob (``probability >
+    threshold``, 4-connected) that reaches into the region."""
+    blobs, n = ndi.label(probability > threshold, structure=_CROSS)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    flat_blobs = blobs.reshape(-1)
+    candidates = np.flatnonzero((flat_blobs > 0) & region.reshape(-1))
+    order = np.lexsort((-probability.reshape(-1)[candidates], flat_blobs[candidates]))
+    ordered = flat_blobs[candidates][order]
+    first = np.r_[True, ordered[1:] != ordered[:-1]] if len(ordered) else np.zeros(0, bool)
+    return candidates[order][first]
+
+
+def wise_instances(class_map: np.ndarray, localization: np.ndarray, embedding, instance_class_ids: Sequence[int], *,
+                   blob_threshold: float = 0.5, background_seeds: int = 100, background_ring: int = 6,
+                   min_size: int = 16, seed: int = 0) -> np.ndarray:
+    """WISE-Net instance labels (uint32, ids 1..n) of one plane.
+
+    ``class_map`` (Y, X) class ids; ``localization`` (K, Y, X) blob probabilities, channel ``k`` for
+    ``instance_class_ids[k]``; ``embedding`` (E, Y, X) or :class:`PixelEmbeddings` (it must cover the
+    classes' regions and the ``background_ring`` pixels around them). Per class: one seed per blob,
+    up to ``background_seeds`` background seeds (seeded random choice among background pixels within
+    ``background_ring`` pixels of the region), every region pixel to its most similar seed, pixels of
+    background seeds dropped, each object reduced to the part connected to its seed, objects smaller
+    than ``min_size`` pixels dropped.
+    """
+    class_map = np.asarray(class_map)
+    localization = np.asarray(localization)
+    ids = [int(c) for c in instance_class_ids]
+    if class_map.ndim != 2:
+        raise ValueError(f"wise_instances decodes one plane; class_map must be (Y, X), got {class_map.shape}")
+    if localization.shape != (len(ids), *class_map.shape):
+        raise ValueError(f"localization must be (K={len(ids)}, {class_map.shape[0]}, {class_map.shape[1]}) "
+                         f"for the instance classes {ids}, got {localization.shape}")
+    emb = embedding if isinstance(embedding, PixelEmbeddings) else PixelEmbeddings.dense(embedding)
+    if emb.shape != class_map.shape:
+        raise ValueError(f"the embedding covers a {emb.shape} plane, the class map is {class_map.shape}")
+    rng = np.random.default_rng(seed)
+    available = emb.available() if len(emb.index) < class_map.size else None
+    out = np.zeros(class_map.shape, dtype=np.uint32)
+    next_id = 1
+    for k, cid in enumerate(ids):
+        region = class_map == cid
+        if not region.any():
+            continue
+        object_seeds = _blob_seeds(localization[k], region, blob_threshold)
+        if len(object_seeds) == 0:
+            continue
+        ring = ndi.binary_dilation(region, _CROSS, iterations=max(1, int(background_ring))) & ~region
+        if available is not None:
+            ring &= available
+        ring_pixels = np.flatnonzero(ring)
+        n_bg = min(int(background_seeds), len(ring_pixels))
+        bg_seeds = np.sort(rng.choice(ring_pixels, size=n_bg, replace=False)) if n_bg else ring_pixels[:0]
+        seeds = np.concatenate([object_seeds, bg_seeds])
+        pixels = np.flatnonzero(region)
+        winner = _nearest(emb.at(pixels), emb.at(seeds))
+        objects = np.zeros(class_map.size, dtype=np.int64)
+        won = winner < len(object_seeds)
+        objects[pixels[won]] = winner[won] + 1
+        objects[object_seeds] = np.arange(1, len(object_seeds) + 1)
+        # Keep each object's part connected to its seed.
+        parts = label(objects.reshape(class_map.shape), connectivity=1, background=0).reshape(-1)
+        keep = np.zeros(parts.max() + 1, dtype=bool)
+        keep[parts[object_seeds]] = True
+        keep[0] = False
+        objects[~keep[parts]] = 0
+        sizes = np.bincount(objects, minlength=len(object_seeds) + 1)
+        kept = sizes >= min_size
+        kept[0] = False
+        new_ids = np.zeros(len(sizes), dtype=np.uint32)
+        new_ids[kept] = np.arange(next_id, next_id + kept.sum(), dtype=np.uint32)
+        next_id += int(kept.sum())
+        selected = objects > 0
+        out.reshape(-1)[selected] = new_ids[objects[selected]]
+    return out
+
+
+# ------------------------------------------------------------------------------ entry point
+
+
+def default_decoder(model) -> str:
+    """``"wise"`` for a model with instance heads, else ``"watershed"``."""
+    return "wise" if model.has_instance_heads else "watershed"
+
+
+@dataclass
+class InstancePrediction:
+    """Instances predicted by :func:`predict_instances`.
+
+    ``labels`` (uint32, shape of the image): unique id per object, per plane or linked into 3D
+    objects (``linked_3d``); ``classes`` / ``confidence``: the semantic prediction of the same pass
+    (None when a class map was given); ``stopped`` when ``stop()`` ended the run early (planes from
+    ``planes_done`` on are 0).
+    """
+
+    labels: np.ndarray
+    classes: Any | None
+    confidence: Any | None
+    decoder: str
+    linked_3d: bool
+    planes_done: int
+    planes_total: int
+    stopped: bool = False
+
+
+def predict_instances(model, image, *, decoder: str | None = None, link_3d: bool = False,
+                      class_map=None, min_size: int = 16, min_overlap: float = 0.3, min_distance: int = 7,
+                      tile: int = 512, overlap: int = 64, device=None, batch_size: int = 4,
+                      progress: Callable[[int, int], Any] | None = None,
+                      stop: Callable[[], bool] | None = None) -> InstancePrediction:
+    """Instances of the model's classes flagged ``instances`` in a plane (Y, X) or stack (Z, Y, X).
+
+    ``decoder``: ``"wise"`` (needs instance heads; the default for such models), ``"watershed"``
+    (the default otherwise) or ``"components"``. ``class_map`` (class ids, shape of the image): a
+    semantic prediction already made (e.g. by :func:`~napari_protoseg.inference.predict_volume`),
+    which the plain decoders then use instead of predicting again. ``link_3d`` links the planes'
+    objects into 3D objects by overlap (:func:`link_planes`, ``min_overlap``); ids are unique over
+    the whole array either way. ``progress(done, total)`` is called after each plane, ``stop()``
+    before each.
+    """
+    from .inference import _class_dtype, _image_dims, predict_instance_maps_of_planes, predict_volume
+
+    decoder = default_decoder(model) if decoder is None else decoder
+    if decoder not in DECODERS:
+        raise ValueError(f"unknown instance decoder {decoder!r}; choose one of {', '.join(DECODERS)}")
+    if decoder == "wise" and not model.has_instance_heads:
+        raise ValueError("the 'wise' decoder needs a model with instance heads; this model has none (train it "
+                         "with a class flagged 'instances'), or choose the 'watershed' or 'components' decoder")
+    is_stack, _ = _image_dims(image)
+    shape = tuple(int(s) for s in image.shape)
+    n_planes = shape[0] if is_stack else 1
+    ids = model.instance_class_ids
+    if not ids:
+        raise ValueError("the model has no class flagged 'instances'; flag the organelle classes to count as "
+                         "objects in the class table and train again")
+    labels = np.zeros((n_planes, *shape[-2:]), dtype=np.uint32)
+    classes = confidence = None
+    done, stopped = 0, False
+    if decoder == "wise":
+        classes = np.zeros((n_planes, *shape[-2:]), dtype=_class_dtype(model.class_ids))
+        confidence = np.zeros((n_planes, *shape[-2:]), dtype=np.float32)
+        next_id = 0
+        for z, maps in predict_instance_maps_of_planes(model, image, tile=tile, overlap=overlap, device=device,
+                                                       batch_size=batch_size, stop=stop):
+            plane = wise_instances(maps.classes, maps.localization, maps.embedding, ids, min_size=min_size)
+            labels[z] = np.where(plane > 0, plane + next_id, 0)
+            next_id += int(plane.max(initial=0))
+            classes[z], confidence[z] = maps.classes, maps.confidence
+            done += 1
+            if progress is not None:
+                progress(done, n_planes)
+        stopped = done < n_planes
+        if not is_stack:
+            classes, confidence = classes[0], confidence[0]
+    else:
+        if class_map is None:
+            prediction = predict_volume(model, image, tile=tile, overlap=overlap, device=device,
+                                        batch_size=batch_size, stop=stop)
+            class_map, classes, confidence = prediction.classes, prediction.classes, prediction.confidence
+            done, stopped = prediction.planes_done, prediction.stopped
+        else:
+            class_map = np.asarray(class_map)
+            if class_map.shape != shape:
+                raise ValueError(f"class_map has shape {class_map.shape}, the image {shape}")
+            done = n_planes
+        planes = np.asarray(class_map).reshape(n_planes, *shape[-2:])
+        labels[:done] = plain_instances(planes[:done], ids, method=decoder, min_size=min_size,
+                                        min_distance=min_distance).reshape(done, *shape[-2:])
+        if progress is not None:
+            progress(done, n_planes)
+    if link_3d and is_stack:
+        labels = link_planes(labels, min_overlap=min_overlap)
+    return InstancePrediction(labels=labels if is_stack else labels[0], classes=classes, confidence=confidence,
+                              decoder=decoder, linked_3d=bool(link_3d and is_stack), planes_done=done,
+                              planes_total=n_planes, stopped=stopped)
+

@@ -79,6 +79,8 @@ class CropTargets:
     * ``points`` (Np, >=4) long: ``b, c, y, x`` (further columns are ignored).
     * ``tags`` (Nt, >=7) long: ``b, c, present, y0, x0, y1, x1``; the region lies inside the crop,
       the whole crop is ``0, 0, H, W`` (further columns are ignored).
+    * ``point_exhaustive`` (B, C) bool or None (= all False): in crop ``b``'s plane every object of
+      class ``c`` has its point (the instance losses push unpointed blobs down only there).
 
     Coordinates outside the crop are clipped (boxes, tags) or dropped (points); empty rectangles
     are dropped.
@@ -89,6 +91,7 @@ class CropTargets:
     box_exhaustive: torch.Tensor
     points: torch.Tensor
     tags: torch.Tensor
+    point_exhaustive: torch.Tensor | None = None
 
     @classmethod
     def empty(cls, batch: int, n_classes: int, height: int, width: int,
@@ -100,6 +103,7 @@ class CropTargets:
             box_exhaustive=torch.zeros((batch, n_classes), dtype=torch.bool, device=device),
             points=torch.zeros((0, 4), dtype=torch.long, device=device),
             tags=torch.zeros((0, 7), dtype=torch.long, device=device),
+            point_exhaustive=torch.zeros((batch, n_classes), dtype=torch.bool, device=device),
         )
 
     @property
@@ -116,8 +120,17 @@ class CropTargets:
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> CropTargets:
         """A copy on ``device`` (tensors already there are shared, not copied)."""
-        return CropTargets(*(getattr(self, name).to(device, non_blocking=non_blocking)
-                             for name in ("mask", "boxes", "box_exhaustive", "points", "tags")))
+        moved = CropTargets(*(getattr(self, name).to(device, non_blocking=non_blocking)
+                              for name in ("mask", "boxes", "box_exhaustive", "points", "tags")))
+        if self.point_exhaustive is not None:
+            moved.point_exhaustive = self.point_exhaustive.to(device, non_blocking=non_blocking)
+        return moved
+
+    def points_exhaustive(self) -> torch.Tensor:
+        """(B, C) bool: ``point_exhaustive``, all False when not given."""
+        if self.point_exhaustive is None:
+            return torch.zeros_like(self.box_exhaustive)
+        return self.point_exhaustive
 
     def validate(self, n_classes: int | None = None) -> None:
         """Raise ``ValueError`` for wrong shapes, dtypes, batch or class indices (not in the hot path)."""
@@ -139,6 +152,10 @@ class CropTargets:
                     raise ValueError(f"{name}: crop index out of range 0..{B - 1}")
                 if int(table[:, 1].min()) < 0 or int(table[:, 1].max()) >= C:
                     raise ValueError(f"{name}: class index out of range 0..{C - 1}")
+        if self.point_exhaustive is not None and (tuple(self.point_exhaustive.shape) != (B, C)
+                                                  or self.point_exhaustive.dtype != torch.bool):
+            raise ValueError(f"point_exhaustive must be a bool tensor of shape ({B}, {C}), got "
+                             f"{self.point_exhaustive.dtype} {tuple(self.point_exhaustive.shape)}")
         if self.mask.dtype != torch.long:
             raise ValueError(f"mask must be a long tensor, got {self.mask.dtype}")
         if self.mask.numel() and (int(self.mask.min()) < -1 or int(self.mask.max()) >= C):
@@ -169,6 +186,8 @@ class CropTargets:
             box_exhaustive=torch.cat([it.box_exhaustive for it in items]),
             points=joined("points"),
             tags=joined("tags"),
+            point_exhaustive=(None if all(it.point_exhaustive is None for it in items)
+                              else torch.cat([it.points_exhaustive() for it in items])),
         )
 
 

@@ -11,6 +11,11 @@ Because ``e`` has unit length this equals ``e . mean_j(p_c^j / |p_c^j|) / tau``,
 computed (one einsum over a (C, D) matrix, exactly the same value, ``K`` times less memory). The
 logits are therefore bounded by ``1 / tau`` in absolute value.
 
+Optional WISE-Net instance heads (Laradji et al., 2019) share the U-Net's output features: a
+localization head with one map per instance class (trained with the LCFCN loss to put one blob on
+every object) and an embedding head with a free (not normalised) vector per pixel whose distances
+say which pixels belong to the same object. They exist when ``ModelConfig.n_instance_classes > 0``.
+
 Input sizes: any ``H, W``. The U-Net pads its input internally (reflection padding, replication for
 inputs too small to reflect) up to a multiple of ``2 ** depth`` and crops the output back, so every
 output has exactly the spatial size of its input.
@@ -26,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DSPHead", "ModelConfig", "ProtoSegNet", "UNet2D", "pick_device"]
+__all__ = ["DSPHead", "InstanceHead", "ModelConfig", "ProtoSegNet", "UNet2D", "pick_device"]
 
 NORMS = ("group", "batch")
 
@@ -42,6 +47,11 @@ class ModelConfig:
     Defaults (``base_width=8, depth=4``, ~0.5 M parameters, receptive field ~190 px wide) were chosen so
     that a training step (forward + DSP/CE loss + backward + AdamW) on 8 crops of 128 x 128 takes
     about 0.2 s on a 2-core CPU; ``base_width=16`` roughly doubles that.
+
+    ``n_instance_classes`` > 0 adds the WISE-Net heads: one localization map per instance class
+    (in the order of the classes flagged ``instances: true``) and an ``instance_embed_dim``-dim
+    pixel embedding (64, as in WISE-Net). Configurations written before these fields existed load
+    with the defaults (no heads).
     """
 
     n_classes: int
@@ -52,14 +62,21 @@ class ModelConfig:
     prototypes_per_class: int = 5
     temperature: float = 0.05
     norm: str = "group"
+    n_instance_classes: int = 0
+    instance_embed_dim: int = 64
 
     def __post_init__(self) -> None:
-        for name in ("n_classes", "in_channels", "base_width", "embed_dim", "prototypes_per_class"):
+        for name in ("n_classes", "in_channels", "base_width", "embed_dim", "prototypes_per_class",
+                     "instance_embed_dim"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
         if isinstance(self.depth, bool) or not isinstance(self.depth, int) or self.depth < 0:
             raise ValueError(f"ModelConfig.depth must be a non-negative integer, got {self.depth!r}")
+        n_inst = self.n_instance_classes
+        if isinstance(n_inst, bool) or not isinstance(n_inst, int) or not 0 <= n_inst <= self.n_classes:
+            raise ValueError(f"ModelConfig.n_instance_classes must be an integer from 0 to n_classes "
+                             f"({self.n_classes}), got {n_inst!r}")
         if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
                 and self.temperature > 0):
             raise ValueError(f"ModelConfig.temperature must be a positive number, got {self.temperature!r}")
@@ -71,9 +88,14 @@ class ModelConfig:
         """A plain dict of JSON types (ints, a float, a str)."""
         return asdict(self)
 
+    @property
+    def has_instance_heads(self) -> bool:
+        return self.n_instance_classes > 0
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError`` (a config from elsewhere)."""
+        """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError`` (a config from elsewhere),
+        missing optional keys take their defaults (older files)."""
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
@@ -168,12 +190,35 @@ class DSPHead(nn.Module):
         return l2_normalize(e, dim=1)
 
 
+class InstanceHead(nn.Module):
+    """3x3 conv -> norm (as the backbone's) -> ReLU -> 1x1 conv: a small per-pixel head on the
+    backbone features. The 1x1 conv runs as a matrix product over channels-last pixels (on the CPU
+    several times faster than PyTorch's 1x1 convolution, same result)."""
+
+    def __init__(self, channels: int, hidden: int, out_channels: int, norm: str = "group") -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, hidden, 3, padding=1, bias=False)
+        self.norm = _norm_layer(norm, hidden)
+        self.act = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(hidden, out_channels, 1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        hidden = self.act(self.norm(self.conv1(features)))
+        weight = self.conv2.weight.reshape(self.conv2.out_channels, -1)
+        return F.linear(hidden.permute(0, 2, 3, 1), weight, self.conv2.bias).permute(0, 3, 1, 2)
+
+
 class ProtoSegNet(nn.Module):
-    """U-Net + DSP head + class prototypes.
+    """U-Net + DSP head + class prototypes (+ optional WISE-Net instance heads).
 
     ``forward(x: (B, in_channels, H, W))`` returns ``{"embedding": (B, D, H, W) unit vectors,
     "logits": (B, C, H, W)}`` with ``|logits| <= 1 / temperature``. The prototypes are stored
     unnormalised in ``prototypes`` (C, K, D) and L2-normalised at every forward.
+
+    With instance heads (``config.n_instance_classes = K > 0``) the dict also holds
+    ``"localization"`` (B, K, H, W) **logits** (``sigmoid`` gives the blob probabilities) and
+    ``"instance_embedding"`` (B, E, H, W) free vectors; ``instance_batch=n`` computes them for the
+    first ``n`` inputs only (the others, e.g. a strongly augmented copy, need only logits).
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -184,6 +229,13 @@ class ProtoSegNet(nn.Module):
         self.head = DSPHead(config.embed_dim, config.embed_dim)
         protos = torch.randn(config.n_classes, config.prototypes_per_class, config.embed_dim)
         self.prototypes = nn.Parameter(F.normalize(protos, dim=-1))
+        if config.has_instance_heads:
+            width = 16  # hidden channels of each head: more cost time (full resolution) without helping
+            self.localization_head = InstanceHead(config.embed_dim, width, config.n_instance_classes, config.norm)
+            self.instance_embedding_head = InstanceHead(config.embed_dim, width, config.instance_embed_dim,
+                                                        config.norm)
+            with torch.no_grad():  # start with few blobs (p ~ 0.1), as LCFCN's initial background bias
+                self.localization_head.conv2.bias.fill_(-2.0)
         # NHWC convolutions are markedly faster on CPU (oneDNN) and fine on CUDA; the input is
         # converted in forward, and state dicts load into these parameters whatever their layout.
         self.to(memory_format=torch.channels_last)
@@ -192,17 +244,26 @@ class ProtoSegNet(nn.Module):
         """The prototypes on the unit sphere, (C, K, D)."""
         return l2_normalize(self.prototypes, dim=-1)
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, instance_batch: int | None = None) -> dict[str, torch.Tensor]:
         if x.ndim != 4 or x.shape[1] != self.config.in_channels:
             raise ValueError(
                 f"expected input of shape (B, {self.config.in_channels}, H, W), got {tuple(x.shape)}"
             )
         x = x.contiguous(memory_format=torch.channels_last)
-        e = self.head(self.backbone(x))
+        features = self.backbone(x)
+        e = self.head(features)
         # mean_j cos(e, p_c^j) = e . mean_j p_c^j, since |e| = 1 and each p_c^j is normalised.
         mean_proto = self.normalized_prototypes().mean(dim=1) / self.config.temperature  # (C, D)
         logits = F.linear(e.permute(0, 2, 3, 1), mean_proto).permute(0, 3, 1, 2).contiguous()
-        return {"embedding": e, "logits": logits}
+        out = {"embedding": e, "logits": logits}
+        if self.config.has_instance_heads:
+            head_features = features if instance_batch is None else features[:instance_batch]
+            # The backbone's output is cropped back to the input size; channels_last keeps the
+            # heads' convolutions on the fast (oneDNN) path.
+            head_features = head_features.contiguous(memory_format=torch.channels_last)
+            out["localization"] = self.localization_head(head_features).contiguous()
+            out["instance_embedding"] = self.instance_embedding_head(head_features)
+        return out
 
 
 def pick_device(preference: str = "auto") -> torch.device:

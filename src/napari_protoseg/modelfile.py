@@ -3,8 +3,12 @@
 Pure Python/PyTorch, no Qt. A model file (suggested extension ``.protoseg.pt``, any name works) is a
 ``torch.save`` of a plain dict::
 
-    {"format": "napari-protoseg model", "format_version": 1,
+    {"format": "napari-protoseg model", "format_version": 1 or 2,
      "config": "<JSON text>", "state_dict": {name: tensor, ...}}
+
+Version 2 marks a network with WISE-Net instance heads (``ModelConfig.n_instance_classes > 0``;
+their weights are part of the state dict, channel ``k`` belongs to the ``k``-th class flagged
+``instances``); models without heads are still written as version 1, which older releases read.
 
 The JSON configuration holds the napari-protoseg version that wrote it, the network configuration
 (:meth:`ModelConfig.to_dict`), the class table (``ClassInfo.to_json``, colours included; output
@@ -45,7 +49,8 @@ __all__ = [
 ]
 
 FORMAT = "napari-protoseg model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest version this release reads and writes
+_SEMANTIC_ONLY_VERSION = 1
 MODEL_SUFFIX = ".protoseg.pt"
 _REQUIRED_CONFIG_KEYS = ("model", "classes", "normalization", "context")
 
@@ -84,6 +89,11 @@ class TrainedModel:
                              f"{self.context} needs {2 * self.context + 1}")
         if not isinstance(self.training_info, dict):
             raise ValueError(f"training_info must be a dict, got {type(self.training_info).__name__}")
+        flagged = sum(bool(c.instances) for c in self.classes)
+        if config.n_instance_classes and config.n_instance_classes != flagged:
+            raise ValueError(f"the network has instance heads for {config.n_instance_classes} class(es) but "
+                             f"{flagged} class(es) are flagged 'instances'; the heads belong to the classes "
+                             "flagged when the model was trained")
 
     @property
     def class_ids(self) -> list[int]:
@@ -93,6 +103,16 @@ class TrainedModel:
     @property
     def config(self) -> ModelConfig:
         return self.net.config
+
+    @property
+    def instance_class_ids(self) -> list[int]:
+        """Ids of the classes flagged ``instances``, in the order of the localization channels."""
+        return [int(c.id) for c in self.classes if c.instances]
+
+    @property
+    def has_instance_heads(self) -> bool:
+        """True when the network has WISE-Net localization and embedding heads."""
+        return self.net.config.n_instance_classes > 0
 
     @property
     def device(self) -> torch.device:
@@ -146,7 +166,7 @@ def save_model(path: str | os.PathLike, model: TrainedModel) -> Path:
         raise ValueError(f"folder {path.parent} does not exist; create it first")
     payload = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if model.net.config.n_instance_classes else _SEMANTIC_ONLY_VERSION,
         "config": model_config_json(model),
         "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.net.state_dict().items()},
     }
@@ -285,6 +305,10 @@ def _parse_config(path: Path, text: str) -> tuple[ModelConfig, list[ClassInfo], 
     if len(classes) != config.n_classes:
         raise _fail(path, f"its class table lists {len(classes)} class(es) but the network "
                     f"configuration has {config.n_classes} outputs.{damaged}")
+    flagged = sum(bool(c.instances) for c in classes)
+    if config.n_instance_classes and config.n_instance_classes != flagged:
+        raise _fail(path, f"its network has instance heads for {config.n_instance_classes} class(es) but "
+                    f"its class table flags {flagged} class(es) with 'instances'.{damaged}")
 
     info = doc.get("training_info", {})
     if info is None:

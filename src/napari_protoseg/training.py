@@ -21,7 +21,8 @@ import torch
 
 from .data import CropSampler, Normalization
 from .inference import predict_region
-from .losses import LossWeights, strong_augment, total_loss
+from .instance_losses import instance_loss
+from .losses import LossWeights, negative_map, strong_augment, total_loss
 from .model import ModelConfig, ProtoSegNet, pick_device
 from .modelfile import TrainedModel
 from .project import AnnotationSet, Problem, ProjectError, atomic_write, check_image
@@ -31,7 +32,12 @@ CHECKPOINT_FORMAT = "napari-protoseg checkpoint"
 
 @dataclass
 class TrainConfig:
-    """Everything that decides a training run. Defaults fit a 2-core CPU (see docs/benchmarks.md)."""
+    """Everything that decides a training run. Defaults fit a 2-core CPU (see docs/benchmarks.md).
+
+    ``instance_heads``: train WISE-Net localization and embedding heads (``instance_embed_dim``
+    dims) jointly with the semantic model when the project has classes flagged ``instances: true``;
+    their losses enter the total as ``weight_localization * LCFCN + weight_embedding * similarity``.
+    """
 
     steps: int = 250
     batch_size: int = 4
@@ -54,6 +60,10 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     checkpoint_every: int = 100
+    instance_heads: bool = True
+    instance_embed_dim: int = 64
+    weight_localization: float = 1.0
+    weight_embedding: float = 1.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -63,10 +73,14 @@ class TrainConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 
-    def model_config(self, n_classes: int) -> ModelConfig:
+    def model_config(self, n_classes: int, n_instance_classes: int = 0) -> ModelConfig:
+        """The network for ``n_classes`` classes, ``n_instance_classes`` of them flagged ``instances``
+        (heads only with ``instance_heads``)."""
         return ModelConfig(n_classes=n_classes, in_channels=2 * self.context + 1, base_width=self.base_width,
                            depth=self.depth, embed_dim=self.embed_dim,
-                           prototypes_per_class=self.prototypes_per_class, temperature=self.temperature)
+                           prototypes_per_class=self.prototypes_per_class, temperature=self.temperature,
+                           n_instance_classes=n_instance_classes if self.instance_heads else 0,
+                           instance_embed_dim=self.instance_embed_dim)
 
 
 @dataclass
@@ -143,6 +157,19 @@ def _warmup_cosine(steps: int) -> Callable[[int], float]:
     return factor
 
 
+def _with_instance_heads(net: ProtoSegNet, n_instance_classes: int, embed_dim: int) -> ProtoSegNet:
+    """A copy of ``net`` with fresh instance heads for ``n_instance_classes`` classes (none for 0);
+    the backbone, DSP head and prototypes keep their weights."""
+    from dataclasses import replace
+
+    config = replace(net.config, n_instance_classes=n_instance_classes, instance_embed_dim=embed_dim)
+    new = ProtoSegNet(config).to(next(net.parameters()).device)
+    kept = {k: v for k, v in net.state_dict().items()
+            if not k.startswith(("localization_head.", "instance_embedding_head."))}
+    new.load_state_dict(kept, strict=False)
+    return new
+
+
 def train(
     image: np.ndarray,
     annotations: AnnotationSet,
@@ -180,13 +207,17 @@ def train(
     generator.manual_seed(config.seed)
 
     classes = list(annotations.classes)
+    instance_indices = [i for i, c in enumerate(classes) if c.instances]
     if initial_model is not None:
         normalization = initial_model.normalization
         net = initial_model.net
         context = initial_model.context
+        wanted = len(instance_indices) if config.instance_heads else net.config.n_instance_classes
+        if net.config.n_instance_classes != wanted:
+            net = _with_instance_heads(net, wanted, config.instance_embed_dim)
     else:
         normalization = Normalization.from_image(image, seed=config.seed)
-        net = ProtoSegNet(config.model_config(len(classes)))
+        net = ProtoSegNet(config.model_config(len(classes), len(instance_indices)))
         context = config.context
     if state is not None:
         normalization = Normalization.from_dict(state["normalization"])
@@ -206,6 +237,10 @@ def train(
         generator.set_state(state["torch_generator"].to(generator.get_state().device))
         torch.set_rng_state(state["torch_rng"])
     weights = LossWeights(config.weight_contrastive, config.weight_ce, config.weight_pseudo_label)
+    # A network whose heads do not fit the project's instance classes (e.g. an older model to
+    # continue from) trains its semantic part only.
+    use_instances = 0 < net.config.n_instance_classes == len(instance_indices) and (
+        config.weight_localization > 0 or config.weight_embedding > 0)
     checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else None
     losses: dict[str, float] = {}
 
@@ -240,12 +275,20 @@ def train(
             use_pl = config.weight_pseudo_label > 0 and step >= config.pseudo_label_warmup
             if use_pl:
                 strong = strong_augment(x, generator)
-                logits_both = net(torch.cat([x, strong]))["logits"]
-                logits, strong_logits = logits_both[: len(x)], logits_both[len(x):]
+                outputs = net(torch.cat([x, strong]), instance_batch=len(x))
+                logits, strong_logits = outputs["logits"][: len(x)], outputs["logits"][len(x):]
             else:
-                logits, strong_logits = net(x)["logits"], None
+                outputs = net(x)
+                logits, strong_logits = outputs["logits"], None
             terms = total_loss(logits, targets, strong_logits, weights=weights, tag_pooling=config.tag_pooling,
                                pl_threshold=config.pseudo_label_threshold, balance_classes=config.balance_classes)
+            if use_instances:
+                negatives = negative_map(targets, len(classes), *targets.crop_shape)
+                instance_terms = instance_loss(outputs["localization"], outputs["instance_embedding"], logits,
+                                               targets, instance_indices, rng=rng, negatives=negatives)
+                terms["total"] = (terms["total"] + config.weight_localization * instance_terms["localization"]
+                                  + config.weight_embedding * instance_terms["embedding"])
+                terms.update(instance_terms)
             optimizer.zero_grad(set_to_none=True)
             terms["total"].backward()
             torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
