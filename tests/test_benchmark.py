@@ -372,6 +372,10 @@ def test_markdown_and_plot(tmp_path):
     assert "## Ablations" in md and "Quick run" not in md
     bm.plot_miou_vs_time(results, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ablations_only = {**results, "settings": {}, "shared_peer_fits": {}}
+    assert "## Ablations" in bm.render_markdown(ablations_only)
+    bm.plot_miou_vs_time(ablations_only, tmp_path / "empty.png")
+    assert (tmp_path / "empty.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def _part(results, names, ablation_rows, complete=True):
@@ -385,13 +389,18 @@ def _part(results, names, ablation_rows, complete=True):
 def test_partial_runs_merge_into_one_report(tmp_path):
     """Settings and ablations run in separate sessions give the one report of a complete run."""
     results = fake_results()
+    # An --ablations-only run leaves out the variants that are main runs; the merge takes those from the settings.
     rows = [{"setting": s, "variant": v, "changes": c, "reused_main_run": False,
-             "protoseg": results["settings"][s]["protoseg"]} for s, v, c in bm.ABLATIONS]
+             "protoseg": results["settings"][s]["protoseg"]} for s, v, c in bm.ABLATIONS if c]
     first = _part(results, ["full", "masks", "masks+tags"], [])
     second = _part(results, ["masks+boxes", "masks+points", "mixed", "points-only"], rows)
     merged = bm.merge_results([first, second])
     assert list(merged["settings"]) == list(SETTINGS) and merged["complete"] and not merged["partial"]
     assert len(merged["ablations"]) == len(bm.ABLATIONS)
+    assert [(r["setting"], r["variant"]) for r in merged["ablations"]] == [(s, v) for s, v, _ in bm.ABLATIONS]
+    reused = [r for r in merged["ablations"] if not r["changes"]]
+    assert reused and all(r["reused_main_run"] and r["protoseg"] == results["settings"][r["setting"]]["protoseg"]
+                          for r in reused)
     assert merged["shared_peer_fits"] == {"masks": ["masks+tags", "masks+boxes"]}
     assert merged["targets"] == bm.evaluate_targets(results["settings"])
 
@@ -499,6 +508,10 @@ def test_only_a_complete_full_run_rewrites_the_docs(monkeypatch, tmp_path):
         assert bm.main(["data", "--out", str(tmp_path), *argv]) == 0
         assert calls[-1]["docs_path"] == expect_docs, argv
     assert calls[-1]["command"].startswith("protoseg benchmark data")
+    assert bm.main(["data", "--out", str(tmp_path), "--ablations-only"]) == 0
+    assert calls[-1]["settings"] == [] and calls[-1]["ablations"] is True and calls[-1]["docs_path"] is None
+    with pytest.raises(SystemExit):
+        bm.build_parser().parse_args(["data", "--ablations-only", "--no-ablations"])
 
 
 # ------------------------------------------------------------------ mitochondrion instances

@@ -729,6 +729,10 @@ def run_benchmark(data_dir, out_dir, settings=None, quick: bool = False, ablatio
             if key in tested:
                 row.update(protoseg=tested[key], reused_main_run=True)
                 progress(f"ablation {setting} / {variant}: same configuration as the main run, reused")
+            elif not changes and setting not in settings:
+                # The main run of that setting, done in another part of a split run: --merge adds it.
+                progress(f"ablation {setting} / {variant}: is the main run of `{setting}`; merge with that run")
+                continue
             else:
                 progress(f"ablation {setting} / {variant}: training")
                 if setting not in projects:
@@ -1032,6 +1036,11 @@ def plot_miou_vs_time(results: dict, path: str | Path) -> None:
 
     fig = Figure(figsize=(7.5, 5), dpi=120)
     ax = fig.add_subplot()
+    if not results["settings"]:  # an --ablations-only run: nothing to plot against annotation time
+        ax.text(0.5, 0.5, "no settings in this run (ablations only)", ha="center", va="center")
+        ax.set_axis_off()
+        fig.savefig(path)
+        return
     for entry in results["settings"].values():  # a faint line pairs each setting's two markers
         ax.plot([entry["annotation_minutes"]] * 2, [entry["protoseg"]["miou"], entry["peer"]["miou"]],
                 color="#cccccc", linewidth=1, zorder=1)
@@ -1104,6 +1113,10 @@ def merge_results(parts: list[dict]) -> dict:
             merged["shared_peer_fits"].setdefault(first_fit, []).append(name)
         elif first_fit:  # the setting it shared with is not in the merge: its own fit, then
             entry["peer"]["shared_fit_with"] = None
+    for setting, variant, changes in ABLATIONS:
+        if not changes and (setting, variant) not in rows and setting in merged["settings"]:
+            rows[(setting, variant)] = {"setting": setting, "variant": variant, "changes": {},
+                                        "protoseg": merged["settings"][setting]["protoseg"], "reused_main_run": True}
     merged["ablations"] = [rows[(s, v)] for s, v, _ in ABLATIONS if (s, v) in rows]
     merged["targets"] = evaluate_targets(merged["settings"])
     merged["wall_seconds"] = sum(part.get("wall_seconds", 0.0) for part in parts)
@@ -1161,7 +1174,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--settings", nargs="+", choices=SETTINGS, metavar="SETTING",
                         help=f"settings to run (default: all; with --quick: {' '.join(QUICK_SETTINGS)}); "
                              f"choose from {' '.join(SETTINGS)}")
-    parser.add_argument("--no-ablations", action="store_true", help="skip the ablation runs")
+    ablation_choice = parser.add_mutually_exclusive_group()
+    ablation_choice.add_argument("--no-ablations", action="store_true", help="skip the ablation runs")
+    ablation_choice.add_argument("--ablations-only", action="store_true",
+                                 help="run only the ablations (to --merge with a run of the settings)")
     parser.add_argument("--steps", type=int, help="training steps (default: the plugin's default; quick: "
                         f"{QUICK_STEPS})")
     parser.add_argument("--seed", type=int, default=0, help="seed of the simulated points, training and peer")
@@ -1184,12 +1200,13 @@ def run_from_args(args, argv: list[str] | None = None) -> int:
         return 0
     overrides = {"steps": args.steps} if args.steps is not None else None
     docs = args.docs
+    ablations_only = getattr(args, "ablations_only", False)
     complete = (not args.quick and args.settings in (None, list(SETTINGS)) and not args.no_ablations
-                and args.steps is None and args.seed == 0)
+                and not ablations_only and args.steps is None and args.seed == 0)
     if docs is None and complete:
         docs = _repository_docs()
-    run_benchmark(args.data_dir, args.out, settings=args.settings, quick=args.quick,
-                  ablations=False if args.no_ablations else None, seed=args.seed, config_overrides=overrides,
+    run_benchmark(args.data_dir, args.out, settings=[] if ablations_only else args.settings, quick=args.quick,
+                  ablations=True if ablations_only else False if args.no_ablations else None, seed=args.seed, config_overrides=overrides,
                   progress=lambda message: print(message, flush=True), docs_path=docs,
                   command=" ".join(["protoseg benchmark", *(sys.argv[1:] if argv is None else argv)]))
     return 0
