@@ -391,14 +391,16 @@ def test_partial_runs_merge_into_one_report(tmp_path):
     results = fake_results()
     # An --ablations-only run leaves out the variants that are main runs; the merge takes those from the settings.
     rows = [{"setting": s, "variant": v, "changes": c, "reused_main_run": False,
-             "protoseg": results["settings"][s]["protoseg"]} for s, v, c in bm.ABLATIONS if c]
+             "protoseg": results["settings"][s]["protoseg"]} for s, v, c in bm.ABLATIONS
+            if {**results["train_config"], **c} != results["train_config"]]
     first = _part(results, ["full", "masks", "masks+tags"], [])
     second = _part(results, ["masks+boxes", "masks+points", "mixed", "points-only"], rows)
     merged = bm.merge_results([first, second])
     assert list(merged["settings"]) == list(SETTINGS) and merged["complete"] and not merged["partial"]
     assert len(merged["ablations"]) == len(bm.ABLATIONS)
     assert [(r["setting"], r["variant"]) for r in merged["ablations"]] == [(s, v) for s, v, _ in bm.ABLATIONS]
-    reused = [r for r in merged["ablations"] if not r["changes"]]
+    reused = [r for r in merged["ablations"] if r["variant"] in ("all loss terms", "tag pooling: mean")]
+    assert len(reused) == 3  # mixed, full and masks+tags with the default (mean) tag pooling
     assert reused and all(r["reused_main_run"] and r["protoseg"] == results["settings"][r["setting"]]["protoseg"]
                           for r in reused)
     assert merged["shared_peer_fits"] == {"masks": ["masks+tags", "masks+boxes"]}
@@ -413,8 +415,10 @@ def test_partial_runs_merge_into_one_report(tmp_path):
     other["train_config"] = {**other["train_config"], "steps": 7}
     with pytest.raises(ValueError, match="differ in train_config"):
         bm.merge_results([first, other])
-    with pytest.raises(ValueError, match="did not finish"):
-        bm.merge_results([first, _part(results, ["masks"], [], complete=False)])
+    interrupted = _part(results, ["masks+boxes", "masks+points"], rows[:2], complete=False)
+    some = bm.merge_results([first, interrupted])
+    assert list(some["settings"]) == ["full", "masks", "masks+tags", "masks+boxes", "masks+points"]
+    assert len(some["ablations"]) == 2 + 2 and some["partial"]  # + the main runs of full and masks+tags
 
     files = []
     for i, part in enumerate((first, second)):

@@ -1,6 +1,8 @@
 """The panel's workflow without Qt: layers -> annotations, input checks, tags, classes, accepting,
 edit tracking, autosave, and the training / prediction generators the panel runs in workers."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from napari.components import ViewerModel
@@ -414,8 +416,25 @@ def test_every_prediction_gets_its_instances_from_the_one_decoding_function(samp
 
 
 def test_an_unknown_decoder_is_named_with_the_choices(sample, model):
-    with pytest.raises(SessionError, match="Unknown instance decoder 'magic'; choose one of components, watershed"):
+    with pytest.raises(SessionError, match="Unknown instance decoder 'magic'; choose one of wise, components, "
+                                           "watershed"):
         list(prediction_run(model, sample.image, "plane", z=0, decoder="magic"))
+
+
+def test_the_learned_wise_decoder_gives_instances_of_the_region_inside_instance_classes(sample, model):
+    assert model.has_instance_heads
+    piece = next(prediction_run(model, sample.image, "region", z=1, region=(8, 16, 72, 80), decoder="wise"))
+    assert piece.instances.dtype == np.uint32 and piece.instances.shape == (64, 64)
+    instance_ids = [c.id for c in model.classes if c.instances]
+    assert not np.any(piece.instances[~np.isin(piece.semantic, instance_ids)])
+    ids = np.unique(piece.instances)
+    assert list(ids[ids > 0]) == list(range(1, len(ids[ids > 0]) + 1))  # consecutive ids
+
+
+def test_the_wise_decoder_explains_that_it_needs_instance_heads(sample):
+    *_, last = training_run(sample.image, sample.annotations, replace(TINY, steps=1, instance_heads=False))
+    with pytest.raises(SessionError, match="needs a model trained with a class flagged as instances"):
+        list(prediction_run(last.event.model, sample.image, "plane", z=0, decoder="wise"))
 
 
 def test_the_model_info_says_classes_annotation_counts_and_steps(model):

@@ -729,7 +729,7 @@ def run_benchmark(data_dir, out_dir, settings=None, quick: bool = False, ablatio
             if key in tested:
                 row.update(protoseg=tested[key], reused_main_run=True)
                 progress(f"ablation {setting} / {variant}: same configuration as the main run, reused")
-            elif not changes and setting not in settings:
+            elif cfg.to_dict() == config.to_dict() and setting not in settings:
                 # The main run of that setting, done in another part of a split run: --merge adds it.
                 progress(f"ablation {setting} / {variant}: is the main run of `{setting}`; merge with that run")
                 continue
@@ -1083,7 +1083,8 @@ def merge_results(parts: list[dict]) -> dict:
     """One result from the ``results.json`` of runs that each did some of the settings and ablations.
 
     A long benchmark can thus run in parts (``--settings ... --no-ablations`` in one session, the
-    rest in another) and still give the one report. All parts must have the same training
+    rest in another) and still give the one report; a part that was interrupted contributes the
+    settings and ablations it finished (each is saved as soon as it is done). All parts must have the same training
     configuration, quick flag and seed; settings and ablation rows are taken from the part that ran
     them (a later part wins a repeated one). The merged result is ``complete`` only when it holds
     every setting and every ablation of the protocol.
@@ -1099,9 +1100,7 @@ def merge_results(parts: list[dict]) -> dict:
     merged = json.loads(json.dumps(first))
     merged["settings"], merged["ablations"], merged["shared_peer_fits"] = {}, [], {}
     rows: dict[tuple[str, str], dict] = {}
-    for part in parts:
-        if not part.get("complete"):
-            raise ValueError(f"the run of {part.get('date')} did not finish; run it again or leave it out")
+    for part in parts:  # a run that was interrupted still gives the settings and ablations it finished
         merged["settings"].update(part["settings"])
         for row in part.get("ablations", []):
             rows[(row["setting"], row["variant"])] = row
@@ -1113,9 +1112,11 @@ def merge_results(parts: list[dict]) -> dict:
             merged["shared_peer_fits"].setdefault(first_fit, []).append(name)
         elif first_fit:  # the setting it shared with is not in the merge: its own fit, then
             entry["peer"]["shared_fit_with"] = None
+    config = merged["train_config"]
     for setting, variant, changes in ABLATIONS:
-        if not changes and (setting, variant) not in rows and setting in merged["settings"]:
-            rows[(setting, variant)] = {"setting": setting, "variant": variant, "changes": {},
+        is_main_run = {**config, **changes} == config
+        if is_main_run and (setting, variant) not in rows and setting in merged["settings"]:
+            rows[(setting, variant)] = {"setting": setting, "variant": variant, "changes": changes,
                                         "protoseg": merged["settings"][setting]["protoseg"], "reused_main_run": True}
     merged["ablations"] = [rows[(s, v)] for s, v, _ in ABLATIONS if (s, v) in rows]
     merged["targets"] = evaluate_targets(merged["settings"])

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .inference import predict_plane, predict_region
-from .instances import PLAIN_DECODERS, link_planes, plain_instances
+from .inference import predict_instance_maps, predict_plane, predict_region
+from .instances import PLAIN_DECODERS, link_planes, plain_instances, relabel_sequential, wise_instances
 from .layers import (
     BOXES_LAYER,
     MASKS_LAYER,
@@ -81,7 +81,7 @@ TAG_STATES = (TAG_PRESENT, TAG_ABSENT, TAG_UNKNOWN)
 
 # Instance decoders offered in the panel. The learned WISE-Net decoder joins this list; see
 # :func:`decode_instances`, the one place where the decoder is applied.
-INSTANCE_DECODERS = tuple(PLAIN_DECODERS)
+INSTANCE_DECODERS = ("wise", *PLAIN_DECODERS)
 DEFAULT_DECODER = "watershed"
 
 Region = tuple[int, int, int, int]  # (y0, x0, y1, x1), half-open pixel range of a plane
@@ -960,7 +960,19 @@ def decode_instances(model: TrainedModel, image: np.ndarray, class_map: np.ndarr
     if decoder not in INSTANCE_DECODERS:
         raise SessionError(f"Unknown instance decoder '{decoder}'; choose one of {', '.join(INSTANCE_DECODERS)}.")
     instance_ids = [c.id for c in model.classes if c.instances]
-    return plain_instances(class_map, instance_ids, method=decoder)
+    if decoder != "wise":
+        return plain_instances(class_map, instance_ids, method=decoder)
+    if not model.has_instance_heads:
+        raise SessionError("The 'wise' instance decoder needs a model trained with a class flagged as "
+                           "instances (it learns where objects are from them). Flag the organelle classes in "
+                           "the class table and train again, or choose 'watershed'.")
+    # The learned maps of the whole plane (seeds may lie outside the region), cut to the region.
+    maps = predict_instance_maps(model, image, z)
+    labels = wise_instances(maps.classes, maps.localization, maps.embedding, model.instance_class_ids)
+    y0, x0, y1, x1 = region
+    # Objects stay within the semantic prediction shown next to them.
+    inside = np.isin(class_map, instance_ids)
+    return relabel_sequential(np.where(inside, labels[y0:y1, x0:x1], 0))
 
 
 def prediction_run(model: TrainedModel, image: np.ndarray, scope: str, z: int | None = None,
