@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from napari_protoseg.model import DSPHead, ModelConfig, ProtoSegNet, UNet2D, pick_device
+from napari_protoseg.model import DSPHead, FilterBank, ModelConfig, ProtoSegNet, UNet2D, pick_device
 
 
 def tiny(**kw) -> ProtoSegNet:
@@ -199,3 +199,49 @@ def test_configs_without_the_instance_fields_load_with_no_heads():
                 dict(n_classes=2, n_instance_classes=1, instance_embed_dim=0)):
         with pytest.raises(ValueError):
             ModelConfig(**bad)
+
+
+# ------------------------------------------------------------------------------ filter bank
+
+
+def test_filter_bank_measures_intensity_gradient_and_curvature_at_each_scale():
+    """A ramp has gradient magnitude `slope` (times sigma); a bowl x^2 + y^2 has both Hessian
+    eigenvalues 2 (times sigma^2); smoothing keeps a constant. Checked away from the borders."""
+    bank = FilterBank((1.0, 2.0))
+    yy, xx = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+    inner = (slice(None), slice(20, 44), slice(20, 44))
+    ramp = bank((0.01 * xx)[None, None])[0]
+    bowl = bank((((xx - 32) ** 2 + (yy - 32) ** 2) / 100.0)[None, None])[0]
+    for i, sigma in enumerate((1.0, 2.0)):
+        torch.testing.assert_close(ramp[4 * i][inner[1:]], (0.01 * xx)[inner[1:]], atol=1e-4, rtol=0)
+        torch.testing.assert_close(ramp[4 * i + 1][inner[1:]], torch.full((24, 24), 0.01 * sigma), atol=1e-4, rtol=0)
+        for k in (2, 3):
+            torch.testing.assert_close(bowl[4 * i + k][inner[1:]], torch.full((24, 24), 0.02 * sigma ** 2),
+                                       atol=1e-3, rtol=0)
+    assert bank.n_features == 8 and bank.radius == 9
+    flat = bank(torch.full((1, 1, 32, 32), 0.7))[0]
+    torch.testing.assert_close(flat[0], torch.full((32, 32), 0.7))
+    assert flat[1:4].abs().max() < 1e-5
+
+
+def test_filter_bank_turns_with_the_image():
+    """Magnitudes and eigenvalues do not depend on orientation: rotating the input rotates the output."""
+    bank = FilterBank((1.0, 3.0))
+    x = torch.rand(1, 1, 48, 48)
+    torch.testing.assert_close(bank(torch.rot90(x, 1, (2, 3))), torch.rot90(bank(x), 1, (2, 3)), atol=1e-5, rtol=0)
+
+
+def test_a_network_with_a_filter_bank_takes_the_raw_channels_and_reaches_farther():
+    from napari_protoseg.inference import receptive_radius
+
+    plain = ModelConfig(n_classes=3, base_width=4, depth=2, embed_dim=8)
+    config = ModelConfig(n_classes=3, base_width=4, depth=2, embed_dim=8, filter_sigmas=[1.0, 4.0])
+    net = ProtoSegNet(config)
+    out = net(torch.rand(2, 1, 40, 40))
+    assert out["logits"].shape == (2, 3, 40, 40)
+    assert net.backbone.stem[0].in_channels == 1 + 8
+    assert receptive_radius(config) == receptive_radius(plain) + 17
+    assert ModelConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    assert not any(name.startswith("filters") for name in net.state_dict())  # fixed: nothing to store
+    with pytest.raises(ValueError, match="filter_sigmas"):
+        ModelConfig(n_classes=3, filter_sigmas=[0.0])

@@ -29,10 +29,10 @@ CLASSES = [ClassInfo(1, "cytoplasm"), ClassInfo(3, "membrane", color="#dd8452"),
            ClassInfo(7, "mitochondrion", instances=True, color="#55a868")]
 
 
-def make_model(context=0, norm="group", classes=CLASSES, seed=0) -> TrainedModel:
+def make_model(context=0, norm="group", classes=CLASSES, seed=0, filter_sigmas=()) -> TrainedModel:
     torch.manual_seed(seed)
     config = ModelConfig(n_classes=len(classes), in_channels=2 * context + 1, base_width=4, depth=2,
-                         embed_dim=8, norm=norm)
+                         embed_dim=8, norm=norm, filter_sigmas=filter_sigmas)
     net = ProtoSegNet(config)
     with torch.no_grad():  # non-trivial running statistics, so they are checked too
         for module in net.modules():
@@ -73,9 +73,9 @@ def expect_error(path, *words):
 # --------------------------------------------------------------------------- round trip
 
 
-@pytest.mark.parametrize("context,norm", [(0, "group"), (1, "batch")])
-def test_round_trip_gives_identical_outputs(tmp_path, context, norm):
-    model = make_model(context=context, norm=norm)
+@pytest.mark.parametrize("context,norm,filter_sigmas", [(0, "group", ()), (1, "batch", ()), (1, "group", (1.0, 3.0))])
+def test_round_trip_gives_identical_outputs(tmp_path, context, norm, filter_sigmas):
+    model = make_model(context=context, norm=norm, filter_sigmas=filter_sigmas)
     path = save_model(tmp_path / "model.protoseg.pt", model)
     loaded = load_model(path)
     x = torch.rand(2, 2 * context + 1, 24, 40)

@@ -104,8 +104,10 @@ def receptive_radius(config: ModelConfig) -> int:
     ``2**i``) a 2x2 pool, two 3x3 convolutions down, a 2x2 transposed convolution and two 3x3
     convolutions up; the DSP head is 1x1. 9 for ``depth=1``, 23 for ``depth=2``, 51 for ``depth=3``,
     107 for ``depth=4`` (checked against input gradients). GroupNorm is ignored (it is global).
+    A filter bank (``config.filter_sigmas``) adds its radius, ``ceil(4 * max sigma) + 1``.
     """
-    return 7 * 2 ** config.depth - 5
+    filters = max((int(math.ceil(4 * s)) + 1 for s in config.filter_sigmas), default=0)
+    return 7 * 2 ** config.depth - 5 + filters
 
 
 def _ceil_to(value: int, multiple: int) -> int:

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DSPHead", "InstanceHead", "ModelConfig", "ProtoSegNet", "UNet2D", "pick_device"]
+__all__ = ["DSPHead", "FilterBank", "InstanceHead", "ModelConfig", "ProtoSegNet", "UNet2D", "pick_device"]
 
 NORMS = ("group", "batch")
 
@@ -52,6 +52,12 @@ class ModelConfig:
     (in the order of the classes flagged ``instances: true``) and an ``instance_embed_dim``-dim
     pixel embedding (64, as in WISE-Net). Configurations written before these fields existed load
     with the defaults (no heads).
+
+    ``filter_sigmas``: scales of a fixed (not learned) filter bank (:class:`FilterBank`) whose
+    responses of the central section join the input channels, the features an ilastik-style
+    classifier starts from: smoothed intensity, gradient magnitude and the two Hessian eigenvalues
+    at each scale. They hand the network texture and context at large scales from the first step,
+    which a small U-Net trained for minutes on a CPU does not learn by itself.
     """
 
     n_classes: int
@@ -64,8 +70,12 @@ class ModelConfig:
     norm: str = "group"
     n_instance_classes: int = 0
     instance_embed_dim: int = 64
+    filter_sigmas: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
+        self.filter_sigmas = tuple(float(s) for s in self.filter_sigmas)
+        if any(not (math.isfinite(s) and s > 0) for s in self.filter_sigmas):
+            raise ValueError(f"ModelConfig.filter_sigmas must be positive numbers, got {self.filter_sigmas!r}")
         for name in ("n_classes", "in_channels", "base_width", "embed_dim", "prototypes_per_class",
                      "instance_embed_dim"):
             value = getattr(self, name)
@@ -85,8 +95,10 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.norm must be one of {NORMS}, got {self.norm!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        """A plain dict of JSON types (ints, a float, a str)."""
-        return asdict(self)
+        """A plain dict of JSON types (ints, floats, a str, a list)."""
+        data = asdict(self)
+        data["filter_sigmas"] = list(self.filter_sigmas)
+        return data
 
     @property
     def has_instance_heads(self) -> bool:
@@ -208,6 +220,68 @@ class InstanceHead(nn.Module):
         return F.linear(hidden.permute(0, 2, 3, 1), weight, self.conv2.bias).permute(0, 3, 1, 2)
 
 
+def _gaussian_kernel(sigma: float) -> torch.Tensor:
+    radius = max(1, int(math.ceil(4 * sigma)))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    return k / k.sum()
+
+
+class FilterBank(nn.Module):
+    """Fixed multiscale filters of one channel: for each ``sigma`` the Gaussian-smoothed image, its
+    gradient magnitude (times sigma) and the two eigenvalues of its Hessian (times sigma^2), as
+    scikit-image's ``multiscale_basic_features`` (intensity, edges, texture); the scale factors make
+    the responses of different scales comparable. Reflect padding; no parameters.
+
+    ``forward(x: (B, 1, H, W)) -> (B, 4 * len(sigmas), H, W)``.
+    """
+
+    def __init__(self, sigmas: tuple[float, ...]) -> None:
+        super().__init__()
+        self.sigmas = tuple(float(s) for s in sigmas)
+        for i, sigma in enumerate(self.sigmas):
+            self.register_buffer(f"kernel{i}", _gaussian_kernel(sigma), persistent=False)
+        self.register_buffer("diff", torch.tensor([-0.5, 0.0, 0.5]), persistent=False)
+        self.register_buffer("second", torch.tensor([1.0, -2.0, 1.0]), persistent=False)
+
+    @property
+    def n_features(self) -> int:
+        return 4 * len(self.sigmas)
+
+    @property
+    def radius(self) -> int:
+        """How far (pixels) an input influences a response."""
+        return max((int(math.ceil(4 * s)) + 1 for s in self.sigmas), default=0)
+
+    @staticmethod
+    def _conv1d(x: torch.Tensor, kernel: torch.Tensor, axis: int) -> torch.Tensor:
+        r = (len(kernel) - 1) // 2
+        size = x.shape[-1] if axis == -1 else x.shape[-2]
+        pad_mode = "reflect" if r < size else "replicate"
+        if axis == -1:
+            x = F.pad(x, (r, r, 0, 0), mode=pad_mode)
+            return F.conv2d(x, kernel.view(1, 1, 1, -1))
+        x = F.pad(x, (0, 0, r, r), mode=pad_mode)
+        return F.conv2d(x, kernel.view(1, 1, -1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float().contiguous()
+        out = []
+        for i, sigma in enumerate(self.sigmas):
+            kernel = getattr(self, f"kernel{i}")
+            smooth = self._conv1d(self._conv1d(x, kernel, -1), kernel, -2)
+            gy = self._conv1d(smooth, self.diff, -2)
+            gx = self._conv1d(smooth, self.diff, -1)
+            hyy = self._conv1d(smooth, self.second, -2)
+            hxx = self._conv1d(smooth, self.second, -1)
+            hxy = self._conv1d(gx, self.diff, -2)
+            edges = torch.sqrt(gx * gx + gy * gy + 1e-12) * sigma
+            half_trace = (hxx + hyy) / 2
+            spread = torch.sqrt(((hxx - hyy) / 2) ** 2 + hxy * hxy + 1e-12)
+            out += [smooth, edges, (half_trace + spread) * sigma ** 2, (half_trace - spread) * sigma ** 2]
+        return torch.cat(out, dim=1)
+
+
 class ProtoSegNet(nn.Module):
     """U-Net + DSP head + class prototypes (+ optional WISE-Net instance heads).
 
@@ -224,7 +298,9 @@ class ProtoSegNet(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.backbone = UNet2D(config.in_channels, config.embed_dim, config.base_width, config.depth,
+        self.filters = FilterBank(config.filter_sigmas) if config.filter_sigmas else None
+        n_filters = self.filters.n_features if self.filters is not None else 0
+        self.backbone = UNet2D(config.in_channels + n_filters, config.embed_dim, config.base_width, config.depth,
                                config.norm)
         self.head = DSPHead(config.embed_dim, config.embed_dim)
         protos = torch.randn(config.n_classes, config.prototypes_per_class, config.embed_dim)
@@ -249,6 +325,11 @@ class ProtoSegNet(nn.Module):
             raise ValueError(
                 f"expected input of shape (B, {self.config.in_channels}, H, W), got {tuple(x.shape)}"
             )
+        if self.filters is not None:
+            centre = self.config.in_channels // 2
+            with torch.no_grad():
+                responses = self.filters(x[:, centre:centre + 1]).to(x.dtype)
+            x = torch.cat([x, responses], dim=1)
         x = x.contiguous(memory_format=torch.channels_last)
         features = self.backbone(x)
         e = self.head(features)

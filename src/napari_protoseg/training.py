@@ -51,6 +51,7 @@ class TrainConfig:
     prototypes_per_class: int = 5
     temperature: float = 0.05
     tag_pooling: str = "mean"
+    filter_sigmas: tuple[float, ...] = ()  # scales of the fixed filter bank (ModelConfig.filter_sigmas)
     balance_classes: bool = True  # each class weighs the same in the cross-entropies (see benchmark)
     weight_contrastive: float = 1.0
     weight_ce: float = 1.0
@@ -80,7 +81,7 @@ class TrainConfig:
                            depth=self.depth, embed_dim=self.embed_dim,
                            prototypes_per_class=self.prototypes_per_class, temperature=self.temperature,
                            n_instance_classes=n_instance_classes if self.instance_heads else 0,
-                           instance_embed_dim=self.instance_embed_dim)
+                           instance_embed_dim=self.instance_embed_dim, filter_sigmas=tuple(self.filter_sigmas))
 
 
 @dataclass
