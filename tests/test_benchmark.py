@@ -429,6 +429,9 @@ def test_partial_runs_merge_into_one_report(tmp_path):
     assert json.loads((tmp_path / "out" / "results.json").read_text())["complete"]
     assert docs.read_text() == (tmp_path / "out" / "benchmarks.md").read_text()
     assert bm.main(["unused", "--merge", str(tmp_path / "missing.json"), "--out", str(tmp_path / "o2")]) == 1
+    partial_docs = tmp_path / "partial.md"
+    assert bm.main(["unused", "--merge", str(files[0]), "--out", str(tmp_path / "o3"), "--docs", str(partial_docs)]) == 0
+    assert "Partial results" in partial_docs.read_text()  # asked for explicitly: written, and marked partial
 
 
 def test_command_line_options(tmp_path):

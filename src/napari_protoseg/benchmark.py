@@ -1128,8 +1128,10 @@ def merge_results(parts: list[dict]) -> dict:
 
 
 def write_merged(result_files: list[str | Path], out_dir: str | Path, docs_path: str | Path | None = None,
-                 progress=print) -> dict:
-    """Merge the ``results.json`` files of partial runs and write the report like a single run."""
+                 progress=print, docs_even_if_partial: bool = False) -> dict:
+    """Merge the ``results.json`` files of partial runs and write the report like a single run; the
+    Markdown goes to ``docs_path`` too when the merge is complete (or ``docs_even_if_partial``: it
+    then says which settings and ablations are missing)."""
     parts = [json.loads(Path(f).read_text()) for f in result_files]
     merged = merge_results(parts)
     out_dir = Path(out_dir)
@@ -1138,11 +1140,11 @@ def write_merged(result_files: list[str | Path], out_dir: str | Path, docs_path:
     markdown = render_markdown(merged)
     (out_dir / "benchmarks.md").write_text(markdown)
     plot_miou_vs_time(merged, out_dir / "miou_vs_time.png")
-    if docs_path is not None and merged["complete"]:
+    if docs_path is not None and (merged["complete"] or docs_even_if_partial):
         Path(docs_path).write_text(markdown)
     progress(f"merged {len(parts)} runs: {len(merged['settings'])} of {len(SETTINGS)} settings, "
              f"{len(merged['ablations'])} of {len(ABLATIONS)} ablations"
-             + ("" if merged["complete"] else " (incomplete: docs not rewritten)"))
+             + ("" if merged["complete"] or docs_even_if_partial else " (incomplete: docs not rewritten)"))
     return merged
 
 
@@ -1187,14 +1189,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--merge", nargs="+", metavar="RESULTS_JSON", type=Path,
                         help="do not train: merge the results.json of runs that each did some settings/ablations "
                              "into one report in --out (DATA_DIR is then ignored); a merge holding every setting "
-                             "and ablation rewrites docs/benchmarks.md like a complete run")
+                             "and ablation rewrites docs/benchmarks.md like a complete run; --docs MD writes even a "
+                             "partial merge there, marked as partial")
 
 
 def run_from_args(args, argv: list[str] | None = None) -> int:
     if getattr(args, "merge", None):
         try:
             write_merged(args.merge, args.out, docs_path=args.docs or _repository_docs(),
-                         progress=lambda message: print(message, flush=True))
+                         progress=lambda message: print(message, flush=True),
+                         docs_even_if_partial=args.docs is not None)
         except (OSError, ValueError, KeyError) as error:
             print(f"protoseg benchmark --merge: {error}", file=sys.stderr)
             return 1
