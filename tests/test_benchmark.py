@@ -411,6 +411,9 @@ def test_partial_runs_merge_into_one_report(tmp_path):
     lonely = bm.merge_results([second])  # masks+boxes shared masks' fit, which is not in this merge
     assert lonely["settings"]["masks+boxes"]["peer"]["shared_fit_with"] is None
 
+    older = _part(results, ["masks"], [])
+    del older["train_config"]["filter_sigmas"]  # written before that option existed: its default applies
+    assert list(bm.merge_results([first, older])["settings"]) == ["full", "masks", "masks+tags"]
     other = _part(results, ["masks"], [])
     other["train_config"] = {**other["train_config"], "steps": 7}
     with pytest.raises(ValueError, match="differ in train_config"):

@@ -1091,6 +1091,11 @@ def merge_results(parts: list[dict]) -> dict:
     """
     if not parts:
         raise ValueError("nothing to merge")
+    from .training import TrainConfig
+
+    # Options added to TrainConfig after a part ran take their default there, as they did in its run.
+    parts = [{**part, "train_config": json.loads(json.dumps(TrainConfig.from_dict(part["train_config"]).to_dict()))}
+             for part in parts]
     first = parts[0]
     for key in ("train_config", "quick", "seed"):
         for part in parts[1:]:
