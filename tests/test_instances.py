@@ -155,3 +155,13 @@ def test_predict_instances_decodes_a_given_class_map_and_links_planes_on_request
         predict_instances(_ModelWithoutHeads(), image, class_map=stack, decoder="wise")
     with pytest.raises(ValueError, match="unknown instance decoder"):
         predict_instances(_ModelWithoutHeads(), image, class_map=stack, decoder="magic")
+
+
+def test_watershed_keeps_an_elongated_unevenly_wide_object_whole():
+    """A mitochondrion-like ellipse with a wavy outline has many shallow ridge maxima: one object."""
+    yy, xx = np.mgrid[:80, :200]
+    wobble = 1 + 0.06 * np.sin(xx / 5.0)
+    classes = np.zeros((80, 200), np.uint8)
+    classes[((yy - 40) / (22 * wobble)) ** 2 + ((xx - 100) / 90) ** 2 <= 1] = 3
+    labels = plain_instances(classes, [3], method="watershed")
+    assert len(np.unique(labels)) == 2

@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 from scipy import ndimage as ndi
-from skimage.feature import peak_local_max
 from skimage.measure import label
+from skimage.morphology import h_maxima
 from skimage.segmentation import watershed
 
 __all__ = ["DECODERS", "PLAIN_DECODERS", "InstancePrediction", "PixelEmbeddings", "default_decoder",
@@ -41,31 +41,33 @@ def _components(region: np.ndarray) -> np.ndarray:
     return label(region, connectivity=1)
 
 
-def _distance_watershed(region: np.ndarray, min_distance: int) -> np.ndarray:
-    """Split touching objects at the necks of the distance transform."""
+def _distance_watershed(region: np.ndarray, split_depth: float) -> np.ndarray:
+    """Split touching objects at the necks of the distance transform: one seed per maximum of the
+    distance transform that rises at least ``split_depth`` pixels above the neck to any other
+    (h-maxima), so an elongated object with a slightly uneven ridge stays whole."""
     distance = ndi.distance_transform_edt(region)
+    markers = label(h_maxima(distance, max(float(split_depth), 1e-3)), connectivity=2)
+    # A component whose maxima are all shallower (tiny objects) keeps one seed at its deepest pixel.
     components = label(region, connectivity=1)
-    peaks = peak_local_max(distance, min_distance=max(1, int(min_distance)), labels=components,
-                           exclude_border=False)
-    markers = np.zeros(region.shape, dtype=np.int32)
-    markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
-    # A component without a peak (too small for min_distance) keeps one seed at its deepest pixel.
     seeded = np.unique(components[markers > 0])
     missing = np.setdiff1d(np.arange(1, components.max() + 1), seeded)
     if len(missing):
         deepest = ndi.maximum_position(distance, components, missing)
+        first = markers.max() + 1
         for i, pos in enumerate(deepest):
-            markers[pos] = len(peaks) + 1 + i
+            markers[pos] = first + i
     return watershed(-distance, markers, mask=region)
 
 
 def plain_instances(class_map: np.ndarray, instance_class_ids: Iterable[int], method: str = "watershed",
-                    min_size: int = 16, min_distance: int = 7) -> np.ndarray:
+                    min_size: int = 16, split_depth: float = 2.0) -> np.ndarray:
     """Instance labels (uint32, same shape) from a class map (Y, X) or (Z, Y, X), decoded per plane.
 
     ``method`` "components": connected components (4-connectivity) of each instance class;
-    "watershed": the components are split at the necks of their distance transform, so touching
-    round objects become separate instances. Objects smaller than ``min_size`` pixels are dropped.
+    "watershed": the components are split at necks at least ``split_depth`` pixels narrower (in
+    distance to the border) than the objects on both sides, so touching round objects become
+    separate instances and a long, unevenly wide one stays whole. Objects smaller than
+    ``min_size`` pixels are dropped.
     Ids are consecutive and unique over the whole array.
     """
     if method not in PLAIN_DECODERS:
@@ -80,7 +82,7 @@ def plain_instances(class_map: np.ndarray, instance_class_ids: Iterable[int], me
             region = plane == cid
             if not region.any():
                 continue
-            objects = _components(region) if method == "components" else _distance_watershed(region, min_distance)
+            objects = _components(region) if method == "components" else _distance_watershed(region, split_depth)
             sizes = np.bincount(objects.ravel())
             keep = sizes >= min_size
             keep[0] = False
@@ -305,7 +307,7 @@ class InstancePrediction:
 
 
 def predict_instances(model, image, *, decoder: str | None = None, link_3d: bool = False,
-                      class_map=None, min_size: int = 16, min_overlap: float = 0.3, min_distance: int = 7,
+                      class_map=None, min_size: int = 16, min_overlap: float = 0.3, split_depth: float = 2.0,
                       tile: int = 512, overlap: int = 64, device=None, batch_size: int = 4,
                       progress: Callable[[int, int], Any] | None = None,
                       stop: Callable[[], bool] | None = None) -> InstancePrediction:
@@ -366,7 +368,7 @@ def predict_instances(model, image, *, decoder: str | None = None, link_3d: bool
             done = n_planes
         planes = np.asarray(class_map).reshape(n_planes, *shape[-2:])
         labels[:done] = plain_instances(planes[:done], ids, method=decoder, min_size=min_size,
-                                        min_distance=min_distance).reshape(done, *shape[-2:])
+                                        split_depth=split_depth).reshape(done, *shape[-2:])
         if progress is not None:
             progress(done, n_planes)
     if link_3d and is_stack:
