@@ -5,7 +5,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from scipy import ndimage as ndi
 from skimage.segmentation import watershed
 
 from napari_protoseg.instance_losses import (
