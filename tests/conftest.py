@@ -1,7 +1,17 @@
 import numpy as np
 import pytest
+import torch
 
 from napari_protoseg.project import AnnotationSet, ClassInfo
+
+
+@pytest.fixture(autouse=True)
+def restore_torch_threads():
+    """The panel gives PyTorch all cores but one for good; later tests get the usual count back
+    (the number of threads changes the order of float sums, so results would depend on test order)."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

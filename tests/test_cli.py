@@ -123,7 +123,7 @@ def test_train_then_predict_round_trip(trained, small_sample, tmp_path, capsys):
     assert "predicting" in printed.err  # the progress bar
 
 
-def test_ctrl_c_keeps_a_checkpoint_and_resume_continues(tmp_path, small_sample, monkeypatch, capsys):
+def test_ctrl_c_keeps_a_checkpoint_and_resume_continues(tmp_path, small_sample, monkeypatch, capsys, request):
     project = write_project(tmp_path / "project", small_sample.image, small_sample.annotations)
     model_file = tmp_path / "model.protoseg.pt"
     checkpoint = tmp_path / "model.protoseg.pt.ckpt"
@@ -138,13 +138,18 @@ def test_ctrl_c_keeps_a_checkpoint_and_resume_continues(tmp_path, small_sample, 
 
     monkeypatch.setattr(cli, "_on_train_event", press_ctrl_c_after_step_2)
     args = ["train", str(project), "--out", str(model_file), "--steps", "4", "--seed", "3"]
+    handler_before = signal.getsignal(signal.SIGINT)
+    if handler_before is signal.SIG_IGN:  # started in the background by a shell: let Ctrl-C through here
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        request.addfinalizer(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+        handler_before = signal.default_int_handler
     assert main(args) == 130
     err = capsys.readouterr().err
     assert "training stopped at step 2 of 4" in err
     assert f"--resume {checkpoint}" in err
     assert checkpoint.is_file() and not model_file.exists()
     assert torch.load(checkpoint, weights_only=True)["step"] == 2
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert signal.getsignal(signal.SIGINT) is handler_before  # handler restored
 
     monkeypatch.setattr(cli, "_on_train_event", show)
     assert main(["train", str(project), "--out", str(model_file), "--resume", str(checkpoint)]) == 0
