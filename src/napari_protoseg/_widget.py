@@ -46,6 +46,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from ._text import format_duration
 from .layers import METADATA_KEY, classes_from_metadata
 from .modelfile import MODEL_SUFFIX, ModelFileError, check_model_classes, load_model, save_model
 from .project import ProjectError
@@ -73,18 +74,6 @@ CLOSE_WAIT_SECONDS = 60.0
 GIL_SWITCH_SECONDS = 0.001
 PROGRESS_REFRESH_SECONDS = 0.25
 _PREPARING = "preparing"  # stands for the prediction worker while its layers are being made
-
-
-def format_duration(seconds: float) -> str:
-    """12.3 s, 4 min 05 s, 1 h 02 min."""
-    seconds = max(0.0, float(seconds))
-    if seconds < 60:
-        return f"{seconds:.0f} s"
-    minutes, secs = divmod(int(round(seconds)), 60)
-    if minutes < 60:
-        return f"{minutes} min {secs:02d} s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes:02d} min"
 
 
 _warm_up_lock = threading.Lock()

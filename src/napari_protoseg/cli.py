@@ -21,6 +21,7 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
+from ._text import format_duration, format_ranges
 from .project import ProjectError, read_annotations
 
 EXIT_OK = 0
@@ -69,20 +70,8 @@ def _format_summary(folder: Path, summary: dict) -> str:
         lines.append(f"{name:<24}{counts['mask_pixels']:>10}{counts['boxes']:>8}{counts['points']:>8}"
                      f"{counts['tags_present']:>8}{counts['tags_absent']:>8}")
     planes = summary["planes_annotated"]
-    lines += ["", f"planes annotated ({len(planes)}): {_ranges(planes) if planes else 'none'}"]
+    lines += ["", f"planes annotated ({len(planes)}): {format_ranges(planes) if planes else 'none'}"]
     return "\n".join(lines)
-
-
-def _ranges(values: list[int]) -> str:
-    """[0, 1, 2, 5] -> '0-2, 5'."""
-    parts, start = [], None
-    for i, v in enumerate(values):
-        if start is None:
-            start = v
-        if i + 1 == len(values) or values[i + 1] != v + 1:
-            parts.append(str(start) if start == v else f"{start}-{v}")
-            start = None
-    return ", ".join(parts)
 
 
 def cmd_validate(args) -> int:
@@ -99,17 +88,6 @@ def cmd_validate(args) -> int:
 
 
 # ------------------------------------------------------------------------------- shared parts
-
-
-def _duration(seconds: float) -> str:
-    seconds = max(0.0, float(seconds))
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    minutes, secs = divmod(int(round(seconds)), 60)
-    if minutes < 60:
-        return f"{minutes} min {secs:02d} s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes:02d} min"
 
 
 def _pick_device(name: str):
@@ -348,7 +326,7 @@ def cmd_train(args) -> int:
     save_model(out, outcome.model)
     checkpoint.unlink(missing_ok=True)
     loss = outcome.losses.get("total")
-    print(f"trained {outcome.steps_done} steps in {_duration(outcome.elapsed)} on {outcome.device}"
+    print(f"trained {outcome.steps_done} steps in {format_duration(outcome.elapsed, decimals=1)} on {outcome.device}"
           + (f" (final loss {loss:.4f})" if loss is not None else ""))
     print(f"model written to {out}")
     return EXIT_OK
@@ -513,7 +491,8 @@ def cmd_predict(args) -> int:
         paths["instances"] = out / "instances.tif"
         _atomic_write_bytes(paths["instances"], _tiff_bytes(np.asarray(instances.labels, dtype=np.uint32),
                                                             compress=True))
-    print(f"predicted {prediction.planes_done} plane(s) of {shape} in {_duration(seconds)} on {device}")
+    took = format_duration(seconds, decimals=1)
+    print(f"predicted {prediction.planes_done} plane(s) of {shape} in {took} on {device}")
     print(f"classes: {_class_fractions(prediction.classes, model)}")
     print(f"mean confidence: {float(prediction.confidence.mean()):.3f}")
     if instances is not None:
@@ -588,12 +567,12 @@ def demo_report(png_path: Path, sample, annotations, predicted, classes, steps: 
     names = {int(c.id): c.name for c in classes}
     held = "not annotated" if held_out else "annotated"
     shape = " x ".join(map(str, sample.image.shape))
-    trained = f"{steps} steps in {_duration(train_seconds)} on {device}"
+    trained = f"{steps} steps in {format_duration(train_seconds, decimals=1)} on {device}"
     lines = [
         f"sample: synthetic EM {shape}, classes {', '.join(names.values())}",
         f"annotations: {summarize_annotations(annotations)}",
         f"training: {trained}" + (f" (final loss {final_loss:.4f})" if final_loss is not None else ""),
-        f"prediction: {annotations.n_planes} planes in {_duration(predict_seconds)}",
+        f"prediction: {annotations.n_planes} planes in {format_duration(predict_seconds, decimals=1)}",
         f"plane {eval_plane} ({held}) vs dense ground truth:",
         *(f"  IoU {names[cid]:<16}{v:.3f}" for cid, v in ious.items()),
         f"  mIoU {'':<15}{miou:.3f}",
@@ -657,7 +636,7 @@ def _demo_headless(args) -> int:
     print(f"model: {model_path}")
     print(f"prediction: {pred_dir}")
     print(f"overview: {png}")
-    print(f"total time: {_duration(time.perf_counter() - wall_start)}")
+    print(f"total time: {format_duration(time.perf_counter() - wall_start, decimals=1)}")
     return EXIT_OK
 
 

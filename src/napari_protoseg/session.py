@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ._text import format_ranges
 from .inference import predict_instance_maps, predict_plane, predict_region
 from .instances import PLAIN_DECODERS, link_planes, plain_instances, relabel_sequential, wise_instances
 from .layers import (
@@ -814,20 +815,8 @@ def model_info_text(model: TrainedModel | None, source: str = "") -> str:
         lines.append(f"  {name}: {', '.join(parts) if parts else 'nothing'}")
     planes = info.get("planes_annotated")
     if planes:
-        lines.append(f"Planes annotated: {_ranges(planes)}")
+        lines.append(f"Planes annotated: {format_ranges(planes)}")
     return "\n".join(lines)
-
-
-def _ranges(values: Sequence[int]) -> str:
-    parts, start = [], None
-    values = sorted(int(v) for v in values)
-    for i, v in enumerate(values):
-        if start is None:
-            start = v
-        if i + 1 == len(values) or values[i + 1] != v + 1:
-            parts.append(str(start) if start == v else f"{start}-{v}")
-            start = None
-    return ", ".join(parts)
 
 
 # ------------------------------------------------------------------------------- saving
