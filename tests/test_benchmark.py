@@ -312,9 +312,9 @@ def test_random_forest_learns_a_toy_image(sem):
 def test_benchmark_config():
     quick = bm.benchmark_config(quick=True)
     assert quick.steps == bm.QUICK_STEPS and quick.crop_size == bm.QUICK_CROP_SIZE
-    assert quick.pseudo_label_warmup == round(50 * bm.QUICK_STEPS / 250)  # same share of training
+    assert quick.pseudo_label_warmup == round(60 * bm.QUICK_STEPS / 300)  # same share of training
     full = bm.benchmark_config(seed=3)
-    assert full.steps == 250 and full.pseudo_label_warmup == 50 and full.seed == 3
+    assert full.steps == 300 and full.pseudo_label_warmup == 60 and full.seed == 3
     assert bm.benchmark_config(config_overrides={"steps": 100, "pseudo_label_warmup": 7}).pseudo_label_warmup == 7
     with pytest.raises(ValueError, match="unknown training option"):
         bm.benchmark_config(config_overrides={"stepz": 1})

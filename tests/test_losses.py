@@ -473,6 +473,22 @@ def test_balanced_ce_weighs_every_present_class_equally():
     assert supervised_ce(logits, CropTargets.empty(1, C, 8, 8), balance=True).item() == 0.0
 
 
+def test_partial_balance_weighs_classes_by_a_power_of_their_pixel_counts():
+    """balance=0.5 weighs each class's mean CE by sqrt(pixel count): between plain and full balance."""
+    mask = torch.full((1, 8, 8), -1)
+    mask[0, :4, :] = 0  # 32 pixels
+    mask[0, 7, :2] = 2  # 2 pixels
+    t = targets(h=8, w=8, mask=mask)
+    logits = torch.randn(1, C, 8, 8)
+    ce = F.cross_entropy(logits, mask.clamp_min(0), reduction="none")[0]
+    w0, w2 = 32 ** 0.5, 2 ** 0.5
+    want = (w0 * ce[mask[0] == 0].mean() + w2 * ce[mask[0] == 2].mean()) / (w0 + w2)
+    torch.testing.assert_close(supervised_ce(logits, t, balance=0.5), want)
+    torch.testing.assert_close(supervised_ce(logits, t, balance=0.0), supervised_ce(logits, t, balance=False))
+    with pytest.raises(ValueError, match="balance"):
+        supervised_ce(logits, t, balance=1.5)
+
+
 def test_pseudo_labels_never_pick_a_forbidden_class():
     """Pseudo labels avoid every class the annotations rule out and keep annotated classes."""
     for seed in range(5):

@@ -245,3 +245,16 @@ def test_a_network_with_a_filter_bank_takes_the_raw_channels_and_reaches_farther
     assert not any(name.startswith("filters") for name in net.state_dict())  # fixed: nothing to store
     with pytest.raises(ValueError, match="filter_sigmas"):
         ModelConfig(n_classes=3, filter_sigmas=[0.0])
+
+
+@pytest.mark.parametrize("backbone_grad", [True, False])
+def test_instance_heads_train_the_backbone_only_when_asked(backbone_grad):
+    """``instance_backbone_grad=False``: a loss on the instance outputs leaves the backbone's
+    gradients at zero (the semantic features are not pulled by it) but still trains the heads."""
+    net = ProtoSegNet(ModelConfig(n_classes=3, base_width=4, depth=2, embed_dim=8, n_instance_classes=1))
+    out = net(torch.randn(2, 1, 32, 32), instance_backbone_grad=backbone_grad)
+    (out["localization"].sum() + out["instance_embedding"].sum()).backward()
+    backbone = [p.grad for p in net.backbone.parameters() if p.grad is not None]
+    touched = any(float(g.abs().sum()) > 0 for g in backbone)
+    assert touched == backbone_grad
+    assert float(net.localization_head.conv2.weight.grad.abs().sum()) > 0

@@ -215,3 +215,30 @@ def test_continuing_a_model_without_heads_adds_them(small_sample):
                             initial_model=plain)).model
     assert more.has_instance_heads and more.net is not plain.net
     assert set(plain.net.state_dict()) < set(more.net.state_dict())  # the semantic part is carried over
+
+
+@pytest.mark.parametrize("share", [None, 0.0, 0.5, 1.0])
+def test_mask_share_sets_how_often_crops_centre_on_mask_pixels(share):
+    """With masks, boxes, points and tags present, ``mask_share`` is the share of mask anchors;
+    without it the four types are drawn alike (a quarter each)."""
+    masks = np.zeros((2, 40, 40), np.uint8)
+    masks[0, :20] = 1
+    masks[0, 20:] = 2
+    annotations = AnnotationSet((2, 40, 40), [ClassInfo(1, "a"), ClassInfo(2, "b")], masks=masks,
+                                boxes=[(1, 5, 5, 15, 15, 2, True)], points=[(1, 30, 30, 1, False)],
+                                tags=[(1, 2, True, 0, 0, 20, 20)])
+    sampler = CropSampler(np.zeros((2, 40, 40), np.float32), annotations, Normalization(0.0, 1.0),
+                          crop_size=32, mask_share=share)
+    rng = np.random.default_rng(0)
+    kinds = [sampler.pick_anchor(rng).kind for _ in range(4000)]
+    want = 0.25 if share is None else share
+    assert abs(kinds.count("mask") / len(kinds) - want) < 0.03
+    if share != 1.0:
+        others = [kinds.count(k) for k in ("box", "point", "tag")]
+        assert max(others) - min(others) < 0.06 * len(kinds)
+
+
+def test_mask_share_outside_0_to_1_is_refused():
+    annotations = AnnotationSet((1, 8, 8), [ClassInfo(1, "a"), ClassInfo(2, "b")], masks=np.ones((1, 8, 8), np.uint8))
+    with pytest.raises(ValueError, match="mask_share"):
+        CropSampler(np.zeros((1, 8, 8), np.float32), annotations, Normalization(0.0, 1.0), mask_share=1.5)

@@ -403,11 +403,15 @@ ABLATIONS = (
     ("mixed", "all loss terms", {}),
     ("mixed", "without pseudo-label term", {"weight_pseudo_label": 0.0}),
     ("mixed", "without cross-entropy", {"weight_ce": 0.0}),
+    ("mixed", "contrastive weight 1 (as the DSP paper)", {"weight_contrastive": 1.0}),
+    ("mixed", "crop types drawn uniformly", {"mask_share": None}),
     ("masks+tags", "tag pooling: mean", {"tag_pooling": "mean"}),
     ("masks+tags", "tag pooling: max", {"tag_pooling": "max"}),
     ("masks+tags", "tag pooling: smoothmax", {"tag_pooling": "smoothmax"}),
     ("full", "all loss terms", {}),
-    ("full", "cross-entropy not class-balanced", {"balance_classes": False}),
+    ("full", "class-balanced cross-entropy", {"balance_classes": 1.0}),
+    ("full", "instance losses also train the backbone", {"instance_backbone_grad": True}),
+    ("full", "without filter bank", {"filter_sigmas": []}),
 )
 TARGET_MIXED_FRACTION = 0.90
 TARGET_EXTRA_GAIN = 0.05
@@ -422,7 +426,7 @@ def benchmark_config(quick: bool = False, config_overrides: dict | None = None, 
     Full runs use the plugin's defaults; quick runs train ``QUICK_STEPS`` steps on
     ``QUICK_CROP_SIZE`` crops. When the number of steps differs from the default and the
     overrides do not set ``pseudo_label_warmup``, the warm-up keeps its default share of the
-    steps (50 of 250 = 20 %), so the pseudo-label term still acts for the same share of training.
+    steps (60 of 300 = 20 %), so the pseudo-label term still acts for the same share of training.
     """
     from .training import TrainConfig
 

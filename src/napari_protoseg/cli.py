@@ -672,7 +672,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, metavar="MODEL",
                        help="model file to write (e.g. model.protoseg.pt)")
     train.add_argument("--steps", type=_positive_int, metavar="N",
-                       help="optimiser steps (default: 250)")
+                       help="optimiser steps (default: 300)")
     train.add_argument("--device", choices=DEVICES, default="auto",
                        help="where to train (default: auto = CUDA, else MPS, else CPU)")
     train.add_argument("--seed", type=int, metavar="S", help="random seed (default: 0)")
@@ -712,7 +712,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", metavar="DIR",
                       help="output folder of --headless (default: ./protoseg-demo)")
     demo.add_argument("--steps", type=_positive_int, metavar="N",
-                      help="training steps of --headless (default: 250; fewer for a quick check)")
+                      help="training steps of --headless (default: 300; fewer for a quick check)")
     demo.add_argument("--device", choices=DEVICES, default="auto",
                       help="where --headless trains and predicts (default: auto)")
     demo.set_defaults(func=cmd_demo)

@@ -86,13 +86,19 @@ class CropSampler:
     """Samples square training crops around annotations and builds their targets.
 
     ``class_ids`` fixes the order of class indices (index i = ``class_ids[i]``). Each crop holds
-    an annotation chosen in three uniform draws: an annotation type among those present, a class
-    among those that type annotates, then one annotation of that class. Rare types and rare classes
-    (a few mitochondria among acres of cytoplasm) are thus seen as often as common ones.
+    an annotation chosen in three draws: an annotation type, a class among those that type
+    annotates, then one annotation of that class, each uniform. Rare types and rare classes (a few
+    mitochondria among acres of cytoplasm) are thus seen as often as common ones. ``mask_share``,
+    when given, is the share of crops centred on mask pixels when other types are present too (the
+    other types share the rest uniformly): a dense mask teaches every pixel of a crop, a point one.
     """
 
     def __init__(self, image: np.ndarray, annotations: AnnotationSet, normalization: Normalization,
-                 crop_size: int = 256, context: int = 0, augment: bool = True, jitter: bool = True):
+                 crop_size: int = 256, context: int = 0, augment: bool = True, jitter: bool = True,
+                 mask_share: float | None = None):
+        if mask_share is not None and not 0.0 <= mask_share <= 1.0:
+            raise ValueError(f"mask_share must be between 0 and 1, got {mask_share!r}")
+        self.mask_share = mask_share
         self.annotations = annotations
         self.is_stack = annotations.is_stack
         self.volume = normalization(image)
@@ -146,9 +152,14 @@ class CropSampler:
         return anchors
 
     def pick_anchor(self, rng: np.random.Generator) -> _Anchor:
-        """An annotation to centre a crop on: type, class and annotation each drawn uniformly."""
+        """An annotation to centre a crop on: type (see ``mask_share``), class and annotation."""
         kinds = sorted(self.anchors)
-        by_class = self.anchors[kinds[int(rng.integers(len(kinds)))]]
+        if self.mask_share is not None and "mask" in kinds and len(kinds) > 1:
+            others = [k for k in kinds if k != "mask"]
+            kind = "mask" if rng.random() < self.mask_share else others[int(rng.integers(len(others)))]
+        else:
+            kind = kinds[int(rng.integers(len(kinds)))]
+        by_class = self.anchors[kind]
         classes = sorted(by_class)
         group = by_class[classes[int(rng.integers(len(classes)))]]
         return group[int(rng.integers(len(group)))]

@@ -593,28 +593,34 @@ def supervised_targets(t: CropTargets) -> torch.Tensor:
     return target
 
 
-def _masked_ce(logits: torch.Tensor, target: torch.Tensor, balance: bool = False) -> torch.Tensor:
-    """Mean cross-entropy over the pixels with a target (>= 0); with ``balance``, the mean over the
-    classes present of each class's mean, so a class of few pixels weighs as much as a common one."""
+def _masked_ce(logits: torch.Tensor, target: torch.Tensor, balance: float = 0.0) -> torch.Tensor:
+    """Cross-entropy over the pixels with a target (>= 0), each class's mean weighted by its pixel
+    count to the power ``1 - balance``: 0 (or False) is the plain mean over pixels, 1 (or True) the
+    mean over the classes present of each class's mean (a class of few pixels weighs as much as a
+    common one), 0.5 weighs classes by the square root of their pixel counts."""
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
+    balance = float(balance)
+    if not 0.0 <= balance <= 1.0:
+        raise ValueError(f"balance must be between 0 and 1, got {balance!r}")
     valid = target >= 0
     if not bool(valid.any()):
         return _zero(logits)
     ce = F.cross_entropy(logits, target.clamp_min(0), reduction="none")
-    if not balance:
+    if balance == 0.0:
         return (ce * valid).sum() / valid.sum()
     C = logits.shape[1]
     cls = target[valid]
     sums = ce.new_zeros(C).index_add(0, cls, ce[valid])
     counts = ce.new_zeros(C).index_add(0, cls, torch.ones_like(sums[cls]))
     present = counts > 0
-    return (sums[present] / counts[present]).mean()
+    weights = counts[present] ** (1.0 - balance)
+    return (weights * sums[present] / counts[present]).sum() / weights.sum()
 
 
-def supervised_ce(logits: torch.Tensor, t: CropTargets, balance: bool = False) -> torch.Tensor:
+def supervised_ce(logits: torch.Tensor, t: CropTargets, balance: float = 0.0) -> torch.Tensor:
     """Cross-entropy averaged over the annotated mask pixels and point pixels (one mean over their
-    union; a point overrides the mask under it; ``balance``: each class present weighs the same);
+    union; a point overrides the mask under it; ``balance``: see :func:`_masked_ce`);
     a graph-connected 0 when there are none."""
     _check_logits(logits, t)
     return _masked_ce(logits, supervised_targets(t), balance)
@@ -646,9 +652,9 @@ def pseudo_label_targets(weak_logits: torch.Tensor, t: CropTargets, threshold: f
     return target.masked_fill(drop, -1)
 
 
-def pseudo_label_loss(strong_logits: torch.Tensor, targets: torch.Tensor, balance: bool = False) -> torch.Tensor:
+def pseudo_label_loss(strong_logits: torch.Tensor, targets: torch.Tensor, balance: float = 0.0) -> torch.Tensor:
     """Cross-entropy of the strongly augmented view's logits against pseudo labels (-1 ignored),
-    averaged over the labelled pixels (``balance``: per class, then over classes); a
+    averaged over the labelled pixels (``balance``: see :func:`_masked_ce`); a
     graph-connected 0 when there are none."""
     if strong_logits.ndim != 4 or tuple(targets.shape) != (strong_logits.shape[0], *strong_logits.shape[2:]):
         raise ValueError(f"targets {tuple(targets.shape)} do not fit logits {tuple(strong_logits.shape)}")
@@ -720,14 +726,14 @@ def strong_augment(x: torch.Tensor, generator: torch.Generator | None = None, *,
 def total_loss(logits: torch.Tensor, t: CropTargets, strong_logits: torch.Tensor | None = None, *,
                weights: LossWeights | None = None, tag_pooling: str = "mean", tag_power: float = 4.0,
                pl_threshold: float | None = 0.8, eps: float = 1e-6,
-               balance_classes: bool = False) -> dict[str, torch.Tensor]:
+               balance_classes: float = 0.0) -> dict[str, torch.Tensor]:
     """``contrastive + w_ce * CE + w_pl * pseudo-label`` for one training step.
 
     ``logits``: the (weakly augmented) view's prediction, trained with the DSP loss and the
     supervised cross-entropy; its detached prediction also gives the pseudo labels (confidence
     ``pl_threshold``) for ``strong_logits``, the prediction of a strongly augmented, pixel-aligned
     view (see :func:`strong_augment`); without ``strong_logits`` the pseudo-label term is 0.
-    ``balance_classes``: both cross-entropies weigh every class present equally (see :func:`supervised_ce`).
+    ``balance_classes``: the class balance of both cross-entropies, 0 to 1 (see :func:`_masked_ce`).
     Returns ``{"total", "contrastive", "mask", "box", "point", "tag", "negative", "ce",
     "pseudo_label"}``, all scalars.
     """

@@ -56,9 +56,10 @@ class ModelConfig:
     ``filter_sigmas``: scales of a fixed (not learned) filter bank (:class:`FilterBank`) whose
     responses of the central section join the input channels, the features an ilastik-style
     classifier starts from: smoothed intensity, gradient magnitude and the two Hessian eigenvalues
-    at each scale. Off by default: with sigmas (1, 2.5, 6.3, 16), a default 250-step run on the
-    benchmark's `full` setting reached mIoU 0.409 on sections 10, 13, 16 and 19, against 0.410
-    without it (a run without the instance heads, otherwise alike): no gain at this budget yet.
+    at each scale. Off in a bare ``ModelConfig``; the training default (``TrainConfig``) turns it
+    on with sigmas (1, 2.5, 6.3, 16): on the benchmark's `masks` setting (8 crops of 128 x 128, plain
+    cross-entropy, test sections 10, 13, 16, 19) 300 steps with it reached mIoU 0.437, 600 steps
+    without it 0.399. docs/benchmarks.md has the ablation.
     """
 
     n_classes: int
@@ -293,7 +294,8 @@ class ProtoSegNet(nn.Module):
     With instance heads (``config.n_instance_classes = K > 0``) the dict also holds
     ``"localization"`` (B, K, H, W) **logits** (``sigmoid`` gives the blob probabilities) and
     ``"instance_embedding"`` (B, E, H, W) free vectors; ``instance_batch=n`` computes them for the
-    first ``n`` inputs only (the others, e.g. a strongly augmented copy, need only logits).
+    first ``n`` inputs only (the others, e.g. a strongly augmented copy, need only logits);
+    ``instance_backbone_grad=False`` keeps the instance heads' gradients out of the backbone.
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -321,7 +323,8 @@ class ProtoSegNet(nn.Module):
         """The prototypes on the unit sphere, (C, K, D)."""
         return l2_normalize(self.prototypes, dim=-1)
 
-    def forward(self, x: torch.Tensor, instance_batch: int | None = None) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, instance_batch: int | None = None,
+                instance_backbone_grad: bool = True) -> dict[str, torch.Tensor]:
         if x.ndim != 4 or x.shape[1] != self.config.in_channels:
             raise ValueError(
                 f"expected input of shape (B, {self.config.in_channels}, H, W), got {tuple(x.shape)}"
@@ -340,6 +343,8 @@ class ProtoSegNet(nn.Module):
         out = {"embedding": e, "logits": logits}
         if self.config.has_instance_heads:
             head_features = features if instance_batch is None else features[:instance_batch]
+            if not instance_backbone_grad:
+                head_features = head_features.detach()
             # The backbone's output is cropped back to the input size; channels_last keeps the
             # heads' convolutions on the fast (oneDNN) path.
             head_features = head_features.contiguous(memory_format=torch.channels_last)
