@@ -64,8 +64,11 @@ def test_a_checkpoint_resumes_to_the_same_state_as_an_uninterrupted_run(small_sa
     assert stopped.stopped and stopped.step == 4 and stopped.checkpoint == str(tmp_path / "run.ckpt")
     resumed = last_event(train(small_sample.image, small_sample.annotations, resume=tmp_path / "run.ckpt"))
     assert resumed.finished and resumed.step == 8
+    # Equal up to float summation order (multithreaded CPU kernels on a loaded machine were seen
+    # to differ in the last bits); a wrong optimizer or RNG state after resuming moves weights by
+    # about the learning rate (3e-3 per step), far beyond this tolerance.
     for key, value in straight.net.state_dict().items():
-        torch.testing.assert_close(resumed.model.net.state_dict()[key], value, rtol=0, atol=0, msg=key)
+        torch.testing.assert_close(resumed.model.net.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)
 
 
 def test_closing_the_generator_keeps_the_last_checkpoint(small_sample, tmp_path):
