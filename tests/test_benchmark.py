@@ -412,8 +412,12 @@ def test_partial_runs_merge_into_one_report(tmp_path):
     assert lonely["settings"]["masks+boxes"]["peer"]["shared_fit_with"] is None
 
     older = _part(results, ["masks"], [])
-    del older["train_config"]["filter_sigmas"]  # written before that option existed: its default applies
-    assert list(bm.merge_results([first, older])["settings"]) == ["full", "masks", "masks+tags"]
+    del older["train_config"]["filter_sigmas"]  # written before that option existed: trained without filters
+    assert first["train_config"]["filter_sigmas"]
+    with pytest.raises(ValueError, match="differ in train_config"):
+        bm.merge_results([first, older])
+    first_without_filters = {**first, "train_config": {**first["train_config"], "filter_sigmas": []}}
+    assert list(bm.merge_results([first_without_filters, older])["settings"]) == ["full", "masks", "masks+tags"]
     other = _part(results, ["masks"], [])
     other["train_config"] = {**other["train_config"], "steps": 7}
     with pytest.raises(ValueError, match="differ in train_config"):

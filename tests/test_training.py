@@ -245,3 +245,14 @@ def test_mask_share_outside_0_to_1_is_refused():
     annotations = AnnotationSet((1, 8, 8), [ClassInfo(1, "a"), ClassInfo(2, "b")], masks=np.ones((1, 8, 8), np.uint8))
     with pytest.raises(ValueError, match="mask_share"):
         CropSampler(np.zeros((1, 8, 8), np.float32), annotations, Normalization(0.0, 1.0), mask_share=1.5)
+
+
+def test_a_config_written_before_a_field_existed_keeps_the_behaviour_of_then():
+    """Resuming an old checkpoint must not switch on what was added since (filter bank, heads...)."""
+    today = TrainConfig().to_dict()
+    old = {k: v for k, v in today.items() if k not in ("filter_sigmas", "mask_share", "balance_classes",
+                                                       "instance_heads", "instance_backbone_grad")}
+    config = TrainConfig.from_dict(old)
+    assert config.filter_sigmas == () and config.mask_share is None and config.balance_classes == 0.0
+    assert not config.instance_heads and config.instance_backbone_grad
+    assert TrainConfig.from_dict(today) == TrainConfig()

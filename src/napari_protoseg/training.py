@@ -67,7 +67,7 @@ class TrainConfig:
     weight_localization: float = 1.0
     weight_embedding: float = 1.0
     # The instance losses train the backbone too. Off by default: on the benchmark's `full` setting
-    # they pulled the semantic mitochondrion IoU from 0.15 to 0.01 (docs/benchmarks.md).
+    # they pulled the semantic mitochondrion IoU from 0.15 to 0.01 (an ablation of the benchmark).
     instance_backbone_grad: bool = False
 
     def to_dict(self) -> dict:
@@ -75,8 +75,11 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
+        """The configuration a dict describes; a field missing from it (a checkpoint or result
+        written before the field existed) takes the value that was in effect then, not today's
+        default, so resuming or merging such a run keeps meaning what it meant."""
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        return cls(**{**_BEFORE_FIELD_EXISTED, **{k: v for k, v in data.items() if k in known}})
 
     def model_config(self, n_classes: int, n_instance_classes: int = 0) -> ModelConfig:
         """The network for ``n_classes`` classes, ``n_instance_classes`` of them flagged ``instances``
@@ -86,6 +89,11 @@ class TrainConfig:
                            prototypes_per_class=self.prototypes_per_class, temperature=self.temperature,
                            n_instance_classes=n_instance_classes if self.instance_heads else 0,
                            instance_embed_dim=self.instance_embed_dim, filter_sigmas=tuple(self.filter_sigmas))
+
+
+# What training did before each of these fields was added (see TrainConfig.from_dict).
+_BEFORE_FIELD_EXISTED = {"filter_sigmas": (), "mask_share": None, "balance_classes": 0.0,
+                         "instance_heads": False, "instance_backbone_grad": True}
 
 
 @dataclass
