@@ -123,6 +123,11 @@ class ProjectError(ValueError):
         super().__init__(f"{len(self.problems)} problem(s) in the annotation project:\n{lines}")
 
 
+def find_class(classes, class_id: int) -> ClassInfo | None:
+    """The class of ``classes`` with id ``class_id``, or None."""
+    return next((c for c in classes if c.id == class_id), None)
+
+
 @dataclass
 class AnnotationSet:
     """Every annotation of one image: class table, masks, boxes, points and tags.
@@ -163,10 +168,10 @@ class AnnotationSet:
         return [c.id for c in self.classes]
 
     def class_by_id(self, class_id: int) -> ClassInfo:
-        for c in self.classes:
-            if c.id == class_id:
-                return c
-        raise KeyError(f"no class with id {class_id}")
+        found = find_class(self.classes, class_id)
+        if found is None:
+            raise KeyError(f"no class with id {class_id}")
+        return found
 
     def has_annotations(self) -> bool:
         """True if anything at all was annotated."""

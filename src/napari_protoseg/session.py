@@ -55,6 +55,7 @@ from .project import (
     check_classes,
     check_image,
     empty_tags,
+    find_class,
     write_project,
 )
 from .training import PreviewRequest, TrainConfig, TrainEvent, check_training_input, train
@@ -225,10 +226,10 @@ class Session:
         return [c.id for c in self.classes]
 
     def class_by_id(self, class_id: int) -> ClassInfo:
-        for c in self.classes:
-            if c.id == class_id:
-                return c
-        raise SessionError(f"There is no class with id {class_id}.")
+        found = find_class(self.classes, class_id)
+        if found is None:
+            raise SessionError(f"There is no class with id {class_id}.")
+        return found
 
     def _set_classes(self, classes: list[ClassInfo]) -> None:
         problems = check_classes(classes, file="class table")
