@@ -141,6 +141,16 @@ def _run_until_done(generator, done: threading.Event):
         done.set()
 
 
+def _stoppable_worker(generator, done: threading.Event, stop_flag: threading.Event, *, yielded, errored,
+                      finished) -> StoppableWorker:
+    """An unstarted worker running ``generator`` (``done`` set when it ends, however it ends) that
+    napari's cancel or closing the window stops through ``stop_flag``."""
+    worker = create_worker(_run_until_done, generator, done, _worker_class=StoppableWorker, _start_thread=False,
+                           _connect={"yielded": yielded, "errored": errored, "finished": finished})
+    worker.stop_flag = stop_flag
+    return worker
+
+
 class LossPlot(QWidget):
     """A small live plot of the training loss: every step faint, a running average on top. Painted
     directly, so a redraw costs next to nothing while training runs."""
@@ -914,20 +924,13 @@ class ProtosegWidget(QWidget):
         self._aim_preview(force=True)
         self.train_status.setText("Saving the project and starting …")
         self.preview_view.setVisible(False)
-        worker = create_worker(
-            _run_until_done,
+        worker = _stoppable_worker(
             training_run(image, annotations, replace(self.session.train_config), snapshot=snapshot,
                          resume=resume, initial_model=initial_model,
                          preview=self.preview_target if self.preview_check.isChecked() else None,
                          stop=self._stop_training.is_set),
-            self._training_done,
-            _worker_class=StoppableWorker,
-            _start_thread=False,
-            _connect={"yielded": self._on_training_update,
-                      "errored": lambda err: self._worker_failed("Training", err),
-                      "finished": self._on_training_finished},
-        )
-        worker.stop_flag = self._stop_training
+            self._training_done, self._stop_training, yielded=self._on_training_update,
+            errored=lambda err: self._worker_failed("Training", err), finished=self._on_training_finished)
         self._train_worker = worker
         self._update_buttons()
         self._limit_torch_threads()
@@ -1125,18 +1128,11 @@ class ProtosegWidget(QWidget):
         self._prediction_done.clear()
 
         def start_worker():
-            worker = create_worker(
-                _run_until_done,
+            worker = _stoppable_worker(
                 prediction_run(model, image, scope, z, region, self.session.decoder,
                                stop=self._stop_prediction.is_set),
-                self._prediction_done,
-                _worker_class=StoppableWorker,
-                _start_thread=False,
-                _connect={"yielded": self._on_prediction_piece,
-                          "errored": lambda err: self._worker_failed("Prediction", err),
-                          "finished": self._on_prediction_finished},
-            )
-            worker.stop_flag = self._stop_prediction
+                self._prediction_done, self._stop_prediction, yielded=self._on_prediction_piece,
+                errored=lambda err: self._worker_failed("Prediction", err), finished=self._on_prediction_finished)
             self._predict_worker = worker
             self._background_started()
             worker.start()
