@@ -333,3 +333,45 @@ def test_crop_sampler_reports_which_classes_points_are_exhaustive():
         assert n in (1, 3)
         assert t.point_exhaustive[b, 1].item() == (n == 3)  # plane 0: all class-2 points exhaustive
         assert not t.point_exhaustive[b, 0].item()  # class 1's point is not
+
+
+
+def _backward_ops(tensor):
+    seen, stack, names = set(), [tensor.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+def test_instance_losses_backpropagate_without_unordered_atomic_adds():
+    """Plain tensor indexing backpropagates through index_put with accumulation, which a multi-threaded
+    CPU runs as unordered atomic float adds: repeated pixels (an anchor in many pairs, overlapping split
+    lines) then sum in a different order from run to run, and training with the instance heads was not
+    reproducible. The losses gather with index_select, whose backward adds in a fixed order."""
+    B, size = 2, 48
+    yy, xx = np.mgrid[:size, :size]
+    mask = np.full((B, size, size), -1, np.int64)
+    mask[:, :8] = 0
+    points = []
+    for b in range(B):
+        for cy, cx in [(16, 14), (16, 34), (36, 24)]:
+            mask[b][(yy - cy) ** 2 + (xx - cx) ** 2 < 49] = 2
+            points.append((b, 2, cy, cx))
+    t = CropTargets.empty(B, C, size, size)
+    t.mask = torch.as_tensor(mask)
+    t.points = torch.tensor(points)
+    t.point_exhaustive = torch.ones(B, C, dtype=torch.bool)
+    t.tags = torch.tensor([(0, 2, 1, 0, 0, size, size), (1, 1, 0, 0, 0, size, size)])
+    generator = torch.Generator().manual_seed(0)
+    loc = torch.randn(B, 1, size, size, generator=generator).requires_grad_(True)
+    emb = torch.randn(B, 8, size, size, generator=generator).requires_grad_(True)
+    semantic = torch.randn(B, C, size, size, generator=generator)
+    out = instance_loss(loc, emb, semantic, t, INSTANCE, rng=np.random.default_rng(0))
+    for name in ("loc_image", "loc_point", "loc_split_global", "loc_false_positive", "loc_negative", "embedding"):
+        assert out[name].grad_fn is not None, name  # the term has pixels, so it is really checked
+        assert "IndexBackward0" not in _backward_ops(out[name]), name

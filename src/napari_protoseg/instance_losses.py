@@ -341,6 +341,13 @@ def _group_mean(values: torch.Tensor, groups: np.ndarray, zero: torch.Tensor,
     return per_group.mean()
 
 
+def _take(values: torch.Tensor, index) -> torch.Tensor:
+    """``values[index]`` along the first dimension, as ``index_select``: its backward adds repeated
+    indices in a fixed order, where plain indexing's backward uses unordered atomic float adds on a
+    multi-threaded CPU (training with the instance heads was then not reproducible)."""
+    return values.index_select(0, torch.as_tensor(index, device=values.device, dtype=torch.long))
+
+
 def lcfcn_loss(localization: torch.Tensor, t: CropTargets, instance_indices: Sequence[int], *,
                targets: LCFCNTargets | None = None, negatives: torch.Tensor | None = None,
                weights: InstanceLossWeights | None = None) -> dict[str, torch.Tensor]:
@@ -359,14 +366,13 @@ def lcfcn_loss(localization: torch.Tensor, t: CropTargets, instance_indices: Seq
     zero = _zero(logits)
 
     def towards(pixels: np.ndarray, value: float) -> torch.Tensor:
-        v = flat[torch.as_tensor(pixels, device=device)]
+        v = _take(flat, pixels)
         return F.binary_cross_entropy_with_logits(v, torch.full_like(v, value), reduction="none")
 
     terms = {}
     pts = targets.points
     if len(pts):
-        at = logits[torch.as_tensor(pts.b, device=device), torch.as_tensor(pts.k, device=device),
-                    torch.as_tensor(pts.y, device=device), torch.as_tensor(pts.x, device=device)]
+        at = _take(flat, ((pts.b * K + pts.k) * H + pts.y) * W + pts.x)
         terms["loc_point"] = F.binary_cross_entropy_with_logits(at, torch.ones_like(at), reduction="sum") / B
     else:
         terms["loc_point"] = zero
@@ -383,7 +389,8 @@ def lcfcn_loss(localization: torch.Tensor, t: CropTargets, instance_indices: Seq
         xs = torch.arange(W, device=device)
         inside = (((ys >= rows[:, 3, None]) & (ys < rows[:, 5, None]))[:, :, None]
                   & ((xs >= rows[:, 4, None]) & (xs < rows[:, 6, None]))[:, None, :])
-        top = logits[rows[:, 0], rows[:, 1]].masked_fill(~inside, float("-inf")).amax(dim=(1, 2))
+        planes = _take(logits.reshape(B * K, H, W), rows[:, 0] * K + rows[:, 1])
+        top = planes.masked_fill(~inside, float("-inf")).amax(dim=(1, 2))
         terms["loc_image"] = F.binary_cross_entropy_with_logits(top, rows[:, 2].to(top.dtype))
     else:
         terms["loc_image"] = zero
@@ -391,7 +398,7 @@ def lcfcn_loss(localization: torch.Tensor, t: CropTargets, instance_indices: Seq
     idx = torch.as_tensor(_check_indices(instance_indices, t.n_classes), device=device)
     neg = negatives[:, idx]
     if bool(neg.any()):
-        v = logits[neg]
+        v = torch.masked_select(logits, neg)
         terms["loc_negative"] = F.binary_cross_entropy_with_logits(v, torch.zeros_like(v))
     else:
         terms["loc_negative"] = zero
@@ -568,18 +575,16 @@ def embedding_loss(instance_embedding: torch.Tensor, semantic_logits: torch.Tens
     # One gather of every pixel involved: anchors, object samples, background samples.
     table = np.concatenate([anchor_flat, picked, bg])
     b, rem = table // (K * plane_size), table % plane_size
-    device = instance_embedding.device
-    vectors = instance_embedding[torch.as_tensor(b, device=device), :,
-                                 torch.as_tensor(rem // W, device=device),
-                                 torch.as_tensor(rem % W, device=device)].float()  # (N, E)
+    pixel_rows = instance_embedding.permute(0, 2, 3, 1).reshape(-1, instance_embedding.shape[1])
+    vectors = _take(pixel_rows, b * plane_size + rem).float()  # (N, E)
     n_picked = len(picked)
     same = (np.arange(M, M + n_picked), picked_obj)
     different = (np.concatenate([ai, M + pi, M + n_picked + qi, M + ri]),
                  np.concatenate([aj, pj, qj, M + n_picked + rj]))
 
     def squared_distance(pairs) -> torch.Tensor:
-        i, j = (torch.as_tensor(p, device=device, dtype=torch.long) for p in pairs)
-        return (vectors[i] - vectors[j]).pow(2).sum(-1)
+        i, j = pairs
+        return (_take(vectors, i) - _take(vectors, j)).pow(2).sum(-1)
 
     loss = zero
     if n_picked:
