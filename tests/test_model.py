@@ -258,3 +258,18 @@ def test_instance_heads_train_the_backbone_only_when_asked(backbone_grad):
     touched = any(float(g.abs().sum()) > 0 for g in backbone)
     assert touched == backbone_grad
     assert float(net.localization_head.conv2.weight.grad.abs().sum()) > 0
+
+
+def test_clipping_groups_split_the_semantic_model_from_each_instance_head():
+    """Gradient norms are clipped per group, so the instance heads' gradients never scale down the
+    semantic model's update; every parameter is in exactly one group."""
+    net = ProtoSegNet(ModelConfig(n_classes=3, base_width=4, depth=2, embed_dim=8, n_instance_classes=1))
+    groups = net.clipping_groups()
+    assert len(groups) == 3
+    ids = [id(p) for group in groups for p in group]
+    assert sorted(ids) == sorted(id(p) for p in net.parameters())
+    assert {id(p) for p in groups[1]} == {id(p) for p in net.localization_head.parameters()}
+    assert {id(p) for p in groups[2]} == {id(p) for p in net.instance_embedding_head.parameters()}
+    assert any(p is net.prototypes for p in groups[0])
+    plain = ProtoSegNet(ModelConfig(n_classes=3, base_width=4, depth=2, embed_dim=8))
+    assert len(plain.clipping_groups()) == 1

@@ -319,6 +319,15 @@ class ProtoSegNet(nn.Module):
         # converted in forward, and state dicts load into these parameters whatever their layout.
         self.to(memory_format=torch.channels_last)
 
+    def clipping_groups(self) -> list[list[nn.Parameter]]:
+        """The parameters in groups whose gradient norms are clipped separately: the semantic model
+        (backbone, DSP head, prototypes) and each instance head. One global norm let the instance
+        heads' large gradients scale down the semantic model's updates even with detached heads."""
+        heads = [self.localization_head, self.instance_embedding_head] if self.config.has_instance_heads else []
+        in_heads = {id(p) for head in heads for p in head.parameters()}
+        semantic = [p for p in self.parameters() if id(p) not in in_heads]
+        return [semantic] + [list(head.parameters()) for head in heads]
+
     def normalized_prototypes(self) -> torch.Tensor:
         """The prototypes on the unit sphere, (C, K, D)."""
         return l2_normalize(self.prototypes, dim=-1)

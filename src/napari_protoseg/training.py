@@ -44,6 +44,7 @@ class TrainConfig:
     crop_size: int = 128
     learning_rate: float = 3e-3
     weight_decay: float = 1e-4
+    max_grad_norm: float = 5.0  # per group of ProtoSegNet.clipping_groups
     context: int = 0
     base_width: int = 8
     depth: int = 4
@@ -306,7 +307,8 @@ def train(
                 terms.update(instance_terms)
             optimizer.zero_grad(set_to_none=True)
             terms["total"].backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
+            for group in net.clipping_groups():
+                torch.nn.utils.clip_grad_norm_(group, config.max_grad_norm)
             optimizer.step()
             scheduler.step()
             step += 1
