@@ -321,6 +321,10 @@ def test_headless_demo_writes_overview_prediction_model_and_figures(tmp_path, ca
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     semantic, confidence, doc = _read_prediction(out / "prediction")
     assert semantic.shape == confidence.shape == (8, 512, 512)
+    # The sample's mitochondria are flagged as instances: the demo separates them too.
+    instances = tifffile.imread(out / "prediction" / "instances.tif")
+    assert instances.shape == semantic.shape and instances.dtype == np.uint32
+    assert "instances:" in printed and "(wise decoder)" in printed
     assert load_model(out / "model.protoseg.pt").training_info["steps"] == 3
     assert main(["validate", str(out / "project")]) == 0
 

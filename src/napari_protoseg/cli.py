@@ -392,19 +392,21 @@ def _read_input_image(path: Path):
     return image, project_classes
 
 
-def _write_prediction(folder: Path, prediction, model) -> dict[str, Path]:
-    """semantic.tif, confidence.tif and classes.json in ``folder``; returns their paths."""
+def _write_prediction(folder: Path, prediction, model, instances=None) -> dict[str, Path]:
+    """semantic.tif, confidence.tif, classes.json and, given ``instances``, instances.tif in
+    ``folder``; returns their paths."""
     import numpy as np
 
-    from .project import _atomic_write_bytes, _tiff_bytes
+    from .project import write_text, write_tiff
 
     paths = {"semantic": folder / "semantic.tif", "confidence": folder / "confidence.tif",
              "classes": folder / "classes.json"}
-    _atomic_write_bytes(paths["semantic"], _tiff_bytes(np.asarray(prediction.classes), compress=True))
-    _atomic_write_bytes(paths["confidence"],
-                        _tiff_bytes(np.asarray(prediction.confidence, dtype=np.float32), compress=False))
-    doc = {"classes": [c.to_json() for c in model.classes]}
-    _atomic_write_bytes(paths["classes"], (json.dumps(doc, indent=1) + "\n").encode())
+    write_tiff(paths["semantic"], np.asarray(prediction.classes))
+    write_tiff(paths["confidence"], np.asarray(prediction.confidence, dtype=np.float32), compress=False)
+    write_text(paths["classes"], json.dumps({"classes": [c.to_json() for c in model.classes]}, indent=1) + "\n")
+    if instances is not None:
+        paths["instances"] = folder / "instances.tif"
+        write_tiff(paths["instances"], np.asarray(instances.labels, dtype=np.uint32))
     return paths
 
 
@@ -464,9 +466,16 @@ def _class_fractions(classes, model) -> str:
     return ", ".join(f"{c.name} {100 * counts[c.id] / total:.1f} %" for c in model.classes)
 
 
-def cmd_predict(args) -> int:
+def _instance_summary(instances, model, decoder: str) -> str:
     import numpy as np
 
+    n_objects = len(np.unique(instances.labels)) - int((instances.labels == 0).any())
+    kind = "3D objects (linked across planes)" if instances.linked_3d else "objects"
+    return (f"instances: {n_objects} {kind} of {', '.join(c.name for c in model.classes if c.instances)} "
+            f"({decoder} decoder)")
+
+
+def cmd_predict(args) -> int:
     from .modelfile import check_model_classes
 
     device = _pick_device(args.device)
@@ -484,22 +493,13 @@ def cmd_predict(args) -> int:
     shape = " x ".join(str(int(s)) for s in image.shape)
     print(f"predicting {args.image} ({shape}) with {args.model} on {device}", file=sys.stderr)
     prediction, instances, seconds = _predict_with_progress(model, image, device, decoder, args.link_3d)
-    paths = _write_prediction(out, prediction, model)
-    if instances is not None:
-        from .project import _atomic_write_bytes, _tiff_bytes
-
-        paths["instances"] = out / "instances.tif"
-        _atomic_write_bytes(paths["instances"], _tiff_bytes(np.asarray(instances.labels, dtype=np.uint32),
-                                                            compress=True))
+    paths = _write_prediction(out, prediction, model, instances)
     took = format_duration(seconds, decimals=1)
     print(f"predicted {prediction.planes_done} plane(s) of {shape} in {took} on {device}")
     print(f"classes: {_class_fractions(prediction.classes, model)}")
     print(f"mean confidence: {float(prediction.confidence.mean()):.3f}")
     if instances is not None:
-        n_objects = len(np.unique(instances.labels)) - int((instances.labels == 0).any())
-        kind = "3D objects (linked across planes)" if instances.linked_3d else "objects"
-        print(f"instances: {n_objects} {kind} of {', '.join(c.name for c in model.classes if c.instances)} "
-              f"({decoder} decoder)")
+        print(_instance_summary(instances, model, decoder))
     for path in paths.values():
         print(f"wrote {path}")
     return EXIT_OK
@@ -625,14 +625,17 @@ def _demo_headless(args) -> int:
     save_model(model_path, model)
     checkpoint.unlink(missing_ok=True)
 
-    prediction, _, predict_seconds = _predict_with_progress(model, project.image, device)
+    decoder = _instance_decoder(model, None)
+    prediction, instances, predict_seconds = _predict_with_progress(model, project.image, device, decoder)
     pred_dir = _prepare_output_folder(out / "prediction", "prediction folder")
-    _write_prediction(pred_dir, prediction, model)
+    _write_prediction(pred_dir, prediction, model, instances)
 
     lines, png = demo_report(out / "overview.png", sample, annotations, np.asarray(prediction.classes),
                              model.classes, outcome.steps_done, outcome.elapsed, outcome.device,
                              outcome.losses.get("total"), predict_seconds)
     print("\n".join(lines))
+    if instances is not None:
+        print(_instance_summary(instances, model, decoder))
     print(f"model: {model_path}")
     print(f"prediction: {pred_dir}")
     print(f"overview: {png}")

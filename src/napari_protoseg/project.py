@@ -632,8 +632,19 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
         raise
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically: readers see the old file or the new one, never half."""
     atomic_write(path, lambda f: f.write(data))
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    write_bytes(path, text.encode())
+
+
+def write_tiff(path: Path, array: np.ndarray, compress: bool = True) -> None:
+    """Write ``array`` as a greyscale TIFF (zlib-compressed unless ``compress=False``) atomically."""
+    write_bytes(path, _tiff_bytes(array, compress))
 
 
 def _tiff_bytes(array: np.ndarray, compress: bool) -> bytes:
@@ -681,18 +692,18 @@ def write_annotations(folder: str | os.PathLike, annotations: AnnotationSet) -> 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     doc = {"classes": [c.to_json() for c in annotations.classes]}
-    _atomic_write_bytes(folder / CLASSES_FILE, (json.dumps(doc, indent=1) + "\n").encode())
+    write_text(folder / CLASSES_FILE, json.dumps(doc, indent=1) + "\n")
 
     masks = annotations.masks
     if masks is not None and np.any(masks):
         masks = masks.astype(_smallest_label_dtype(int(masks.max())), copy=False)
-        _atomic_write_bytes(folder / MASKS_FILE, _tiff_bytes(masks, compress=True))
+        write_tiff(folder / MASKS_FILE, masks)
     else:
         (folder / MASKS_FILE).unlink(missing_ok=True)
     for file, table in ((BOXES_FILE, annotations.boxes), (POINTS_FILE, annotations.points),
                         (TAGS_FILE, annotations.tags)):
         if len(table):
-            _atomic_write_bytes(folder / file, _table_csv(table, file, annotations.is_stack).encode())
+            write_text(folder / file, _table_csv(table, file, annotations.is_stack))
         else:
             (folder / file).unlink(missing_ok=True)
 
@@ -709,7 +720,7 @@ def write_project(folder: str | os.PathLike, image: np.ndarray, annotations: Ann
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if write_image or not (folder / IMAGE_FILE).exists():
-        _atomic_write_bytes(folder / IMAGE_FILE, _tiff_bytes(np.asarray(image), compress=False))
+        write_tiff(folder / IMAGE_FILE, np.asarray(image), compress=False)
     write_annotations(folder, annotations)
     return folder
 
