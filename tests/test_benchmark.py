@@ -434,7 +434,14 @@ def test_partial_runs_merge_into_one_report(tmp_path):
     docs = tmp_path / "docs.md"
     assert bm.main(["unused", "--merge", *map(str, files), "--out", str(tmp_path / "out"), "--docs", str(docs)]) == 0
     assert json.loads((tmp_path / "out" / "results.json").read_text())["complete"]
-    assert docs.read_text() == (tmp_path / "out" / "benchmarks.md").read_text()
+    # The docs get the same report, its JSON next to it and the plot in images/, as docs/ holds them.
+    out_md = (tmp_path / "out" / "benchmarks.md").read_text()
+    assert "![mIoU against annotation time](miou_vs_time.png)" in out_md
+    assert docs.read_text() == out_md.replace("](miou_vs_time.png)", "](images/miou_vs_time.png)")
+    assert (json.loads((tmp_path / "benchmark-results.json").read_text())
+            == json.loads((tmp_path / "out" / "results.json").read_text()))
+    assert ((tmp_path / "images" / "miou_vs_time.png").read_bytes()
+            == (tmp_path / "out" / "miou_vs_time.png").read_bytes())
     assert bm.main(["unused", "--merge", str(tmp_path / "missing.json"), "--out", str(tmp_path / "o2")]) == 1
     partial_docs = tmp_path / "partial.md"
     assert bm.main(["unused", "--merge", str(files[0]), "--out", str(tmp_path / "o3"), "--docs", str(partial_docs)]) == 0

@@ -19,6 +19,7 @@ import math
 import os
 import platform
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -418,6 +419,9 @@ TARGET_EXTRA_GAIN = 0.05
 TARGET_PEER_MARGIN = 0.10
 _TOLERANCE = 1e-9  # 0.60 - 0.50 must count as a gain of 0.10
 COMMAND = "protoseg benchmark DATA_DIR --out OUT_DIR"
+PLOT_FILE = "miou_vs_time.png"
+DOCS_RESULTS_FILE = "benchmark-results.json"  # next to docs/benchmarks.md
+DOCS_IMAGES = "images"  # the plot's folder next to docs/benchmarks.md
 
 
 def benchmark_config(quick: bool = False, config_overrides: dict | None = None, seed: int = 0):
@@ -753,14 +757,7 @@ def run_benchmark(data_dir, out_dir, settings=None, quick: bool = False, ablatio
     results["targets"] = evaluate_targets(results["settings"])
     results["wall_seconds"] = time.perf_counter() - wall_start
     results["complete"] = True
-    save_json(out_dir / "results.json", results)
-    markdown = render_markdown(results)
-    (out_dir / "benchmarks.md").write_text(markdown)
-    plot_miou_vs_time(results, out_dir / "miou_vs_time.png")
-    written = [out_dir / "results.json", out_dir / "benchmarks.md", out_dir / "miou_vs_time.png"]
-    if docs_path is not None:
-        Path(docs_path).write_text(markdown)
-        written.append(Path(docs_path))
+    written = write_report(results, out_dir, docs_path)
     for target in results["targets"]:
         verdict = {True: "met", False: "NOT met", None: "not measured"}[target["met"]]
         progress(f"target: {target['target'].replace('`', '')}: {target['measured_text']} "
@@ -895,8 +892,9 @@ def _f(value, digits: int = 3) -> str:
     return "–" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:.{digits}f}"
 
 
-def render_markdown(results: dict) -> str:
-    """The Markdown report of a benchmark run (its tables, targets, ablations and provenance)."""
+def render_markdown(results: dict, plot: str = PLOT_FILE) -> str:
+    """The Markdown report of a benchmark run (its tables, targets, ablations and provenance), showing
+    the plot of mIoU against annotation time from the relative path ``plot``."""
     quick = results["quick"]
     env = results["environment"]
     names = list(CLASS_NAMES.values())
@@ -923,7 +921,8 @@ def render_markdown(results: dict) -> str:
         "DATA_DIR the folder of `raw.tif`, `semantic.tif` and `mito_instances.tif`. It writes `results.json` "
         "(every figure, configuration, timing, device, version and date), `benchmarks.md` and "
         "`miou_vs_time.png` into OUT_DIR; the complete run, from a source checkout, also rewrites "
-        "`docs/benchmarks.md`.", "",
+        "`docs/benchmarks.md`, `docs/benchmark-results.json` and `docs/images/miou_vs_time.png` (as does "
+        "`--merge` of runs that together cover the protocol).", "",
         "## Results", "",
         "| setting | method | annotation (min) | " + " | ".join(f"IoU {n}" for n in names)
         + " | mIoU | mito AP50 | mito matched IoU | train (s) | predict (MPx/s) | peak memory (MiB) |",
@@ -1017,8 +1016,7 @@ def render_markdown(results: dict) -> str:
             lines.append(f"| `{row['setting']}` | {variant} | " + " | ".join(_f(r["iou"][n]) for n in names)
                          + f" | **{_f(r['miou'])}** | {_f(r['mito_ap50'])} | {r['train_seconds']:.0f} |")
         lines.append("")
-    lines += ["![mIoU against annotation time](miou_vs_time.png)" if quick else
-              "The plot of mIoU against annotation time is `miou_vs_time.png` in the output folder.", ""]
+    lines += [f"![mIoU against annotation time]({plot})", ""]
     return "\n".join(lines)
 
 
@@ -1136,6 +1134,25 @@ def merge_results(parts: list[dict]) -> dict:
     return merged
 
 
+def write_report(results: dict, out_dir: str | Path, docs_path: str | Path | None = None) -> list[Path]:
+    """Write ``results.json``, ``benchmarks.md`` and the plot into ``out_dir``; with ``docs_path`` also
+    the Markdown there, with ``benchmark-results.json`` next to it and the plot in ``images/`` beside
+    it (how ``docs/`` holds them). Returns the paths written."""
+    out_dir = Path(out_dir)
+    save_json(out_dir / "results.json", results)
+    (out_dir / "benchmarks.md").write_text(render_markdown(results))
+    plot_miou_vs_time(results, out_dir / PLOT_FILE)
+    written = [out_dir / "results.json", out_dir / "benchmarks.md", out_dir / PLOT_FILE]
+    if docs_path is not None:
+        docs_path = Path(docs_path)
+        (docs_path.parent / DOCS_IMAGES).mkdir(parents=True, exist_ok=True)
+        docs_path.write_text(render_markdown(results, plot=f"{DOCS_IMAGES}/{PLOT_FILE}"))
+        save_json(docs_path.parent / DOCS_RESULTS_FILE, results)
+        shutil.copyfile(out_dir / PLOT_FILE, docs_path.parent / DOCS_IMAGES / PLOT_FILE)
+        written += [docs_path, docs_path.parent / DOCS_RESULTS_FILE, docs_path.parent / DOCS_IMAGES / PLOT_FILE]
+    return written
+
+
 def write_merged(result_files: list[str | Path], out_dir: str | Path, docs_path: str | Path | None = None,
                  progress=print, docs_even_if_partial: bool = False) -> dict:
     """Merge the ``results.json`` files of partial runs and write the report like a single run; the
@@ -1145,12 +1162,7 @@ def write_merged(result_files: list[str | Path], out_dir: str | Path, docs_path:
     merged = merge_results(parts)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_json(out_dir / "results.json", merged)
-    markdown = render_markdown(merged)
-    (out_dir / "benchmarks.md").write_text(markdown)
-    plot_miou_vs_time(merged, out_dir / "miou_vs_time.png")
-    if docs_path is not None and (merged["complete"] or docs_even_if_partial):
-        Path(docs_path).write_text(markdown)
+    write_report(merged, out_dir, docs_path if merged["complete"] or docs_even_if_partial else None)
     progress(f"merged {len(parts)} runs: {len(merged['settings'])} of {len(SETTINGS)} settings, "
              f"{len(merged['ablations'])} of {len(ABLATIONS)} ablations"
              + ("" if merged["complete"] or docs_even_if_partial else " (incomplete: docs not rewritten)"))
