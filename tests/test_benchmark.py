@@ -531,6 +531,9 @@ def test_only_a_complete_full_run_rewrites_the_docs(monkeypatch, tmp_path):
     assert calls[-1]["command"].startswith("protoseg benchmark data")
     assert bm.main(["data", "--out", str(tmp_path), "--ablations-only"]) == 0
     assert calls[-1]["settings"] == [] and calls[-1]["ablations"] is True and calls[-1]["docs_path"] is None
+    assert calls[-1]["ablation_settings"] is None  # every setting's ablations
+    assert bm.main(["data", "--out", str(tmp_path), "--ablations-only", "--settings", "mixed", "masks+tags"]) == 0
+    assert calls[-1]["settings"] == [] and calls[-1]["ablation_settings"] == ["mixed", "masks+tags"]
     with pytest.raises(SystemExit):
         bm.build_parser().parse_args(["data", "--ablations-only", "--no-ablations"])
 

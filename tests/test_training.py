@@ -253,3 +253,49 @@ def test_a_config_written_before_a_field_existed_keeps_the_behaviour_of_then():
     assert config.filter_sigmas == () and config.mask_share is None and config.balance_classes == 0.0
     assert not config.instance_heads and config.instance_backbone_grad
     assert TrainConfig.from_dict(today) == TrainConfig()
+
+
+def _tile_tags(shape=(2, 1024, 1024), tile=256, whole_plane=False):
+    """A mask on plane 0 and present/absent tags on ``tile`` x ``tile`` tiles of plane 1 (the
+    benchmark's masks+tags setting), optionally with a whole-plane present tag."""
+    masks = np.zeros(shape, np.uint8)
+    masks[0] = 1
+    masks[0, :, : shape[2] // 2] = 2
+    tags = [(1, 2, (y + x) % 2 == 0, y, x, y + tile, x + tile)
+            for y in range(0, shape[1], tile) for x in range(0, shape[2], tile)]
+    if whole_plane:
+        tags.append((1, 1, True, -1, -1, -1, -1))
+    return AnnotationSet(shape, [ClassInfo(1, "a"), ClassInfo(2, "b")], masks=masks, tags=tags)
+
+
+def test_crops_grow_to_hold_the_largest_present_tag_region_with_the_same_pixels_per_step():
+    from napari_protoseg.data import present_tag_sides, training_crops
+
+    no_tags = AnnotationSet((2, 1024, 1024), [ClassInfo(1, "a"), ClassInfo(2, "b")],
+                            masks=_tile_tags().masks)
+    assert training_crops(no_tags, 128, 8) == (128, 8)
+    assert training_crops(_tile_tags(), 128, 8) == (256, 2)
+    assert training_crops(_tile_tags(tile=200), 128, 8) == (208, 3)  # rounded up to 16; 8 * (128/208)^2 = 3
+    assert training_crops(_tile_tags(), 384, 8) == (384, 8)  # already large enough
+    # A whole 1024 x 1024 plane exceeds the largest crop: that tag cannot be used, the others still are.
+    assert training_crops(_tile_tags(whole_plane=True), 128, 8) == (256, 2)
+    assert sorted(set(present_tag_sides(_tile_tags(whole_plane=True)).tolist())) == [256, 1024]
+    # On small planes a whole-plane tag fits in a crop of the plane.
+    assert training_crops(_tile_tags((2, 300, 300), tile=100, whole_plane=True), 128, 8) == (300, 1)
+
+
+def test_present_tags_reach_the_loss_when_their_regions_are_larger_than_the_default_crop():
+    """Present tags on 256 x 256 tiles never fit a 128-pixel crop, so they were silently dropped;
+    with the crops training picks, crops centred on them carry them whole."""
+    from napari_protoseg.data import training_crops
+
+    annotations = _tile_tags()
+    image = np.zeros(annotations.image_shape, np.float32)
+
+    def present_tags_seen(crop, batch):
+        sampler = CropSampler(image, annotations, Normalization(0.0, 1.0), crop_size=crop, mask_share=0.5)
+        rng = np.random.default_rng(0)
+        return sum(int((sampler.sample(batch, rng)[1].tags[:, 2] == 1).sum()) for _ in range(10))
+
+    assert present_tags_seen(128, 8) == 0
+    assert present_tags_seen(*training_crops(annotations, 128, 8)) > 0

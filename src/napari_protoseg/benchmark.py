@@ -644,13 +644,15 @@ def _check_dependencies() -> None:
 
 def run_benchmark(data_dir, out_dir, settings=None, quick: bool = False, ablations: bool | None = None,
                   seed: int = 0, config_overrides: dict | None = None, progress=print, *,
-                  docs_path: str | Path | None = None, command: str | None = None) -> dict:
+                  docs_path: str | Path | None = None, command: str | None = None,
+                  ablation_settings=None) -> dict:
     """Run the annotation-budget benchmark of ``BENCHMARK.md`` and write its outputs.
 
     ``settings``: the settings to run (default: all of :data:`SETTINGS`; :data:`QUICK_SETTINGS`
     with ``quick``). ``quick``: sections cropped to ``QUICK_CROP`` pixels, ``QUICK_STEPS`` training
     steps on ``QUICK_CROP_SIZE`` crops and the lighter peer :data:`QUICK_RF`. ``ablations``: the
-    ablation runs of :data:`ABLATIONS` (default: on for full runs, off for quick ones).
+    ablation runs of :data:`ABLATIONS` (default: on for full runs, off for quick ones), only those of
+    ``ablation_settings`` if given.
     ``config_overrides``: :class:`~napari_protoseg.training.TrainConfig` fields (e.g. ``steps``).
     Writes ``results.json``, ``benchmarks.md``, ``miou_vs_time.png`` and one project folder per
     setting (``projects/<setting>``) into ``out_dir``, and the Markdown also to ``docs_path`` if
@@ -731,6 +733,8 @@ def run_benchmark(data_dir, out_dir, settings=None, quick: bool = False, ablatio
 
     if ablations:
         for setting, variant, changes in ABLATIONS:
+            if ablation_settings is not None and setting not in ablation_settings:
+                continue
             cfg = type(config).from_dict({**config.to_dict(), **changes})
             key = (setting, json.dumps(cfg.to_dict(), sort_keys=True))
             row = {"setting": setting, "variant": variant, "changes": changes}
@@ -1201,7 +1205,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ablation_choice = parser.add_mutually_exclusive_group()
     ablation_choice.add_argument("--no-ablations", action="store_true", help="skip the ablation runs")
     ablation_choice.add_argument("--ablations-only", action="store_true",
-                                 help="run only the ablations (to --merge with a run of the settings)")
+                                 help="run only the ablations (those of the --settings given, default all), to "
+                                      "--merge with a run of the settings")
     parser.add_argument("--steps", type=int, help="training steps (default: the plugin's default; quick: "
                         f"{QUICK_STEPS})")
     parser.add_argument("--seed", type=int, default=0, help="seed of the simulated points, training and peer")
@@ -1232,6 +1237,7 @@ def run_from_args(args, argv: list[str] | None = None) -> int:
     if docs is None and complete:
         docs = _repository_docs()
     run_benchmark(args.data_dir, args.out, settings=[] if ablations_only else args.settings, quick=args.quick,
+                  ablation_settings=args.settings if ablations_only else None,
                   ablations=True if ablations_only else False if args.no_ablations else None, seed=args.seed, config_overrides=overrides,
                   progress=lambda message: print(message, flush=True), docs_path=docs,
                   command=" ".join(["protoseg benchmark", *(sys.argv[1:] if argv is None else argv)]))

@@ -82,6 +82,40 @@ class _Anchor:
     class_index: int = -1
 
 
+LARGEST_TAG_CROP = 512  # crops grow at most to this side to hold a present tag's region
+
+
+def present_tag_sides(annotations: AnnotationSet) -> np.ndarray:
+    """The longer side of the region of every present tag (the plane's for a whole-plane tag)."""
+    tags = annotations.tags[annotations.tags["present"]]
+    h, w = annotations.plane_shape
+    whole = tags["y0"] == NO_REGION
+    heights = np.where(whole, h, tags["y1"] - tags["y0"])
+    widths = np.where(whole, w, tags["x1"] - tags["x0"])
+    return np.maximum(heights, widths).astype(np.int64)
+
+
+def training_crops(annotations: AnnotationSet, crop_size: int, batch_size: int,
+                   largest: int = LARGEST_TAG_CROP, multiple: int = 16) -> tuple[int, int]:
+    """(crop side, crops per batch) to train on ``annotations``.
+
+    A present tag says only that the class is somewhere in its region, so it teaches nothing in a
+    crop that cuts the region. Crops therefore grow to hold the largest present-tag region (rounded
+    up to ``multiple``, at most ``largest`` and the plane), and the batch shrinks to keep about the
+    same number of pixels per step. Regions larger than that cannot be used
+    (:func:`present_tag_sides` tells which)."""
+    h, w = annotations.plane_shape
+    limit = min(largest, h, w)
+    sides = present_tag_sides(annotations)
+    sides = sides[sides <= limit]
+    crop = min(crop_size, h, w)
+    if len(sides):
+        needed = min(-(-int(sides.max()) // multiple) * multiple, h, w)
+        crop = max(crop, needed)
+    batch = max(1, round(batch_size * (min(crop_size, h, w) / crop) ** 2))
+    return crop, batch
+
+
 class CropSampler:
     """Samples square training crops around annotations and builds their targets.
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import CropSampler, Normalization
+from .data import CropSampler, Normalization, training_crops
 from .inference import predict_region
 from .instance_losses import instance_loss
 from .losses import LossWeights, negative_map, strong_augment, total_loss
@@ -37,6 +37,10 @@ class TrainConfig:
     ``instance_heads``: train WISE-Net localization and embedding heads (``instance_embed_dim``
     dims) jointly with the semantic model when the project has classes flagged ``instances: true``;
     their losses enter the total as ``weight_localization * LCFCN + weight_embedding * similarity``.
+
+    ``crop_size`` and ``batch_size`` are the crops of a step without present tags; with them, crops
+    grow to hold the largest tagged region (up to 512 px) and fewer are taken to keep the pixels per
+    step (:func:`~napari_protoseg.data.training_crops`).
     """
 
     steps: int = 300
@@ -239,7 +243,8 @@ def train(
         net.load_state_dict(state["model"])
         context = net.config.in_channels // 2
     net.to(device)
-    sampler = CropSampler(image, annotations, normalization, crop_size=config.crop_size, context=context,
+    crop_size, batch_size = training_crops(annotations, config.crop_size, config.batch_size)
+    sampler = CropSampler(image, annotations, normalization, crop_size=crop_size, context=context,
                           mask_share=config.mask_share)
     optimizer = torch.optim.AdamW(net.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(config.steps))
@@ -285,7 +290,7 @@ def train(
             if stop is not None and stop():
                 break
             net.train()
-            x, targets = sampler.sample(config.batch_size, rng)
+            x, targets = sampler.sample(batch_size, rng)
             x, targets = x.to(device), targets.to(device)
             use_pl = config.weight_pseudo_label > 0 and step >= config.pseudo_label_warmup
             if use_pl:
