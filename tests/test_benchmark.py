@@ -434,6 +434,9 @@ def test_partial_runs_merge_into_one_report(tmp_path):
     docs = tmp_path / "docs.md"
     assert bm.main(["unused", "--merge", *map(str, files), "--out", str(tmp_path / "out"), "--docs", str(docs)]) == 0
     assert json.loads((tmp_path / "out" / "results.json").read_text())["complete"]
+    # The report says which version ran which part.
+    report = (tmp_path / "out" / "benchmarks.md").read_text()
+    assert report.count("Merged part: napari-protoseg") == 2
     # The docs get the same report, its JSON next to it and the plot in images/, as docs/ holds them.
     out_md = (tmp_path / "out" / "benchmarks.md").read_text()
     assert "![mIoU against annotation time](miou_vs_time.png)" in out_md

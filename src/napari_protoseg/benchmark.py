@@ -969,8 +969,14 @@ def render_markdown(results: dict, plot: str = PLOT_FILE) -> str:
     notes.append(f"Device: {_device_line(results)}. napari-protoseg {results['napari_protoseg_version']}, "
                  f"PyTorch {env['torch']}, scikit-learn {env.get('sklearn')}, scikit-image {env.get('skimage')}; "
                  f"run {results['date']}, {results['wall_seconds'] / 60:.0f} min in all; seed {results['seed']}.")
+    for part in results.get("merged_from") or []:
+        if isinstance(part, dict):  # merges before versions were recorded hold only dates
+            done = [f"`{name}`" for name in part["settings"]] + part["ablations"]
+            notes.append(f"Merged part: napari-protoseg {part['napari_protoseg_version']}, run {part['date']}: "
+                         + (", ".join(done) if done else "nothing finished") + ".")
     cfg = results["train_config"]
-    notes.append(f"Training: {cfg['steps']} steps, batch {cfg['batch_size']}, crops {cfg['crop_size']} px, "
+    notes.append(f"Training: {cfg['steps']} steps, batch {cfg['batch_size']}, crops {cfg['crop_size']} px "
+                 "(with present tags, larger crops and fewer of them hold the tagged regions), "
                  f"learning rate {cfg['learning_rate']}, pseudo-label warm-up {cfg['pseudo_label_warmup']} steps, "
                  f"tag pooling {cfg['tag_pooling']}. Peer: {results['peer_config']['n_estimators']} trees, depth "
                  f"{results['peer_config']['max_depth']}, {results['peer_config']['num_sigma']} scales (sigma "
@@ -1132,7 +1138,10 @@ def merge_results(parts: list[dict]) -> dict:
     merged["ablations"] = [rows[(s, v)] for s, v, _ in ABLATIONS if (s, v) in rows]
     merged["targets"] = evaluate_targets(merged["settings"])
     merged["wall_seconds"] = sum(part.get("wall_seconds", 0.0) for part in parts)
-    merged["merged_from"] = [part.get("date") for part in parts]
+    merged["merged_from"] = [{"date": part.get("date"), "napari_protoseg_version": part.get("napari_protoseg_version"),
+                              "settings": list(part["settings"]),
+                              "ablations": [f"{row['setting']} / {row['variant']}" for row in part.get("ablations", [])]}
+                             for part in parts]
     merged["complete"] = len(merged["settings"]) == len(SETTINGS) and len(merged["ablations"]) == len(ABLATIONS)
     merged["partial"] = not merged["complete"]
     return merged
