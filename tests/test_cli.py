@@ -376,3 +376,20 @@ def test_predict_without_instance_classes_writes_no_instances(tmp_path, capsys):
     assert main(["predict", str(model_file), str(image), "--out", str(tmp_path / "b"),
                  "--instance-decoder", "wise"]) == 1
     assert "no class flagged 'instances'" in capsys.readouterr().err
+
+
+def test_train_notes_present_tags_it_cannot_use(tmp_path, capsys):
+    """A 'present' tag on a whole 1024 x 1024 plane is more than any training crop holds: the user
+    is told before training (here the run stops right after, at the bad --out)."""
+    from napari_protoseg.project import AnnotationSet, ClassInfo
+
+    masks = np.zeros((1, 1024, 1024), np.uint8)
+    masks[0, :8, :8] = 1
+    masks[0, 8:16, :8] = 2
+    annotations = AnnotationSet((1, 1024, 1024), [ClassInfo(1, "a"), ClassInfo(2, "b")], masks=masks,
+                                tags=[(0, 2, True, -1, -1, -1, -1)])
+    project = write_project(tmp_path / "project", np.zeros((1, 1024, 1024), np.uint8), annotations)
+    assert main(["train", str(project), "--out", str(tmp_path), "--device", "cpu"]) != 0
+    err = capsys.readouterr().err
+    assert "protoseg: note: 1 'present' tag(s) cover a region wider than 512 pixels" in err
+    assert "is a folder" in err

@@ -299,3 +299,12 @@ def test_present_tags_reach_the_loss_when_their_regions_are_larger_than_the_defa
 
     assert present_tags_seen(128, 8) == 0
     assert present_tags_seen(*training_crops(annotations, 128, 8)) > 0
+
+
+def test_present_tags_too_large_for_any_crop_are_named_in_a_note():
+    from napari_protoseg.training import training_notes
+
+    assert training_notes(_tile_tags()) == []  # 256-px tiles fit a crop
+    notes = training_notes(_tile_tags(whole_plane=True))  # a whole 1024 x 1024 plane does not
+    assert len(notes) == 1 and notes[0].startswith("1 'present' tag(s)") and "Zoom in" in notes[0]
+    assert training_notes(_tile_tags((2, 300, 300), tile=100, whole_plane=True)) == []  # small planes fit whole

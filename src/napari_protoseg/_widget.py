@@ -64,7 +64,7 @@ from .session import (
     prediction_run,
     training_run,
 )
-from .training import TrainConfig
+from .training import TrainConfig, training_notes
 
 TRAIN_BUTTON_TEXT = "Train on current labels"
 PREVIEW_SECONDS = 3.0
@@ -916,6 +916,8 @@ class ProtosegWidget(QWidget):
         except SessionError as err:
             self.notify("error", str(err))
             return
+        for note in training_notes(annotations):
+            self.notify("warning", note)
         self.session.resumable_checkpoint = None
         if not continuing:
             self.loss_plot.clear()

@@ -277,6 +277,13 @@ def _training_problems(image, annotations, folder: Path) -> None:
         raise CliError(f"cannot train on {folder}", problems)
 
 
+def _print_training_notes(annotations) -> None:
+    from .training import training_notes
+
+    for note in training_notes(annotations):
+        print(f"protoseg: note: {note}", file=sys.stderr)
+
+
 def cmd_train(args) -> int:
     from .modelfile import save_model
     from .training import TrainConfig
@@ -285,6 +292,7 @@ def cmd_train(args) -> int:
     device = _pick_device(args.device)
     project = _read_project(folder)
     _training_problems(project.image, project.annotations, folder)
+    _print_training_notes(project.annotations)
     out = _prepare_output_file(Path(args.out), "model file")
     checkpoint = out.with_name(out.name + CHECKPOINT_SUFFIX)
 

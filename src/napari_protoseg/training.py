@@ -150,6 +150,22 @@ def check_training_input(image: np.ndarray, annotations: AnnotationSet) -> list[
     return problems
 
 
+def training_notes(annotations: AnnotationSet) -> list[str]:
+    """What training will not use although it was drawn, in words a user can act on (empty when
+    everything counts); training still runs."""
+    from .data import LARGEST_TAG_CROP, present_tag_sides
+
+    h, w = annotations.plane_shape
+    too_large = int(np.count_nonzero(present_tag_sides(annotations) > min(LARGEST_TAG_CROP, h, w)))
+    if not too_large:
+        return []
+    return [f"{too_large} 'present' tag(s) cover a region wider than {LARGEST_TAG_CROP} pixels, and training "
+            f"cannot use them: a present tag only says the class is somewhere in its region, so it teaches only "
+            f"in a training crop that holds the whole region (at most {LARGEST_TAG_CROP} x {LARGEST_TAG_CROP}). "
+            "Zoom in until the view is at most that wide and tag the visible region, or mark objects with "
+            "points or boxes. 'Absent' tags of any size are used."]
+
+
 def _atomic_torch_save(obj, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda f: torch.save(obj, f))
