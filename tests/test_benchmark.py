@@ -587,3 +587,19 @@ def test_instance_targets_and_table():
     plain = {t["target"]: t for t in bm.evaluate_targets(fake_results()["settings"])}
     assert plain["`points-only` mito AP50 (WISE decoder) >= 0.70"]["met"] is None  # not measured
     assert "## Mitochondrion instances" not in bm.render_markdown(fake_results())
+
+
+def test_results_name_the_source_commit_they_were_measured_at():
+    """An editable install keeps the version string of its install, so results also record the
+    checkout's commit (marked +modified when tracked files differ from it)."""
+    import re
+    import subprocess
+
+    root = Path(bm.__file__).resolve().parents[2]
+    commit = bm.source_commit()
+    if not (root / ".git").exists():
+        assert commit is None
+        return
+    head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    assert re.fullmatch(r"[0-9a-f]{12}(\+modified)?", commit) and commit.startswith(head)

@@ -473,7 +473,27 @@ def _environment() -> dict:
             env[name] = None
     if torch.cuda.is_available():
         env["cuda_device"] = torch.cuda.get_device_name(0)
+    env["source_commit"] = source_commit()
     return env
+
+
+def source_commit() -> str | None:
+    """The git commit of the source checkout this module runs from (``+modified`` when its tracked
+    files differ from it), or None outside a checkout: an editable install's version string does
+    not change with later commits."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists():
+        return None
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+modified" if dirty else "")
 
 
 def _prepare_project(setting: str, data: BenchmarkData, out_dir: Path, seed: int):
@@ -966,13 +986,15 @@ def render_markdown(results: dict, plot: str = PLOT_FILE) -> str:
         notes.append(f"Machine load (1-minute load average at the start and end of each training): "
                      f"{min(loads):.1f} to {max(loads):.1f} on {env.get('cpu_count')} cores; above the core count, "
                      "other work shared the CPU and the times are longer than on an idle machine.")
-    notes.append(f"Device: {_device_line(results)}. napari-protoseg {results['napari_protoseg_version']}, "
+    commit = f" (commit {env['source_commit']})" if env.get("source_commit") else ""
+    notes.append(f"Device: {_device_line(results)}. napari-protoseg {results['napari_protoseg_version']}{commit}, "
                  f"PyTorch {env['torch']}, scikit-learn {env.get('sklearn')}, scikit-image {env.get('skimage')}; "
                  f"run {results['date']}, {results['wall_seconds'] / 60:.0f} min in all; seed {results['seed']}.")
     for part in results.get("merged_from") or []:
         if isinstance(part, dict):  # merges before versions were recorded hold only dates
             done = [f"`{name}`" for name in part["settings"]] + part["ablations"]
-            notes.append(f"Merged part: napari-protoseg {part['napari_protoseg_version']}, run {part['date']}: "
+            commit = f" (commit {part['source_commit']})" if part.get("source_commit") else ""
+            notes.append(f"Merged part: napari-protoseg {part['napari_protoseg_version']}{commit}, run {part['date']}: "
                          + (", ".join(done) if done else "nothing finished") + ".")
     cfg = results["train_config"]
     notes.append(f"Training: {cfg['steps']} steps, batch {cfg['batch_size']}, crops {cfg['crop_size']} px "
@@ -1139,6 +1161,7 @@ def merge_results(parts: list[dict]) -> dict:
     merged["targets"] = evaluate_targets(merged["settings"])
     merged["wall_seconds"] = sum(part.get("wall_seconds", 0.0) for part in parts)
     merged["merged_from"] = [{"date": part.get("date"), "napari_protoseg_version": part.get("napari_protoseg_version"),
+                              "source_commit": part.get("environment", {}).get("source_commit"),
                               "settings": list(part["settings"]),
                               "ablations": [f"{row['setting']} / {row['variant']}" for row in part.get("ablations", [])]}
                              for part in parts]
