@@ -483,7 +483,7 @@ def source_commit() -> str | None:
     not change with later commits."""
     import subprocess
 
-    root = Path(__file__).resolve().parents[2]
+    root = _source_root()
     if not (root / ".git").exists():
         return None
     try:
@@ -1183,7 +1183,7 @@ def write_report(results: dict, out_dir: str | Path, docs_path: str | Path | Non
         docs_path = Path(docs_path)
         (docs_path.parent / DOCS_IMAGES).mkdir(parents=True, exist_ok=True)
         docs_path.write_text(render_markdown(results, plot=f"{DOCS_IMAGES}/{PLOT_FILE}"))
-        save_json(docs_path.parent / DOCS_RESULTS_FILE, results)
+        shutil.copyfile(out_dir / "results.json", docs_path.parent / DOCS_RESULTS_FILE)
         shutil.copyfile(out_dir / PLOT_FILE, docs_path.parent / DOCS_IMAGES / PLOT_FILE)
         written += [docs_path, docs_path.parent / DOCS_RESULTS_FILE, docs_path.parent / DOCS_IMAGES / PLOT_FILE]
     return written
@@ -1205,9 +1205,14 @@ def write_merged(result_files: list[str | Path], out_dir: str | Path, docs_path:
     return merged
 
 
+def _source_root() -> Path:
+    """Where the repository root is when this module runs from a source checkout (src layout)."""
+    return Path(__file__).resolve().parents[2]
+
+
 def _repository_docs() -> Path | None:
     """docs/benchmarks.md of the source checkout this module runs from, if it runs from one."""
-    root = Path(__file__).resolve().parents[2]
+    root = _source_root()
     if (root / "pyproject.toml").is_file() and (root / "docs").is_dir():
         return root / "docs" / "benchmarks.md"
     return None

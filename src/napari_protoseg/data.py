@@ -95,6 +95,12 @@ def present_tag_sides(annotations: AnnotationSet) -> np.ndarray:
     return np.maximum(heights, widths).astype(np.int64)
 
 
+def tag_crop_limit(annotations: AnnotationSet, largest: int = LARGEST_TAG_CROP) -> int:
+    """The longest present-tag side training can use: ``largest``, or less on smaller planes."""
+    h, w = annotations.plane_shape
+    return min(largest, h, w)
+
+
 def training_crops(annotations: AnnotationSet, crop_size: int, batch_size: int,
                    largest: int = LARGEST_TAG_CROP, multiple: int = 16) -> tuple[int, int]:
     """(crop side, crops per batch) to train on ``annotations``.
@@ -105,15 +111,13 @@ def training_crops(annotations: AnnotationSet, crop_size: int, batch_size: int,
     same number of pixels per step. Regions larger than that cannot be used
     (:func:`present_tag_sides` tells which)."""
     h, w = annotations.plane_shape
-    limit = min(largest, h, w)
     sides = present_tag_sides(annotations)
-    sides = sides[sides <= limit]
-    crop = min(crop_size, h, w)
+    sides = sides[sides <= tag_crop_limit(annotations, largest)]
+    base = min(crop_size, h, w)
+    crop = base
     if len(sides):
-        needed = min(-(-int(sides.max()) // multiple) * multiple, h, w)
-        crop = max(crop, needed)
-    batch = max(1, round(batch_size * (min(crop_size, h, w) / crop) ** 2))
-    return crop, batch
+        crop = max(base, min(-(-int(sides.max()) // multiple) * multiple, h, w))
+    return crop, max(1, round(batch_size * (base / crop) ** 2))
 
 
 class CropSampler:

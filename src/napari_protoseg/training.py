@@ -19,7 +19,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import CropSampler, Normalization, training_crops
+from .data import (
+    LARGEST_TAG_CROP,
+    CropSampler,
+    Normalization,
+    present_tag_sides,
+    tag_crop_limit,
+    training_crops,
+)
 from .inference import predict_region
 from .instance_losses import instance_loss
 from .losses import LossWeights, negative_map, strong_augment, total_loss
@@ -153,10 +160,7 @@ def check_training_input(image: np.ndarray, annotations: AnnotationSet) -> list[
 def training_notes(annotations: AnnotationSet) -> list[str]:
     """What training will not use although it was drawn, in words a user can act on (empty when
     everything counts); training still runs."""
-    from .data import LARGEST_TAG_CROP, present_tag_sides
-
-    h, w = annotations.plane_shape
-    too_large = int(np.count_nonzero(present_tag_sides(annotations) > min(LARGEST_TAG_CROP, h, w)))
+    too_large = int(np.count_nonzero(present_tag_sides(annotations) > tag_crop_limit(annotations)))
     if not too_large:
         return []
     return [f"{too_large} 'present' tag(s) cover a region wider than {LARGEST_TAG_CROP} pixels, and training "
@@ -263,6 +267,7 @@ def train(
     sampler = CropSampler(image, annotations, normalization, crop_size=crop_size, context=context,
                           mask_share=config.mask_share)
     optimizer = torch.optim.AdamW(net.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    clipping_groups = net.clipping_groups()
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(config.steps))
     step = 0
     if state is not None:
@@ -328,7 +333,7 @@ def train(
                 terms.update(instance_terms)
             optimizer.zero_grad(set_to_none=True)
             terms["total"].backward()
-            for group in net.clipping_groups():
+            for group in clipping_groups:
                 torch.nn.utils.clip_grad_norm_(group, config.max_grad_norm)
             optimizer.step()
             scheduler.step()
