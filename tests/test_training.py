@@ -268,37 +268,64 @@ def _tile_tags(shape=(2, 1024, 1024), tile=256, whole_plane=False):
     return AnnotationSet(shape, [ClassInfo(1, "a"), ClassInfo(2, "b")], masks=masks, tags=tags)
 
 
-def test_crops_grow_to_hold_the_largest_present_tag_region_with_the_same_pixels_per_step():
-    from napari_protoseg.data import present_tag_sides, training_crops
+def _sampler(annotations, crop=128, mask_share=0.5):
+    return CropSampler(np.zeros(annotations.image_shape, np.float32), annotations, Normalization(0.0, 1.0),
+                       crop_size=crop, mask_share=mask_share)
 
-    no_tags = AnnotationSet((2, 1024, 1024), [ClassInfo(1, "a"), ClassInfo(2, "b")],
-                            masks=_tile_tags().masks)
-    assert training_crops(no_tags, 128, 8) == (128, 8)
-    assert training_crops(_tile_tags(), 128, 8) == (256, 2)
-    assert training_crops(_tile_tags(tile=200), 128, 8) == (208, 3)  # rounded up to 16; 8 * (128/208)^2 = 3
-    assert training_crops(_tile_tags(), 384, 8) == (384, 8)  # already large enough
-    # A whole 1024 x 1024 plane exceeds the largest crop: that tag cannot be used, the others still are.
-    assert training_crops(_tile_tags(whole_plane=True), 128, 8) == (256, 2)
+
+def test_present_tags_wider_than_a_crop_get_larger_crops_in_steps_of_about_the_same_pixels():
+    from napari_protoseg.data import present_tag_sides
+
+    no_tags = AnnotationSet((2, 1024, 1024), [ClassInfo(1, "a"), ClassInfo(2, "b")], masks=_tile_tags().masks)
+    assert _sampler(no_tags).tag_crop_size == 128 and _sampler(no_tags).tag_step_plan(8) == (8, 0.0)
+    tiles = _sampler(_tile_tags())
+    assert tiles.tag_crop_size == 256
+    n_tag, probability = tiles.tag_step_plan(8)
+    # 2 crops of 256 hold the pixels of 8 of 128, so tag steps come as often as a crop picks such a tag.
+    assert n_tag == 2 and probability == pytest.approx(tiles.tag_anchor_share) and 0 < probability < 1
+    assert _sampler(_tile_tags(tile=200)).tag_crop_size == 208  # rounded up to 16
+    assert _sampler(_tile_tags(tile=200)).tag_step_plan(8)[0] == 3  # 8 * (128/208)^2 = 3
+    assert _sampler(_tile_tags(), crop=384).tag_anchor_share == 0.0  # ordinary crops hold the tiles already
+    # A whole 1024 x 1024 plane exceeds the largest tag crop: that tag cannot be used, the others still are.
+    assert _sampler(_tile_tags(whole_plane=True)).tag_crop_size == 256
     assert sorted(set(present_tag_sides(_tile_tags(whole_plane=True)).tolist())) == [256, 1024]
     # On small planes a whole-plane tag fits in a crop of the plane.
-    assert training_crops(_tile_tags((2, 300, 300), tile=100, whole_plane=True), 128, 8) == (300, 1)
+    assert _sampler(_tile_tags((2, 300, 300), tile=100, whole_plane=True)).tag_crop_size == 300
 
 
-def test_present_tags_reach_the_loss_when_their_regions_are_larger_than_the_default_crop():
-    """Present tags on 256 x 256 tiles never fit a 128-pixel crop, so they were silently dropped;
-    with the crops training picks, crops centred on them carry them whole."""
-    from napari_protoseg.data import training_crops
+def test_tag_steps_cost_about_the_pixels_of_an_ordinary_step_and_carry_their_tags_whole():
+    """The demo's case: whole 512 x 512 planes tagged present. One 512-px crop is twice the pixels
+    of 8 crops of 128, so tag steps come only as often as gives the tags their share of the pixels
+    (here half: masks and tags are the two types), which keeps a run's time near that of ordinary
+    steps; ordinary steps keep their 128-px crops. (Growing every crop to 512 px doubled it.)"""
+    masks = np.zeros((4, 512, 512), np.uint8)
+    masks[0, :, :256], masks[0, :, 256:] = 1, 2
+    tags = [(z, 2, True, -1, -1, -1, -1) for z in (1, 2, 3)]
+    sampler = _sampler(AnnotationSet((4, 512, 512), [ClassInfo(1, "a"), ClassInfo(2, "b")], masks=masks, tags=tags))
+    rng = np.random.default_rng(0)
+    pixels, sizes, tag_rows = [], set(), 0
+    for _ in range(400):
+        x, targets = sampler.sample(8, rng)
+        pixels.append(x.shape[0] * x.shape[-1] * x.shape[-2])
+        sizes.add((x.shape[0], x.shape[-1]))
+        if x.shape[-1] == 512:
+            tag_rows += int((targets.tags[:, 2] == 1).sum())
+        else:
+            assert int((targets.tags[:, 2] == 1).sum()) == 0  # a 128-px crop cannot hold a whole plane
+    assert sizes == {(8, 128), (1, 512)}
+    assert tag_rows > 0
+    pixels = np.array(pixels)
+    assert sampler.tag_anchor_share == pytest.approx(0.5)
+    assert pixels[pixels == 512 ** 2].sum() / pixels.sum() == pytest.approx(0.5, abs=0.07)
+    assert pixels.mean() < 1.5 * 8 * 128 ** 2
 
-    annotations = _tile_tags()
-    image = np.zeros(annotations.image_shape, np.float32)
 
-    def present_tags_seen(crop, batch):
-        sampler = CropSampler(image, annotations, Normalization(0.0, 1.0), crop_size=crop, mask_share=0.5)
-        rng = np.random.default_rng(0)
-        return sum(int((sampler.sample(batch, rng)[1].tags[:, 2] == 1).sum()) for _ in range(10))
-
-    assert present_tags_seen(128, 8) == 0
-    assert present_tags_seen(*training_crops(annotations, 128, 8)) > 0
+def test_present_tags_reach_the_loss_when_their_regions_are_larger_than_the_crop():
+    """Present tags on 256 x 256 tiles never fit a 128-pixel crop; they were once silently dropped.
+    Tag steps carry them whole."""
+    sampler = _sampler(_tile_tags())
+    rng = np.random.default_rng(0)
+    assert sum(int((sampler.sample(8, rng)[1].tags[:, 2] == 1).sum()) for _ in range(20)) > 0
 
 
 def test_present_tags_too_large_for_any_crop_are_named_in_a_note():

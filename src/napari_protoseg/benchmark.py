@@ -998,7 +998,8 @@ def render_markdown(results: dict, plot: str = PLOT_FILE) -> str:
                          + (", ".join(done) if done else "nothing finished") + ".")
     cfg = results["train_config"]
     notes.append(f"Training: {cfg['steps']} steps, batch {cfg['batch_size']}, crops {cfg['crop_size']} px "
-                 "(with present tags, larger crops and fewer of them hold the tagged regions), "
+                 "(present tags wider than a crop get steps of their own with fewer, larger crops that hold "
+                 "the tagged regions, about as many pixels in all), "
                  f"learning rate {cfg['learning_rate']}, pseudo-label warm-up {cfg['pseudo_label_warmup']} steps, "
                  f"tag pooling {cfg['tag_pooling']}. Peer: {results['peer_config']['n_estimators']} trees, depth "
                  f"{results['peer_config']['max_depth']}, {results['peer_config']['num_sigma']} scales (sigma "

@@ -82,7 +82,7 @@ class _Anchor:
     class_index: int = -1
 
 
-LARGEST_TAG_CROP = 512  # crops grow at most to this side to hold a present tag's region
+LARGEST_TAG_CROP = 512  # tag crops grow at most to this side to hold a present tag's region
 
 
 def present_tag_sides(annotations: AnnotationSet) -> np.ndarray:
@@ -101,23 +101,8 @@ def tag_crop_limit(annotations: AnnotationSet, largest: int = LARGEST_TAG_CROP) 
     return min(largest, h, w)
 
 
-def training_crops(annotations: AnnotationSet, crop_size: int, batch_size: int,
-                   largest: int = LARGEST_TAG_CROP, multiple: int = 16) -> tuple[int, int]:
-    """(crop side, crops per batch) to train on ``annotations``.
-
-    A present tag says only that the class is somewhere in its region, so it teaches nothing in a
-    crop that cuts the region. Crops therefore grow to hold the largest present-tag region (rounded
-    up to ``multiple``, at most ``largest`` and the plane), and the batch shrinks to keep about the
-    same number of pixels per step. Regions larger than that cannot be used
-    (:func:`present_tag_sides` tells which)."""
-    h, w = annotations.plane_shape
-    sides = present_tag_sides(annotations)
-    sides = sides[sides <= tag_crop_limit(annotations, largest)]
-    base = min(crop_size, h, w)
-    crop = base
-    if len(sides):
-        crop = max(base, min(-(-int(sides.max()) // multiple) * multiple, h, w))
-    return crop, max(1, round(batch_size * (base / crop) ** 2))
+def _round_up(value: int, multiple: int) -> int:
+    return -(-int(value) // multiple) * multiple
 
 
 class CropSampler:
@@ -129,6 +114,14 @@ class CropSampler:
     mitochondria among acres of cytoplasm) are thus seen as often as common ones. ``mask_share``,
     when given, is the share of crops centred on mask pixels when other types are present too (the
     other types share the rest uniformly): a dense mask teaches every pixel of a crop, a point one.
+
+    A present tag says only that its class is somewhere in its region, so it teaches only in a crop
+    that holds the whole region. Present tags wider than ``crop_size`` (up to
+    :func:`tag_crop_limit`) therefore get crops of their own: a step is either ``batch_size`` crops
+    of ``crop_size``, or a *tag step* of :attr:`tag_crop_size` crops centred on such tags, as many as
+    hold about the same number of pixels. Tag steps are drawn so that these tags get the share of
+    the pixels that the three draws above give them among the crops, so a step costs about the same
+    whatever its kind. Present tags too wide even for that, and absent tags, centre ordinary crops.
     """
 
     def __init__(self, image: np.ndarray, annotations: AnnotationSet, normalization: Normalization,
@@ -155,6 +148,10 @@ class CropSampler:
             lut[cid] = i
         self.mask_index = None if annotations.masks is None else lut[annotations.masks.reshape(self.volume.shape)]
         self.anchors = self._collect_anchors()
+        large = [a for a in self._anchors_of("tag") if self._needs_tag_crop(a)]
+        self.tag_crop_size = (min(_round_up(max(max(a.y1 - a.y0, a.x1 - a.x0) for a in large), 16), h, w)
+                              if large else self.crop_size)
+        self.tag_anchor_share = self._share_of_tag_crop_anchors()
 
     def _collect_anchors(self) -> dict[str, dict[int, list[_Anchor]]]:
         """Anchors by annotation type, then by class index."""
@@ -185,9 +182,46 @@ class CropSampler:
         for t in ann.tags:
             whole = int(t["y0"]) == NO_REGION
             y0, x0, y1, x1 = (0, 0, h, w) if whole else (int(t[f]) for f in ("y0", "x0", "y1", "x1"))
-            # Absent tags say nothing about where a class is; they are all one group.
-            add(_Anchor("tag", int(t["z"]), y0, x0, y1, x1, self.index_of[int(t["class"])] if t["present"] else -1))
+            # Absent tags, and present tags too wide for any crop, say nothing about where a class
+            # is in a crop; they are all one group.
+            usable = t["present"] and max(y1 - y0, x1 - x0) <= tag_crop_limit(ann)
+            add(_Anchor("tag", int(t["z"]), y0, x0, y1, x1, self.index_of[int(t["class"])] if usable else -1))
         return anchors
+
+    def _anchors_of(self, kind: str) -> list[_Anchor]:
+        return [a for group in self.anchors.get(kind, {}).values() for a in group]
+
+    def _needs_tag_crop(self, anchor: _Anchor) -> bool:
+        """A present tag whose region a crop of ``crop_size`` cannot hold."""
+        return (anchor.kind == "tag" and anchor.class_index >= 0
+                and max(anchor.y1 - anchor.y0, anchor.x1 - anchor.x0) > self.crop_size)
+
+    def _kind_probabilities(self) -> dict[str, float]:
+        kinds = sorted(self.anchors)
+        if self.mask_share is not None and "mask" in kinds and len(kinds) > 1:
+            return {k: self.mask_share if k == "mask" else (1.0 - self.mask_share) / (len(kinds) - 1) for k in kinds}
+        return {k: 1.0 / len(kinds) for k in kinds}
+
+    def _share_of_tag_crop_anchors(self) -> float:
+        """How often :meth:`pick_anchor` picks a present tag that needs a tag crop."""
+        by_class = self.anchors.get("tag", {})
+        if not by_class:
+            return 0.0
+        within = sum(sum(map(self._needs_tag_crop, group)) / len(group) for group in by_class.values()) / len(by_class)
+        return self._kind_probabilities()["tag"] * within
+
+    def tag_step_plan(self, batch_size: int) -> tuple[int, float]:
+        """(crops per tag step, probability of a tag step) for steps of ``batch_size`` crops.
+
+        The probability gives the tag crops the pixel share :attr:`tag_anchor_share` (0 without
+        present tags wider than a crop; 1 when nothing else is annotated)."""
+        share = self.tag_anchor_share
+        n_tag = max(1, round(batch_size * (self.crop_size / self.tag_crop_size) ** 2))
+        if share <= 0.0 or share >= 1.0:
+            return n_tag, float(share >= 1.0)
+        tag_pixels = n_tag * self.tag_crop_size ** 2
+        other_pixels = batch_size * self.crop_size ** 2
+        return n_tag, share * other_pixels / (share * other_pixels + (1.0 - share) * tag_pixels)
 
     def pick_anchor(self, rng: np.random.Generator) -> _Anchor:
         """An annotation to centre a crop on: type (see ``mask_share``), class and annotation."""
@@ -197,19 +231,37 @@ class CropSampler:
             kind = "mask" if rng.random() < self.mask_share else others[int(rng.integers(len(others)))]
         else:
             kind = kinds[int(rng.integers(len(kinds)))]
-        by_class = self.anchors[kind]
+        return self._pick_in(self.anchors[kind], rng)
+
+    @staticmethod
+    def _pick_in(by_class: dict[int, list[_Anchor]], rng: np.random.Generator) -> _Anchor:
         classes = sorted(by_class)
         group = by_class[classes[int(rng.integers(len(classes)))]]
         return group[int(rng.integers(len(group)))]
+
+    def _pick_tag_crop_anchor(self, rng: np.random.Generator) -> _Anchor:
+        """A present tag that needs a tag crop: class, then tag, uniform."""
+        by_class = {}
+        for c, group in self.anchors["tag"].items():
+            large = [a for a in group if self._needs_tag_crop(a)]
+            if large:
+                by_class[c] = large
+        return self._pick_in(by_class, rng)
+
+    def _pick_crop_anchor(self, rng: np.random.Generator) -> _Anchor:
+        """As :meth:`pick_anchor`, but never a tag that needs a tag crop."""
+        while True:
+            anchor = self.pick_anchor(rng)
+            if not self._needs_tag_crop(anchor):
+                return anchor
 
     @property
     def has_annotations(self) -> bool:
         return bool(self.anchors)
 
-    def _crop_origin(self, anchor: _Anchor, rng: np.random.Generator) -> tuple[int, int]:
-        """Top-left corner of a crop holding the anchor (whole, if it fits), chosen at random."""
+    def _crop_origin(self, anchor: _Anchor, rng: np.random.Generator, s: int) -> tuple[int, int]:
+        """Top-left corner of an s x s crop holding the anchor (whole, if it fits), chosen at random."""
         h, w = self.annotations.plane_shape
-        s = self.crop_size
         origin = []
         for lo, hi, size in ((anchor.y0, anchor.y1, h), (anchor.x0, anchor.x1, w)):
             if hi - lo <= s:  # the crop can hold the anchor: start between hi - s and lo
@@ -222,14 +274,21 @@ class CropSampler:
         return origin[0], origin[1]
 
     def sample(self, batch_size: int, rng: np.random.Generator) -> tuple[torch.Tensor, CropTargets]:
-        """A batch of augmented crops (B, 2k+1, S, S) and their targets."""
+        """A batch of augmented crops (B, 2k+1, S, S) and their targets: ``batch_size`` crops of
+        ``crop_size``, or a tag step (see the class description)."""
+        n_tag, tag_step_probability = self.tag_step_plan(batch_size)
+        tag_step = 0.0 < tag_step_probability and (tag_step_probability >= 1.0 or rng.random() < tag_step_probability)
+        if tag_step:
+            size, pick, batch_size = self.tag_crop_size, self._pick_tag_crop_anchor, n_tag
+        else:
+            size, pick = self.crop_size, (self._pick_crop_anchor if self.tag_anchor_share > 0 else self.pick_anchor)
         images, masks, boxes, exhaustive, points, tags, points_exhaustive = [], [], [], [], [], [], []
         for b in range(batch_size):
-            anchor = self.pick_anchor(rng)
-            oy, ox = self._crop_origin(anchor, rng)
+            anchor = pick(rng)
+            oy, ox = self._crop_origin(anchor, rng, size)
             k = int(rng.integers(4)) if self.augment else 0
             flip = bool(rng.integers(2)) if self.augment else False
-            image, targets = self._crop(anchor.z, oy, ox, k, flip)
+            image, targets = self._crop(anchor.z, oy, ox, k, flip, size)
             if self.augment and self.jitter:
                 image = _intensity_jitter(image, rng)
             images.append(image)
@@ -252,10 +311,10 @@ class CropSampler:
             point_exhaustive=torch.from_numpy(np.stack(points_exhaustive)),
         )
 
-    def _crop(self, z: int, oy: int, ox: int, k: int, flip: bool):
-        """Crop plane z at (oy, ox), rotate by k quarter turns, flip left-right; targets follow."""
+    def _crop(self, z: int, oy: int, ox: int, k: int, flip: bool, s: int):
+        """Crop an s x s square of plane z at (oy, ox), rotate by k quarter turns, flip left-right;
+        targets follow."""
         ann = self.annotations
-        s = self.crop_size
         h, w = ann.plane_shape
         image = plane_with_context(self.volume, z, self.context)[:, oy:oy + s, ox:ox + s]
         mask = (self.mask_index[z, oy:oy + s, ox:ox + s] if self.mask_index is not None

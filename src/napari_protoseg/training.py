@@ -25,7 +25,6 @@ from .data import (
     Normalization,
     present_tag_sides,
     tag_crop_limit,
-    training_crops,
 )
 from .inference import predict_region
 from .instance_losses import instance_loss
@@ -45,9 +44,9 @@ class TrainConfig:
     dims) jointly with the semantic model when the project has classes flagged ``instances: true``;
     their losses enter the total as ``weight_localization * LCFCN + weight_embedding * similarity``.
 
-    ``crop_size`` and ``batch_size`` are the crops of a step without present tags; with them, crops
-    grow to hold the largest tagged region (up to 512 px) and fewer are taken to keep the pixels per
-    step (:func:`~napari_protoseg.data.training_crops`).
+    ``crop_size`` and ``batch_size`` are the crops of a step. Present tags wider than a crop get
+    steps of their own with larger crops (up to 512 px) and about the same pixels
+    (:class:`~napari_protoseg.data.CropSampler`).
     """
 
     steps: int = 300
@@ -263,8 +262,7 @@ def train(
         net.load_state_dict(state["model"])
         context = net.config.in_channels // 2
     net.to(device)
-    crop_size, batch_size = training_crops(annotations, config.crop_size, config.batch_size)
-    sampler = CropSampler(image, annotations, normalization, crop_size=crop_size, context=context,
+    sampler = CropSampler(image, annotations, normalization, crop_size=config.crop_size, context=context,
                           mask_share=config.mask_share)
     optimizer = torch.optim.AdamW(net.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     clipping_groups = net.clipping_groups()
@@ -311,7 +309,7 @@ def train(
             if stop is not None and stop():
                 break
             net.train()
-            x, targets = sampler.sample(batch_size, rng)
+            x, targets = sampler.sample(config.batch_size, rng)
             x, targets = x.to(device), targets.to(device)
             use_pl = config.weight_pseudo_label > 0 and step >= config.pseudo_label_warmup
             if use_pl:
