@@ -312,9 +312,9 @@ def test_random_forest_learns_a_toy_image(sem):
 def test_benchmark_config():
     quick = bm.benchmark_config(quick=True)
     assert quick.steps == bm.QUICK_STEPS and quick.crop_size == bm.QUICK_CROP_SIZE
-    assert quick.pseudo_label_warmup == round(60 * bm.QUICK_STEPS / 300)  # same share of training
+    assert quick.pseudo_label_warmup == round(120 * bm.QUICK_STEPS / 600)  # same share of training
     full = bm.benchmark_config(seed=3)
-    assert full.steps == 300 and full.pseudo_label_warmup == 60 and full.seed == 3
+    assert full.steps == 600 and full.pseudo_label_warmup == 120 and full.seed == 3
     assert bm.benchmark_config(config_overrides={"steps": 100, "pseudo_label_warmup": 7}).pseudo_label_warmup == 7
     with pytest.raises(ValueError, match="unknown training option"):
         bm.benchmark_config(config_overrides={"stepz": 1})
@@ -343,7 +343,7 @@ def fake_results():
         "train_config": bm.benchmark_config().to_dict(), "peer_config": bm.RFConfig().to_dict(),
         "peer_note": "peer as in BENCHMARK.md", "settings": settings,
         "shared_peer_fits": {"masks": ["masks+tags", "masks+boxes"]},
-        "ablations": [{"setting": "mixed", "variant": "all loss terms", "changes": {}, "reused_main_run": True,
+        "ablations": [{"setting": "mixed", "variant": "defaults", "changes": {}, "reused_main_run": True,
                        "protoseg": settings["mixed"]["protoseg"]}],
         "reference": {"all_cytoplasm": {"miou": 0.15}},
     }
@@ -399,7 +399,7 @@ def test_partial_runs_merge_into_one_report(tmp_path):
     assert list(merged["settings"]) == list(SETTINGS) and merged["complete"] and not merged["partial"]
     assert len(merged["ablations"]) == len(bm.ABLATIONS)
     assert [(r["setting"], r["variant"]) for r in merged["ablations"]] == [(s, v) for s, v, _ in bm.ABLATIONS]
-    reused = [r for r in merged["ablations"] if r["variant"] in ("all loss terms", "tag pooling: mean")]
+    reused = [r for r in merged["ablations"] if r["changes"] in ({}, {"tag_pooling": "mean"})]
     assert len(reused) == 3  # mixed, full and masks+tags with the default (mean) tag pooling
     assert reused and all(r["reused_main_run"] and r["protoseg"] == results["settings"][r["setting"]]["protoseg"]
                           for r in reused)

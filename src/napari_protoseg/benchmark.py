@@ -401,15 +401,16 @@ QUICK_CROP_SIZE = 128
 # (setting, name, TrainConfig changes). A variant whose configuration equals the main run of its
 # setting reuses that run instead of training again.
 ABLATIONS = (
-    ("mixed", "all loss terms", {}),
-    ("mixed", "without pseudo-label term", {"weight_pseudo_label": 0.0}),
+    ("mixed", "defaults (no pseudo-label term, 600 steps)", {}),
+    ("mixed", "pseudo-label term, 300 steps (about the same time)", {"weight_pseudo_label": 0.5, "steps": 300}),
+    ("mixed", "pseudo-label term, 600 steps", {"weight_pseudo_label": 0.5}),
     ("mixed", "without cross-entropy", {"weight_ce": 0.0}),
     ("mixed", "contrastive weight 1 (as the DSP paper)", {"weight_contrastive": 1.0}),
     ("mixed", "crop types drawn uniformly", {"mask_share": None}),
     ("masks+tags", "tag pooling: mean", {"tag_pooling": "mean"}),
     ("masks+tags", "tag pooling: max", {"tag_pooling": "max"}),
     ("masks+tags", "tag pooling: smoothmax", {"tag_pooling": "smoothmax"}),
-    ("full", "all loss terms", {}),
+    ("full", "defaults", {}),
     ("full", "class-balanced cross-entropy", {"balance_classes": 1.0}),
     ("full", "instance losses also train the backbone", {"instance_backbone_grad": True}),
     ("full", "without filter bank", {"filter_sigmas": []}),
