@@ -148,9 +148,10 @@ class CropSampler:
             lut[cid] = i
         self.mask_index = None if annotations.masks is None else lut[annotations.masks.reshape(self.volume.shape)]
         self.anchors = self._collect_anchors()
-        large = [a for a in self._anchors_of("tag") if self._needs_tag_crop(a)]
-        self.tag_crop_size = (min(_round_up(max(max(a.y1 - a.y0, a.x1 - a.x0) for a in large), 16), h, w)
-                              if large else self.crop_size)
+        self._tag_crop_anchors = {c: large for c, group in self.anchors.get("tag", {}).items()
+                                  if (large := [a for a in group if self._needs_tag_crop(a)])}
+        sides = [max(a.y1 - a.y0, a.x1 - a.x0) for group in self._tag_crop_anchors.values() for a in group]
+        self.tag_crop_size = min(_round_up(max(sides), 16), h, w) if sides else self.crop_size
         self.tag_anchor_share = self._share_of_tag_crop_anchors()
 
     def _collect_anchors(self) -> dict[str, dict[int, list[_Anchor]]]:
@@ -188,15 +189,13 @@ class CropSampler:
             add(_Anchor("tag", int(t["z"]), y0, x0, y1, x1, self.index_of[int(t["class"])] if usable else -1))
         return anchors
 
-    def _anchors_of(self, kind: str) -> list[_Anchor]:
-        return [a for group in self.anchors.get(kind, {}).values() for a in group]
-
     def _needs_tag_crop(self, anchor: _Anchor) -> bool:
         """A present tag whose region a crop of ``crop_size`` cannot hold."""
         return (anchor.kind == "tag" and anchor.class_index >= 0
                 and max(anchor.y1 - anchor.y0, anchor.x1 - anchor.x0) > self.crop_size)
 
     def _kind_probabilities(self) -> dict[str, float]:
+        """The probabilities of the type draw of :meth:`pick_anchor` (keep the two in step)."""
         kinds = sorted(self.anchors)
         if self.mask_share is not None and "mask" in kinds and len(kinds) > 1:
             return {k: self.mask_share if k == "mask" else (1.0 - self.mask_share) / (len(kinds) - 1) for k in kinds}
@@ -205,9 +204,9 @@ class CropSampler:
     def _share_of_tag_crop_anchors(self) -> float:
         """How often :meth:`pick_anchor` picks a present tag that needs a tag crop."""
         by_class = self.anchors.get("tag", {})
-        if not by_class:
+        if not self._tag_crop_anchors:
             return 0.0
-        within = sum(sum(map(self._needs_tag_crop, group)) / len(group) for group in by_class.values()) / len(by_class)
+        within = sum(len(self._tag_crop_anchors.get(c, ())) / len(group) for c, group in by_class.items()) / len(by_class)
         return self._kind_probabilities()["tag"] * within
 
     def tag_step_plan(self, batch_size: int) -> tuple[int, float]:
@@ -241,12 +240,7 @@ class CropSampler:
 
     def _pick_tag_crop_anchor(self, rng: np.random.Generator) -> _Anchor:
         """A present tag that needs a tag crop: class, then tag, uniform."""
-        by_class = {}
-        for c, group in self.anchors["tag"].items():
-            large = [a for a in group if self._needs_tag_crop(a)]
-            if large:
-                by_class[c] = large
-        return self._pick_in(by_class, rng)
+        return self._pick_in(self._tag_crop_anchors, rng)
 
     def _pick_crop_anchor(self, rng: np.random.Generator) -> _Anchor:
         """As :meth:`pick_anchor`, but never a tag that needs a tag crop."""
