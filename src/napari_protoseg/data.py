@@ -81,6 +81,11 @@ class _Anchor:
     x1: int
     class_index: int = -1
 
+    @property
+    def side(self) -> int:
+        """The longer side of the anchor's region."""
+        return max(self.y1 - self.y0, self.x1 - self.x0)
+
 
 LARGEST_TAG_CROP = 512  # tag crops grow at most to this side to hold a present tag's region
 
@@ -150,7 +155,7 @@ class CropSampler:
         self.anchors = self._collect_anchors()
         self._tag_crop_anchors = {c: large for c, group in self.anchors.get("tag", {}).items()
                                   if (large := [a for a in group if self._needs_tag_crop(a)])}
-        sides = [max(a.y1 - a.y0, a.x1 - a.x0) for group in self._tag_crop_anchors.values() for a in group]
+        sides = [a.side for group in self._tag_crop_anchors.values() for a in group]
         self.tag_crop_size = min(_round_up(max(sides), 16), h, w) if sides else self.crop_size
         self.tag_anchor_share = self._share_of_tag_crop_anchors()
 
@@ -185,14 +190,15 @@ class CropSampler:
             y0, x0, y1, x1 = (0, 0, h, w) if whole else (int(t[f]) for f in ("y0", "x0", "y1", "x1"))
             # Absent tags, and present tags too wide for any crop, say nothing about where a class
             # is in a crop; they are all one group.
-            usable = t["present"] and max(y1 - y0, x1 - x0) <= tag_crop_limit(ann)
-            add(_Anchor("tag", int(t["z"]), y0, x0, y1, x1, self.index_of[int(t["class"])] if usable else -1))
+            anchor = _Anchor("tag", int(t["z"]), y0, x0, y1, x1)
+            if t["present"] and anchor.side <= tag_crop_limit(ann):
+                anchor.class_index = self.index_of[int(t["class"])]
+            add(anchor)
         return anchors
 
     def _needs_tag_crop(self, anchor: _Anchor) -> bool:
         """A present tag whose region a crop of ``crop_size`` cannot hold."""
-        return (anchor.kind == "tag" and anchor.class_index >= 0
-                and max(anchor.y1 - anchor.y0, anchor.x1 - anchor.x0) > self.crop_size)
+        return anchor.kind == "tag" and anchor.class_index >= 0 and anchor.side > self.crop_size
 
     def _kind_probabilities(self) -> dict[str, float]:
         """The probabilities of the type draw of :meth:`pick_anchor` (keep the two in step)."""
@@ -275,7 +281,7 @@ class CropSampler:
         if tag_step:
             size, pick, batch_size = self.tag_crop_size, self._pick_tag_crop_anchor, n_tag
         else:
-            size, pick = self.crop_size, (self._pick_crop_anchor if self.tag_anchor_share > 0 else self.pick_anchor)
+            size, pick = self.crop_size, self._pick_crop_anchor
         images, masks, boxes, exhaustive, points, tags, points_exhaustive = [], [], [], [], [], [], []
         for b in range(batch_size):
             anchor = pick(rng)
