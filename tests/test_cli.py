@@ -107,6 +107,8 @@ def test_train_then_predict_round_trip(trained, small_sample, tmp_path, capsys):
     model = load_model(model_file)
     assert model.classes == SAMPLE_CLASSES
     assert model.training_info["steps"] == 3
+    # the sizes of the annotated mitochondria travel with the model, for the decoders' size floor
+    assert model.training_info["object_areas"]["3"]["count"] >= 1
 
     out = tmp_path / "prediction"
     assert main(["predict", str(model_file), str(trained["image"]), "--out", str(out)]) == 0
@@ -393,3 +395,12 @@ def test_train_notes_present_tags_it_cannot_use(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "protoseg: note: 1 'present' tag(s) cover a region wider than 512 pixels" in err
     assert "is a folder" in err
+
+
+def test_help_states_the_default_number_of_training_steps(capsys):
+    from napari_protoseg.training import TrainConfig
+
+    assert cli.DEFAULT_STEPS == TrainConfig().steps
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert f"(default: {TrainConfig().steps})" in capsys.readouterr().out

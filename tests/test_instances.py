@@ -165,3 +165,49 @@ def test_watershed_keeps_an_elongated_unevenly_wide_object_whole():
     classes[((yy - 40) / (22 * wobble)) ** 2 + ((xx - 100) / 90) ** 2 <= 1] = 3
     labels = plain_instances(classes, [3], method="watershed")
     assert len(np.unique(labels)) == 2
+
+
+from napari_protoseg.instances import annotated_object_areas, min_object_sizes, object_area_summary  # noqa: E402
+from napari_protoseg.project import AnnotationSet, ClassInfo  # noqa: E402
+
+
+def _annotations_with_objects():
+    classes = [ClassInfo(1, "cytoplasm"), ClassInfo(3, "mitochondrion", instances=True)]
+    masks = np.zeros((2, 64, 64), np.int64)
+    masks[0, 2:12, 2:12] = 3  # 100 px
+    masks[0, 20:40, 20:40] = 3  # 400 px
+    masks[0, 50:60, 2:60] = 1
+    boxes = np.array([(1, 0, 0, 20, 10, 3, True)], dtype=[("z", int), ("y0", int), ("x0", int), ("y1", int),
+                                                           ("x1", int), ("class", int), ("exhaustive", bool)])
+    return AnnotationSet((2, 64, 64), classes, masks=masks, boxes=boxes)
+
+
+def test_object_areas_come_from_mask_components_and_the_ellipses_of_boxes():
+    ann = _annotations_with_objects()
+    assert sorted(annotated_object_areas(ann, 3)) == [100, 157, 400]  # the 20 x 10 box holds pi/4 of 200 px
+    summary = object_area_summary(ann)
+    assert set(summary) == {"3"}  # cytoplasm is no instance class
+    assert summary["3"]["count"] == 3 and summary["3"]["median"] == 157
+
+
+class _ModelWithSizes(_ModelWithoutHeads):
+    def __init__(self, p10):
+        self.training_info = {"object_areas": {"3": {"count": 5, "p10": p10, "median": 2 * p10}}}
+
+
+def test_decoders_drop_objects_far_smaller_than_the_annotated_ones():
+    assert min_object_sizes(_ModelWithSizes(1000.0)) == {3: 250}
+    assert min_object_sizes(_ModelWithSizes(20.0)) == {3: 16}  # never below the default
+    assert min_object_sizes(_ModelWithoutHeads()) == {3: 16}  # points only: nothing says how large
+    classes = np.zeros((1, 80, 80), np.uint8)
+    classes[0, 5:25, 5:25] = 3  # 400 px: kept
+    classes[0, 50:60, 50:60] = 3  # 100 px: a fragment far below a quarter of the annotated objects
+    labels = predict_instances(_ModelWithSizes(1000.0), np.zeros_like(classes), class_map=classes,
+                               decoder="components").labels
+    assert labels[0, 10, 10] > 0 and labels[0, 55, 55] == 0
+    kept_without_sizes = predict_instances(_ModelWithoutHeads(), np.zeros_like(classes), class_map=classes,
+                                           decoder="components").labels
+    assert kept_without_sizes[0, 55, 55] > 0
+    explicit = predict_instances(_ModelWithSizes(1000.0), np.zeros_like(classes), class_map=classes,
+                                 decoder="components", min_size=50).labels
+    assert explicit[0, 55, 55] > 0

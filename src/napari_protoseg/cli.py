@@ -24,6 +24,9 @@ from pathlib import Path
 from ._text import format_duration, format_ranges
 from .project import ProjectError, read_annotations
 
+# TrainConfig.steps, restated so that --help need not import PyTorch (a test keeps them equal).
+DEFAULT_STEPS = 600
+
 EXIT_OK = 0
 EXIT_INVALID = 1
 EXIT_USAGE = 2
@@ -683,7 +686,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, metavar="MODEL",
                        help="model file to write (e.g. model.protoseg.pt)")
     train.add_argument("--steps", type=_positive_int, metavar="N",
-                       help="optimiser steps (default: 300)")
+                       help=f"optimiser steps (default: {DEFAULT_STEPS})")
     train.add_argument("--device", choices=DEVICES, default="auto",
                        help="where to train (default: auto = CUDA, else MPS, else CPU)")
     train.add_argument("--seed", type=int, metavar="S", help="random seed (default: 0)")
@@ -723,7 +726,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", metavar="DIR",
                       help="output folder of --headless (default: ./protoseg-demo)")
     demo.add_argument("--steps", type=_positive_int, metavar="N",
-                      help="training steps of --headless (default: 300; fewer for a quick check)")
+                      help=f"training steps of --headless (default: {DEFAULT_STEPS}; fewer for a quick check)")
     demo.add_argument("--device", choices=DEVICES, default="auto",
                       help="where --headless trains and predicts (default: auto)")
     demo.set_defaults(func=cmd_demo)

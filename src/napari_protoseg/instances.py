@@ -29,12 +29,70 @@ from skimage.measure import label
 from skimage.morphology import h_maxima
 from skimage.segmentation import watershed
 
-__all__ = ["DECODERS", "PLAIN_DECODERS", "InstancePrediction", "PixelEmbeddings", "default_decoder",
-           "link_planes", "plain_instances", "predict_instances", "relabel_sequential", "wise_instances"]
+__all__ = ["DECODERS", "PLAIN_DECODERS", "InstancePrediction", "PixelEmbeddings", "annotated_object_areas",
+           "default_decoder", "link_planes", "min_object_sizes", "object_area_summary", "plain_instances",
+           "predict_instances", "relabel_sequential", "wise_instances"]
 
 PLAIN_DECODERS = ("components", "watershed")
 DECODERS = ("wise", *PLAIN_DECODERS)
 _CROSS = ndi.generate_binary_structure(2, 1)
+DEFAULT_MIN_SIZE = 16
+# An object smaller than this share of the annotated objects' 10th-percentile area is dropped.
+MIN_SIZE_SHARE = 0.25
+
+
+# ------------------------------------------------------------------------------ object sizes
+
+
+def annotated_object_areas(annotations, class_id: int) -> np.ndarray:
+    """Areas (pixels) of the objects of one class that the annotations outline: the 4-connected
+    components of the class in the masks (per plane) and, for each box, the ellipse it holds
+    (pi/4 of its area). Points and tags say nothing about size. Empty when nothing outlines one."""
+    areas = []
+    if annotations.masks is not None:
+        masks = annotations.masks if annotations.is_stack else annotations.masks[None]
+        for plane in masks:
+            region = plane == class_id
+            if region.any():
+                areas.append(np.bincount(_components(region).ravel())[1:])
+    boxes = annotations.boxes[annotations.boxes["class"] == class_id]
+    if len(boxes):
+        sides = (boxes["y1"].astype(np.int64) - boxes["y0"]) * (boxes["x1"].astype(np.int64) - boxes["x0"])
+        areas.append(np.round(sides * (np.pi / 4)).astype(np.int64))
+    return np.concatenate(areas).astype(np.int64) if areas else np.zeros(0, dtype=np.int64)
+
+
+def object_area_summary(annotations) -> dict[str, dict[str, float]]:
+    """For each class flagged ``instances`` with outlined objects: their count and the 10th
+    percentile and median of their areas (pixels), keyed by the class id as a string (JSON keys);
+    the trainer stores it in the model's ``training_info["object_areas"]``."""
+    out = {}
+    for info in annotations.classes:
+        if not info.instances:
+            continue
+        areas = annotated_object_areas(annotations, info.id)
+        if len(areas):
+            out[str(int(info.id))] = {"count": int(len(areas)), "p10": float(np.percentile(areas, 10)),
+                                      "median": float(np.median(areas))}
+    return out
+
+
+def min_object_sizes(model, default: int = DEFAULT_MIN_SIZE, share: float = MIN_SIZE_SHARE) -> dict[int, int]:
+    """Smallest object (pixels) the decoders keep for each instance class of ``model``: ``share``
+    of the 10th-percentile area of the objects annotated for training (``training_info``), never
+    below ``default``; ``default`` for a class without outlined objects (e.g. points only)."""
+    summary = (getattr(model, "training_info", None) or {}).get("object_areas", {})
+    sizes = {}
+    for cid in model.instance_class_ids:
+        p10 = summary.get(str(int(cid)), {}).get("p10")
+        sizes[int(cid)] = max(int(default), int(share * float(p10))) if p10 else int(default)
+    return sizes
+
+
+def _min_size_of(min_size: int | dict[int, int], class_id: int) -> int:
+    if isinstance(min_size, dict):
+        return int(min_size.get(int(class_id), DEFAULT_MIN_SIZE))
+    return int(min_size)
 
 
 def _components(region: np.ndarray) -> np.ndarray:
@@ -60,15 +118,15 @@ def _distance_watershed(region: np.ndarray, split_depth: float) -> np.ndarray:
 
 
 def plain_instances(class_map: np.ndarray, instance_class_ids: Iterable[int], method: str = "watershed",
-                    min_size: int = 16, split_depth: float = 2.0) -> np.ndarray:
+                    min_size: int | dict[int, int] = DEFAULT_MIN_SIZE, split_depth: float = 2.0) -> np.ndarray:
     """Instance labels (uint32, same shape) from a class map (Y, X) or (Z, Y, X), decoded per plane.
 
     ``method`` "components": connected components (4-connectivity) of each instance class;
     "watershed": the components are split at necks at least ``split_depth`` pixels narrower (in
     distance to the border) than the objects on both sides, so touching round objects become
     separate instances and a long, unevenly wide one stays whole. Objects smaller than
-    ``min_size`` pixels are dropped.
-    Ids are consecutive and unique over the whole array.
+    ``min_size`` pixels (one number, or one per class id as :func:`min_object_sizes` gives) are
+    dropped. Ids are consecutive and unique over the whole array.
     """
     if method not in PLAIN_DECODERS:
         raise ValueError(f"unknown instance decoder {method!r}; choose one of {', '.join(PLAIN_DECODERS)}")
@@ -84,7 +142,7 @@ def plain_instances(class_map: np.ndarray, instance_class_ids: Iterable[int], me
                 continue
             objects = _components(region) if method == "components" else _distance_watershed(region, split_depth)
             sizes = np.bincount(objects.ravel())
-            keep = sizes >= min_size
+            keep = sizes >= _min_size_of(min_size, cid)
             keep[0] = False
             new_ids = np.zeros(len(sizes), dtype=np.uint32)
             new_ids[keep] = np.arange(next_id, next_id + keep.sum(), dtype=np.uint32)
@@ -215,7 +273,7 @@ def _blob_seeds(probability: np.ndarray, region: np.ndarray, threshold: float) -
 
 def wise_instances(class_map: np.ndarray, localization: np.ndarray, embedding, instance_class_ids: Sequence[int], *,
                    blob_threshold: float = 0.5, background_seeds: int = 100, background_ring: int = 6,
-                   min_size: int = 16, seed: int = 0) -> np.ndarray:
+                   min_size: int | dict[int, int] = DEFAULT_MIN_SIZE, seed: int = 0) -> np.ndarray:
     """WISE-Net instance labels (uint32, ids 1..n) of one plane.
 
     ``class_map`` (Y, X) class ids; ``localization`` (K, Y, X) blob probabilities, channel ``k`` for
@@ -224,7 +282,7 @@ def wise_instances(class_map: np.ndarray, localization: np.ndarray, embedding, i
     up to ``background_seeds`` background seeds (seeded random choice among background pixels within
     ``background_ring`` pixels of the region), every region pixel to its most similar seed, pixels of
     background seeds dropped, each object reduced to the part connected to its seed, objects smaller
-    than ``min_size`` pixels dropped.
+    than ``min_size`` pixels (one number, or one per class id) dropped.
     """
     class_map = np.asarray(class_map)
     localization = np.asarray(localization)
@@ -268,7 +326,7 @@ def wise_instances(class_map: np.ndarray, localization: np.ndarray, embedding, i
         keep[0] = False
         objects[~keep[parts]] = 0
         sizes = np.bincount(objects, minlength=len(object_seeds) + 1)
-        kept = sizes >= min_size
+        kept = sizes >= _min_size_of(min_size, cid)
         kept[0] = False
         new_ids = np.zeros(len(sizes), dtype=np.uint32)
         new_ids[kept] = np.arange(next_id, next_id + kept.sum(), dtype=np.uint32)
@@ -307,7 +365,7 @@ class InstancePrediction:
 
 
 def predict_instances(model, image, *, decoder: str | None = None, link_3d: bool = False,
-                      class_map=None, min_size: int = 16, min_overlap: float = 0.3, split_depth: float = 2.0,
+                      class_map=None, min_size: int | dict[int, int] | None = None, min_overlap: float = 0.3, split_depth: float = 2.0,
                       tile: int = 512, overlap: int = 64, device=None, batch_size: int = 4,
                       progress: Callable[[int, int], Any] | None = None,
                       stop: Callable[[], bool] | None = None) -> InstancePrediction:
@@ -318,8 +376,9 @@ def predict_instances(model, image, *, decoder: str | None = None, link_3d: bool
     semantic prediction already made (e.g. by :func:`~napari_protoseg.inference.predict_volume`),
     which the plain decoders then use instead of predicting again. ``link_3d`` links the planes'
     objects into 3D objects by overlap (:func:`link_planes`, ``min_overlap``); ids are unique over
-    the whole array either way. ``progress(done, total)`` is called after each plane, ``stop()``
-    before each.
+    the whole array either way. ``min_size``: smallest object kept, in pixels (one number or one per
+    class id); by default :func:`min_object_sizes` of the model (a quarter of the small annotated
+    objects). ``progress(done, total)`` is called after each plane, ``stop()`` before each.
     """
     from .inference import _class_dtype, _image_dims, predict_instance_maps_of_planes, predict_volume
 
@@ -336,6 +395,8 @@ def predict_instances(model, image, *, decoder: str | None = None, link_3d: bool
     if not ids:
         raise ValueError("the model has no class flagged 'instances'; flag the organelle classes to count as "
                          "objects in the class table and train again")
+    if min_size is None:
+        min_size = min_object_sizes(model)
     labels = np.zeros((n_planes, *shape[-2:]), dtype=np.uint32)
     classes = confidence = None
     done, stopped = 0, False

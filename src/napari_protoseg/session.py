@@ -26,7 +26,8 @@ import numpy as np
 
 from ._text import format_ranges
 from .inference import predict_instance_maps, predict_plane, predict_region
-from .instances import PLAIN_DECODERS, link_planes, plain_instances, relabel_sequential, wise_instances
+from .instances import (PLAIN_DECODERS, link_planes, min_object_sizes, plain_instances, relabel_sequential,
+                        wise_instances)
 from .layers import (
     BOXES_LAYER,
     MASKS_LAYER,
@@ -950,15 +951,17 @@ def decode_instances(model: TrainedModel, image: np.ndarray, class_map: np.ndarr
     if decoder not in INSTANCE_DECODERS:
         raise SessionError(f"Unknown instance decoder '{decoder}'; choose one of {', '.join(INSTANCE_DECODERS)}.")
     instance_ids = [c.id for c in model.classes if c.instances]
+    min_sizes = min_object_sizes(model)
     if decoder != "wise":
-        return plain_instances(class_map, instance_ids, method=decoder)
+        return plain_instances(class_map, instance_ids, method=decoder, min_size=min_sizes)
     if not model.has_instance_heads:
         raise SessionError("The 'wise' instance decoder needs a model trained with a class flagged as "
                            "instances (it learns where objects are from them). Flag the organelle classes in "
                            "the class table and train again, or choose 'watershed'.")
     # The learned maps of the whole plane (seeds may lie outside the region), cut to the region.
     maps = predict_instance_maps(model, image, z)
-    labels = wise_instances(maps.classes, maps.localization, maps.embedding, model.instance_class_ids)
+    labels = wise_instances(maps.classes, maps.localization, maps.embedding, model.instance_class_ids,
+                            min_size=min_sizes)
     y0, x0, y1, x1 = region
     # Objects stay within the semantic prediction shown next to them.
     inside = np.isin(class_map, instance_ids)

@@ -28,6 +28,7 @@ from .data import (
 )
 from .inference import predict_region
 from .instance_losses import instance_loss
+from .instances import object_area_summary
 from .losses import LossWeights, negative_map, strong_augment, total_loss
 from .model import ModelConfig, ProtoSegNet, pick_device
 from .modelfile import TrainedModel
@@ -179,11 +180,12 @@ def _atomic_torch_save(obj, path: Path) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def _training_info(annotations: AnnotationSet, step: int, losses: dict, config: TrainConfig) -> dict:
+def _training_info(annotations: AnnotationSet, step: int, losses: dict, config: TrainConfig,
+                   object_areas: dict) -> dict:
     summary = annotations.summary()
     return {"steps": step, "annotations": summary["classes"], "totals": summary["totals"],
             "planes_annotated": summary["planes_annotated"], "last_losses": losses,
-            "train_config": config.to_dict()}
+            "train_config": config.to_dict(), "object_areas": object_areas}
 
 
 def _warmup_cosine(steps: int) -> Callable[[int], float]:
@@ -287,10 +289,11 @@ def train(
         config.weight_localization > 0 or config.weight_embedding > 0)
     checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else None
     losses: dict[str, float] = {}
+    object_areas = object_area_summary(annotations)
 
     def current_model() -> TrainedModel:
         return TrainedModel(net=net, classes=classes, normalization=normalization, context=context,
-                            training_info=_training_info(annotations, step, losses, config))
+                            training_info=_training_info(annotations, step, losses, config, object_areas))
 
     def save_checkpoint() -> str | None:
         if checkpoint_path is None:
