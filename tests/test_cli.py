@@ -340,7 +340,7 @@ def test_headless_options_without_headless_are_a_message(tmp_path, capsys):
 
 
 def test_predict_writes_instances_per_plane_or_linked_in_3d(trained, tmp_path, capsys):
-    from napari_protoseg.instances import link_planes, plain_instances
+    from napari_protoseg.instances import link_planes, min_object_sizes, plain_instances
 
     assert load_model(trained["model"]).has_instance_heads  # the sample flags mitochondria as instances
     out = tmp_path / "wise"
@@ -359,7 +359,8 @@ def test_predict_writes_instances_per_plane_or_linked_in_3d(trained, tmp_path, c
     assert "3D objects" in capsys.readouterr().out
     semantic = tifffile.imread(out / "semantic.tif")
     np.testing.assert_array_equal(tifffile.imread(out / "instances.tif"),
-                                  link_planes(plain_instances(semantic, [3], method="components")))
+                                  link_planes(plain_instances(semantic, [3], method="components",
+                                                              min_size=min_object_sizes(load_model(trained["model"])))))
 
 
 def test_predict_without_instance_classes_writes_no_instances(tmp_path, capsys):

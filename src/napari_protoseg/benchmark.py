@@ -397,10 +397,13 @@ QUICK_SETTINGS = ("masks", "full", "mixed")
 QUICK_CROP = 256
 QUICK_STEPS = 60
 QUICK_CROP_SIZE = 128
+QUICK_BATCH_SIZE = 8
 
 # (setting, name, TrainConfig changes). A variant whose configuration equals the main run of its
 # setting reuses that run instead of training again.
 ABLATIONS = (
+    ("masks", "defaults (4 crops of 192 px per step)", {}),
+    ("masks", "8 crops of 128 px per step (the previous default)", {"crop_size": 128, "batch_size": 8}),
     ("mixed", "defaults (no pseudo-label term, 600 steps)", {}),
     ("mixed", "pseudo-label term, 300 steps (about the same time)", {"weight_pseudo_label": 0.5, "steps": 300}),
     ("mixed", "pseudo-label term, 600 steps", {"weight_pseudo_label": 0.5}),
@@ -429,7 +432,7 @@ def benchmark_config(quick: bool = False, config_overrides: dict | None = None, 
     """The :class:`~napari_protoseg.training.TrainConfig` of a benchmark run.
 
     Full runs use the plugin's defaults; quick runs train ``QUICK_STEPS`` steps on
-    ``QUICK_CROP_SIZE`` crops. When the number of steps differs from the default and the
+    ``QUICK_BATCH_SIZE`` crops of ``QUICK_CROP_SIZE``. When the number of steps differs from the default and the
     overrides do not set ``pseudo_label_warmup``, the warm-up keeps its default share of the
     steps (60 of 300 = 20 %), so the pseudo-label term still acts for the same share of training.
     """
@@ -438,7 +441,7 @@ def benchmark_config(quick: bool = False, config_overrides: dict | None = None, 
     default = TrainConfig()
     changes: dict = {"checkpoint_every": 0, "seed": seed}
     if quick:
-        changes.update(steps=QUICK_STEPS, crop_size=QUICK_CROP_SIZE)
+        changes.update(steps=QUICK_STEPS, crop_size=QUICK_CROP_SIZE, batch_size=QUICK_BATCH_SIZE)
     changes.update(config_overrides or {})
     unknown = set(changes) - set(default.to_dict())
     if unknown:
