@@ -326,7 +326,7 @@ def test_headless_demo_writes_overview_prediction_model_and_figures(tmp_path, ca
     # The sample's mitochondria are flagged as instances: the demo separates them too.
     instances = tifffile.imread(out / "prediction" / "instances.tif")
     assert instances.shape == semantic.shape and instances.dtype == np.uint32
-    assert "instances:" in printed and "(wise decoder)" in printed
+    assert "instances:" in printed and "(components decoder)" in printed
     assert load_model(out / "model.protoseg.pt").training_info["steps"] == 3
     assert main(["validate", str(out / "project")]) == 0
 
@@ -344,7 +344,8 @@ def test_predict_writes_instances_per_plane_or_linked_in_3d(trained, tmp_path, c
 
     assert load_model(trained["model"]).has_instance_heads  # the sample flags mitochondria as instances
     out = tmp_path / "wise"
-    assert main(["predict", str(trained["model"]), str(trained["image"]), "--out", str(out)]) == 0
+    assert main(["predict", str(trained["model"]), str(trained["image"]), "--out", str(out),
+                 "--instance-decoder", "wise"]) == 0
     assert "(wise decoder)" in capsys.readouterr().out
     semantic = tifffile.imread(out / "semantic.tif")
     instances = tifffile.imread(out / "instances.tif")

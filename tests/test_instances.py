@@ -146,7 +146,7 @@ def test_predict_instances_decodes_a_given_class_map_and_links_planes_on_request
     stack[1, 25:35, 25:35] = 3
     image = np.zeros(stack.shape, np.uint8)
     per_plane = predict_instances(_ModelWithoutHeads(), image, class_map=stack)
-    assert per_plane.decoder == "watershed" and not per_plane.linked_3d
+    assert per_plane.decoder == "components" and not per_plane.linked_3d
     assert per_plane.labels[0, 10, 10] != per_plane.labels[1, 10, 10]
     linked = predict_instances(_ModelWithoutHeads(), image, class_map=stack, decoder="components", link_3d=True)
     assert linked.linked_3d and linked.labels[0, 10, 10] == linked.labels[1, 10, 10]

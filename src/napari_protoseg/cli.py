@@ -454,8 +454,8 @@ def _predict_with_progress(model, image, device, decoder: str | None = None, lin
 
 
 def _instance_decoder(model, requested: str | None) -> str | None:
-    """The decoder 'protoseg predict' uses: the one asked for, else 'wise' for a model with instance
-    heads, else 'watershed'; None when the model has no class flagged 'instances'."""
+    """The decoder 'protoseg predict' uses: the one asked for, else the default (connected
+    components); None when the model has no class flagged 'instances'."""
     from .instances import default_decoder
 
     if not model.instance_class_ids:
@@ -704,9 +704,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--device", choices=DEVICES, default="auto",
                          help="where to predict (default: auto)")
     predict.add_argument("--instance-decoder", choices=("wise", "watershed", "components"), default=None,
-                         help="how instances.tif separates objects: wise (learned seeds and embeddings; the "
-                              "default for models with instance heads), watershed (distance-transform split "
-                              "of the class map; the default otherwise) or components (connected components)")
+                         help="how instances.tif separates objects: components (connected components of "
+                              "the class map; the default), watershed (distance-transform split of the class "
+                              "map) or wise (learned seeds and embeddings; models with instance heads)")
     predict.add_argument("--link-3d", action="store_true",
                          help="link the objects of neighbouring planes into 3D objects (one id per 3D object) "
                               "instead of numbering each plane's objects separately")

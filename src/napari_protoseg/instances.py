@@ -339,9 +339,15 @@ def wise_instances(class_map: np.ndarray, localization: np.ndarray, embedding, i
 # ------------------------------------------------------------------------------ entry point
 
 
+# The decoder the benchmark measures best on mitochondria (docs/benchmarks.md): connected components
+# of the class map with the size floor. The WISE decoder finds no objects there yet (its localization
+# map stays below the blob threshold) and the watershed splits elongated mitochondria.
+DEFAULT_DECODER = "components"
+
+
 def default_decoder(model) -> str:
-    """``"wise"`` for a model with instance heads, else ``"watershed"``."""
-    return "wise" if model.has_instance_heads else "watershed"
+    """The decoder used when none is asked for: :data:`DEFAULT_DECODER` for every model."""
+    return DEFAULT_DECODER
 
 
 @dataclass
@@ -371,8 +377,7 @@ def predict_instances(model, image, *, decoder: str | None = None, link_3d: bool
                       stop: Callable[[], bool] | None = None) -> InstancePrediction:
     """Instances of the model's classes flagged ``instances`` in a plane (Y, X) or stack (Z, Y, X).
 
-    ``decoder``: ``"wise"`` (needs instance heads; the default for such models), ``"watershed"``
-    (the default otherwise) or ``"components"``. ``class_map`` (class ids, shape of the image): a
+    ``decoder``: ``"components"`` (the default), ``"watershed"`` or ``"wise"`` (needs instance heads). ``class_map`` (class ids, shape of the image): a
     semantic prediction already made (e.g. by :func:`~napari_protoseg.inference.predict_volume`),
     which the plain decoders then use instead of predicting again. ``link_3d`` links the planes'
     objects into 3D objects by overlap (:func:`link_planes`, ``min_overlap``); ids are unique over

@@ -26,6 +26,7 @@ import numpy as np
 
 from ._text import format_ranges
 from .inference import predict_instance_maps, predict_plane, predict_region
+from .instances import DEFAULT_DECODER as DEFAULT_INSTANCE_DECODER
 from .instances import (PLAIN_DECODERS, link_planes, min_object_sizes, plain_instances, relabel_sequential,
                         wise_instances)
 from .layers import (
@@ -85,7 +86,7 @@ TAG_STATES = (TAG_PRESENT, TAG_ABSENT, TAG_UNKNOWN)
 # Instance decoders offered in the panel. The learned WISE-Net decoder joins this list; see
 # :func:`decode_instances`, the one place where the decoder is applied.
 INSTANCE_DECODERS = ("wise", *PLAIN_DECODERS)
-DEFAULT_DECODER = "watershed"
+DEFAULT_DECODER = DEFAULT_INSTANCE_DECODER
 
 Region = tuple[int, int, int, int]  # (y0, x0, y1, x1), half-open pixel range of a plane
 
