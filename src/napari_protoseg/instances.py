@@ -36,6 +36,10 @@ __all__ = ["DECODERS", "PLAIN_DECODERS", "InstancePrediction", "PixelEmbeddings"
 PLAIN_DECODERS = ("components", "watershed")
 DECODERS = ("wise", *PLAIN_DECODERS)
 _CROSS = ndi.generate_binary_structure(2, 1)
+# The decoder the benchmark measures best on mitochondria (docs/benchmarks.md): connected components
+# of the class map with the size floor. The WISE decoder matches none of them yet (its localization
+# map rarely rises above the blob threshold) and the watershed splits elongated mitochondria.
+DEFAULT_DECODER = "components"
 DEFAULT_MIN_SIZE = 16
 # An object smaller than this share of the annotated objects' 10th-percentile area is dropped.
 MIN_SIZE_SHARE = 0.25
@@ -337,12 +341,6 @@ def wise_instances(class_map: np.ndarray, localization: np.ndarray, embedding, i
 
 
 # ------------------------------------------------------------------------------ entry point
-
-
-# The decoder the benchmark measures best on mitochondria (docs/benchmarks.md): connected components
-# of the class map with the size floor. The WISE decoder finds no objects there yet (its localization
-# map stays below the blob threshold) and the watershed splits elongated mitochondria.
-DEFAULT_DECODER = "components"
 
 
 def default_decoder(model) -> str:
