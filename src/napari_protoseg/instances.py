@@ -369,15 +369,16 @@ class InstancePrediction:
 
 
 def predict_instances(model, image, *, decoder: str | None = None, link_3d: bool = False,
-                      class_map=None, min_size: int | dict[int, int] | None = None, min_overlap: float = 0.3, split_depth: float = 2.0,
-                      tile: int = 512, overlap: int = 64, device=None, batch_size: int = 4,
+                      class_map=None, min_size: int | dict[int, int] | None = None, min_overlap: float = 0.3,
+                      split_depth: float = 2.0, tile: int = 512, overlap: int = 64, device=None, batch_size: int = 4,
                       progress: Callable[[int, int], Any] | None = None,
                       stop: Callable[[], bool] | None = None) -> InstancePrediction:
     """Instances of the model's classes flagged ``instances`` in a plane (Y, X) or stack (Z, Y, X).
 
-    ``decoder``: ``"components"`` (the default), ``"watershed"`` or ``"wise"`` (needs instance heads). ``class_map`` (class ids, shape of the image): a
-    semantic prediction already made (e.g. by :func:`~napari_protoseg.inference.predict_volume`),
-    which the plain decoders then use instead of predicting again. ``link_3d`` links the planes'
+    ``decoder``: ``"components"`` (the default), ``"watershed"`` or ``"wise"`` (needs instance heads).
+    ``class_map`` (class ids, shape of the image): a semantic prediction already made (e.g. by
+    :func:`~napari_protoseg.inference.predict_volume`), which the plain decoders then use instead of
+    predicting again. ``link_3d`` links the planes'
     objects into 3D objects by overlap (:func:`link_planes`, ``min_overlap``); ids are unique over
     the whole array either way. ``min_size``: smallest object kept, in pixels (one number or one per
     class id); by default :func:`min_object_sizes` of the model (a quarter of the small annotated

@@ -26,9 +26,8 @@ import numpy as np
 
 from ._text import format_ranges
 from .inference import predict_instance_maps, predict_plane, predict_region
-from .instances import DEFAULT_DECODER as DEFAULT_INSTANCE_DECODER
-from .instances import (PLAIN_DECODERS, link_planes, min_object_sizes, plain_instances, relabel_sequential,
-                        wise_instances)
+from .instances import (DEFAULT_DECODER, PLAIN_DECODERS, link_planes, min_object_sizes, plain_instances,
+                        relabel_sequential, wise_instances)
 from .layers import (
     BOXES_LAYER,
     MASKS_LAYER,
@@ -86,7 +85,6 @@ TAG_STATES = (TAG_PRESENT, TAG_ABSENT, TAG_UNKNOWN)
 # Instance decoders offered in the panel. The learned WISE-Net decoder joins this list; see
 # :func:`decode_instances`, the one place where the decoder is applied.
 INSTANCE_DECODERS = ("wise", *PLAIN_DECODERS)
-DEFAULT_DECODER = DEFAULT_INSTANCE_DECODER
 
 Region = tuple[int, int, int, int]  # (y0, x0, y1, x1), half-open pixel range of a plane
 
@@ -951,7 +949,7 @@ def decode_instances(model: TrainedModel, image: np.ndarray, class_map: np.ndarr
     """
     if decoder not in INSTANCE_DECODERS:
         raise SessionError(f"Unknown instance decoder '{decoder}'; choose one of {', '.join(INSTANCE_DECODERS)}.")
-    instance_ids = [c.id for c in model.classes if c.instances]
+    instance_ids = model.instance_class_ids
     min_sizes = min_object_sizes(model)
     if decoder != "wise":
         return plain_instances(class_map, instance_ids, method=decoder, min_size=min_sizes)
