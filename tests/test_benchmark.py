@@ -408,6 +408,9 @@ def test_partial_runs_merge_into_one_report(tmp_path):
 
     only_first = bm.merge_results([first])
     assert not only_first["complete"] and "Partial results" in bm.render_markdown(only_first)
+    # the banner names the ablations the merge lacks, and only those
+    banner = bm.render_markdown(only_first).split("\n")[2]
+    assert "`mixed` / without cross-entropy" in banner and "`full` / defaults" not in banner
     lonely = bm.merge_results([second])  # masks+boxes shared masks' fit, which is not in this merge
     assert lonely["settings"]["masks+boxes"]["peer"]["shared_fit_with"] is None
 

@@ -929,9 +929,12 @@ def render_markdown(results: dict, plot: str = PLOT_FILE) -> str:
     lines = ["# Benchmark: segmentation quality against annotation time", ""]
     if results.get("partial"):
         missing = [n for n in SETTINGS if n not in results["settings"]]
+        done = {(row["setting"], row["variant"]) for row in results["ablations"]}
+        missing_ablations = [f"`{s}` / {v}" for s, v, _ in ABLATIONS if (s, v) not in done]
         lines += ["> **Partial results**: merged from runs that did not cover the whole protocol"
                   + (f" (missing settings: {', '.join(f'`{n}`' for n in missing)})" if missing else "")
-                  + f"; {len(results['ablations'])} of {len(ABLATIONS)} ablations.", ""]
+                  + f"; {len(results['ablations'])} of {len(ABLATIONS)} ablations"
+                  + (f" (missing: {'; '.join(missing_ablations)})" if missing_ablations else "") + ".", ""]
     if quick:
         lines += ["> **Quick run** (CI smoke test): sections cropped to "
                   f"{results['data']['crop']} x {results['data']['crop']} pixels, "
