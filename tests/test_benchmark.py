@@ -378,6 +378,58 @@ def test_markdown_and_plot(tmp_path):
     assert (tmp_path / "empty.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def _stack(n=20, size=64):
+    """Synthetic data whose raw value is the section's number (so a split shows what it read)."""
+    sem = synthetic_semantic(n, size)
+    raw = np.broadcast_to(np.arange(n, dtype=np.uint8)[:, None, None], sem.shape).copy()
+    return bm.BenchmarkData(raw, sem, connected_instances(sem))
+
+
+def test_validation_split_reads_no_test_section():
+    """--validation chooses defaults without the test sections: it trains on the top rows of sections
+    0-9 and scores their bottom quarter; changing sections 10-19 changes nothing in it."""
+    data = _stack()
+    split = bm.benchmark_split(data, validation=True)
+    assert split.train.raw.shape == (10, 48, 64) and split.test.raw.shape == (10, 16, 64)
+    assert split.train.raw.max() <= 9 and split.test.raw.max() <= 9
+    np.testing.assert_array_equal(split.test.semantic, data.semantic[:10, 48:])
+    np.testing.assert_array_equal(split.train.semantic, data.semantic[:10, :48])
+    # the mitochondrion at rows 40-49 is cut by the split: each part is an object of its own region
+    np.testing.assert_array_equal(split.test.mito_instances, connected_instances(data.semantic[:10, 48:]))
+    assert split.description == {"split": "validation", "train_sections": [0, 9], "train_rows": [0, 47],
+                                 "test_sections": [0, 9], "test_rows": [48, 63]}
+    changed = bm.BenchmarkData(data.raw.copy(), data.semantic.copy(), data.mito_instances.copy())
+    changed.raw[10:] = 200
+    changed.semantic[10:] = 4
+    again = bm.benchmark_split(changed, validation=True)
+    for a, b in ((split.train, again.train), (split.test, again.test)):
+        for field in ("raw", "semantic", "mito_instances"):
+            np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+    # Validation needs only the training sections; the protocol's split needs all 20.
+    assert bm.benchmark_split(bm.BenchmarkData(data.raw[:10], data.semantic[:10], data.mito_instances[:10]),
+                              validation=True).test.raw.shape == (10, 16, 64)
+    with pytest.raises(ValueError, match="needs 20"):
+        bm.benchmark_split(bm.BenchmarkData(data.raw[:10], data.semantic[:10], data.mito_instances[:10]))
+    test = bm.benchmark_split(data)
+    assert test.test.raw.min() == 10 and test.train.raw.max() == 9
+    assert test.description["split"] == "test"
+
+
+def test_validation_reports_are_marked_and_never_the_docs(tmp_path):
+    results = fake_results()
+    validation = {**results, "data": {**results["data"], "split": "validation", "train_sections": [0, 9],
+                                      "train_rows": [0, 767], "test_sections": [0, 9], "test_rows": [768, 1023]}}
+    md = bm.render_markdown(validation)
+    assert "Validation run" in md and "rows 768-1023" in md
+    assert "Validation run" not in bm.render_markdown(results)
+    with pytest.raises(ValueError, match="cannot be merged"):
+        bm.merge_results([results, validation])
+    with pytest.raises(ValueError, match="docs"):
+        bm.run_benchmark(tmp_path / "nowhere", tmp_path / "out", validation=True, docs_path=tmp_path / "docs.md")
+    assert bm.main([str(tmp_path / "nowhere"), "--validation", "--docs", str(tmp_path / "docs.md")]) == 2
+    assert not (tmp_path / "docs.md").exists()
+
+
 def _part(results, names, ablation_rows, complete=True):
     part = json.loads(json.dumps(results))
     part["settings"] = {n: part["settings"][n] for n in names}

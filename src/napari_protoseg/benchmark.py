@@ -38,6 +38,9 @@ MITOCHONDRION = 3
 SETTINGS = ("full", "masks", "masks+tags", "masks+boxes", "masks+points", "mixed", "points-only")
 TRAIN_SECTIONS = range(0, 10)
 TEST_SECTIONS = range(10, 20)
+# Validation runs (for choosing defaults without reading a test section) train on the top rows of the
+# training sections and score the bottom VALIDATION_SHARE of their rows.
+VALIDATION_SHARE = 0.25
 
 # Cost model of BENCHMARK.md, in seconds.
 DENSE_MASK_SECONDS_PER_MEGAPIXEL = 90 * 60 / (1024 * 1024) * 1e6
@@ -500,11 +503,58 @@ def source_commit() -> str | None:
     return head + ("+modified" if dirty else "")
 
 
-def _prepare_project(setting: str, data: BenchmarkData, out_dir: Path, seed: int):
+@dataclass
+class BenchmarkSplit:
+    """What a run trains on (``train``: raw and dense labels the settings are simulated from) and
+    what it scores (``test``), with a description for the results."""
+
+    train: BenchmarkData
+    test: BenchmarkData
+    description: dict
+
+
+def benchmark_split(data: BenchmarkData, validation: bool = False, recount_instances: bool = False) -> BenchmarkSplit:
+    """The protocol's split: train on sections 0-9, score sections 10-19. ``validation``: train on
+    the top rows of sections 0-9 and score their bottom :data:`VALIDATION_SHARE` of rows, without
+    reading sections 10-19 (for choosing defaults; BENCHMARK.md forbids tuning on the test sections).
+    Instances of a scored region cut from whole sections (``validation`` or ``recount_instances``,
+    e.g. cropped sections) are its own 4-connected mitochondrion components."""
+    if validation:
+        sections = slice(TRAIN_SECTIONS.start, TRAIN_SECTIONS.stop)
+        if data.raw.shape[0] < TRAIN_SECTIONS.stop:
+            raise ValueError(f"the data holds {data.raw.shape[0]} sections; the protocol needs {TRAIN_SECTIONS.stop}")
+        height = data.raw.shape[1]
+        cut = height - int(round(height * VALIDATION_SHARE))
+
+        def rows(a, r):
+            return np.ascontiguousarray(a[sections, r])
+
+        train = BenchmarkData(rows(data.raw, slice(0, cut)), rows(data.semantic, slice(0, cut)),
+                              connected_instances(rows(data.semantic, slice(0, cut))))
+        scored_semantic = rows(data.semantic, slice(cut, height))
+        test = BenchmarkData(rows(data.raw, slice(cut, height)), scored_semantic, connected_instances(scored_semantic))
+        return BenchmarkSplit(train, test, {
+            "split": "validation", "train_sections": [TRAIN_SECTIONS.start, TRAIN_SECTIONS.stop - 1],
+            "train_rows": [0, cut - 1], "test_sections": [TRAIN_SECTIONS.start, TRAIN_SECTIONS.stop - 1],
+            "test_rows": [cut, height - 1]})
+    if data.raw.shape[0] < TEST_SECTIONS.stop:
+        raise ValueError(f"the data holds {data.raw.shape[0]} sections; the protocol needs {TEST_SECTIONS.stop}")
+    tr, te = slice(TRAIN_SECTIONS.start, TRAIN_SECTIONS.stop), slice(TEST_SECTIONS.start, TEST_SECTIONS.stop)
+    test_semantic = data.semantic[te]
+    # Cropping can cut an instance in two; relabel the crop's components then (the file's ids are the
+    # same 4-connected components of class 3 on whole sections).
+    test_instances = connected_instances(test_semantic) if recount_instances else data.mito_instances[te]
+    return BenchmarkSplit(BenchmarkData(data.raw[tr], data.semantic[tr], data.mito_instances[tr]),
+                          BenchmarkData(data.raw[te], test_semantic, test_instances),
+                          {"split": "test", "train_sections": [TRAIN_SECTIONS.start, TRAIN_SECTIONS.stop - 1],
+                           "test_sections": [TEST_SECTIONS.start, TEST_SECTIONS.stop - 1]})
+
+
+def _prepare_project(setting: str, train: BenchmarkData, out_dir: Path, seed: int):
     """Simulate, write as a project folder and read back: what the plugin would train on."""
-    ann = simulate_setting(setting, data.semantic[TRAIN_SECTIONS.start:TRAIN_SECTIONS.stop], seed=seed)
+    ann = simulate_setting(setting, train.semantic, seed=seed)
     folder = out_dir / "projects" / setting
-    write_project(folder, data.raw[TRAIN_SECTIONS.start:TRAIN_SECTIONS.stop], ann)
+    write_project(folder, train.raw, ann)
     project = read_project(folder)
     if not project.annotations.equals(ann):
         raise RuntimeError(f"the project folder {folder} does not read back the annotations written to it")
@@ -669,14 +719,15 @@ def _check_dependencies() -> None:
 def run_benchmark(data_dir, out_dir, settings=None, quick: bool = False, ablations: bool | None = None,
                   seed: int = 0, config_overrides: dict | None = None, progress=print, *,
                   docs_path: str | Path | None = None, command: str | None = None,
-                  ablation_settings=None) -> dict:
+                  ablation_settings=None, validation: bool = False) -> dict:
     """Run the annotation-budget benchmark of ``BENCHMARK.md`` and write its outputs.
 
     ``settings``: the settings to run (default: all of :data:`SETTINGS`; :data:`QUICK_SETTINGS`
     with ``quick``). ``quick``: sections cropped to ``QUICK_CROP`` pixels, ``QUICK_STEPS`` training
     steps on ``QUICK_CROP_SIZE`` crops and the lighter peer :data:`QUICK_RF`. ``ablations``: the
     ablation runs of :data:`ABLATIONS` (default: on for full runs, off for quick ones), only those of
-    ``ablation_settings`` if given.
+    ``ablation_settings`` if given. ``validation``: train and score on the split of
+    :func:`benchmark_split` that reads no test section (for choosing defaults; never the docs).
     ``config_overrides``: :class:`~napari_protoseg.training.TrainConfig` fields (e.g. ``steps``).
     Writes ``results.json``, ``benchmarks.md``, ``miou_vs_time.png`` and one project folder per
     setting (``projects/<setting>``) into ``out_dir``, and the Markdown also to ``docs_path`` if
@@ -687,6 +738,8 @@ def run_benchmark(data_dir, out_dir, settings=None, quick: bool = False, ablatio
     from . import __version__
 
     _check_dependencies()
+    if validation and docs_path is not None:
+        raise ValueError("a validation run scores training sections; it cannot be the report in the docs")
     wall_start = time.perf_counter()
     settings = list(dict.fromkeys(settings if settings is not None else (QUICK_SETTINGS if quick else SETTINGS)))
     for name in settings:
@@ -699,25 +752,23 @@ def run_benchmark(data_dir, out_dir, settings=None, quick: bool = False, ablatio
     rf = QUICK_RF if quick else RFConfig()
     crop = QUICK_CROP if quick else None
 
-    progress(f"benchmark: loading {data_dir}" + (f" (quick: sections cropped to {crop} x {crop})" if quick else ""))
-    data = BenchmarkData.load(data_dir, crop=crop)
-    if data.raw.shape[0] < TEST_SECTIONS.stop:
-        raise ValueError(f"{data_dir} holds {data.raw.shape[0]} sections; the protocol needs {TEST_SECTIONS.stop}")
-    test_slice = slice(TEST_SECTIONS.start, TEST_SECTIONS.stop)
-    sem_test = data.semantic[test_slice]
-    # Cropping can cut an instance in two; relabel the crop's components then (the file's ids are the
-    # same 4-connected components of class 3 on whole sections).
-    inst_test = connected_instances(sem_test) if crop is not None else data.mito_instances[test_slice]
-    test = (data.raw[test_slice], sem_test, inst_test)
+    progress(f"benchmark: loading {data_dir}" + (f" (quick: sections cropped to {crop} x {crop})" if quick else "")
+             + (" (validation: scoring the bottom rows of sections 0-9, not sections 10-19)" if validation else ""))
+    try:
+        split = benchmark_split(BenchmarkData.load(data_dir, crop=crop), validation, recount_instances=crop is not None)
+    except ValueError as error:
+        raise ValueError(f"{data_dir}: {error}") from None
+    sem_test, inst_test = split.test.semantic, split.test.mito_instances
+    test = (split.test.raw, sem_test, inst_test)
 
     results: dict = {
         "benchmark": "napari-protoseg annotation-budget benchmark (BENCHMARK.md)",
         "napari_protoseg_version": __version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": command, "quick": quick, "seed": seed, "complete": False,
-        "data": {"folder": str(data_dir), "shape": list(data.raw.shape), "crop": crop,
-                 "train_sections": [TRAIN_SECTIONS.start, TRAIN_SECTIONS.stop - 1],
-                 "test_sections": [TEST_SECTIONS.start, TEST_SECTIONS.stop - 1], "citation": DATASET_CITATION},
+        "data": {"folder": str(data_dir), "train_shape": list(split.train.raw.shape),
+                 "test_shape": list(split.test.raw.shape), "crop": crop, **split.description,
+                 "citation": DATASET_CITATION},
         "cost_model_seconds": {"dense_mask_1024x1024": 90 * 60, "box": BOX_SECONDS, "point": POINT_SECONDS,
                                "tag_per_class_per_tile": TAG_SECONDS},
         "train_config": config.to_dict(), "peer_config": rf.to_dict(),
@@ -730,7 +781,7 @@ def run_benchmark(data_dir, out_dir, settings=None, quick: bool = False, ablatio
     projects = {}
     for i, name in enumerate(settings, 1):
         progress(f"[{i}/{len(settings)}] {name}: simulating annotations and writing the project folder")
-        project, folder = _prepare_project(name, data, out_dir, seed)
+        project, folder = _prepare_project(name, split.train, out_dir, seed)
         projects[name] = project
         totals = project.annotations.summary()["totals"]
         minutes = annotation_seconds(project.annotations) / 60
@@ -738,7 +789,7 @@ def run_benchmark(data_dir, out_dir, settings=None, quick: bool = False, ablatio
                  f"{totals['tags']} tags -> {minutes:.1f} min of annotation (cost model)")
         entry = {"project": str(folder), "annotation_totals": totals, "annotation_minutes": minutes}
         entry["protoseg"] = _run_protoseg(project, test, config, f"{name} protoseg", progress,
-                                          preview_truth=data.semantic[TRAIN_SECTIONS.stop - 1],
+                                          preview_truth=split.train.semantic[-1],
                                           instances=name in INSTANCE_SETTINGS)
         tested[(name, json.dumps(config.to_dict(), sort_keys=True))] = entry["protoseg"]
         key = hashlib.sha1(rf_label_planes(project.annotations).tobytes()).hexdigest()
@@ -772,7 +823,7 @@ def run_benchmark(data_dir, out_dir, settings=None, quick: bool = False, ablatio
             else:
                 progress(f"ablation {setting} / {variant}: training")
                 if setting not in projects:
-                    projects[setting], _ = _prepare_project(setting, data, out_dir, seed)
+                    projects[setting], _ = _prepare_project(setting, split.train, out_dir, seed)
                 row.update(protoseg=_run_protoseg(projects[setting], test, cfg, f"{setting} {variant}", progress),
                            reused_main_run=False)
                 tested[key] = row["protoseg"]
@@ -920,6 +971,10 @@ def _f(value, digits: int = 3) -> str:
     return "–" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:.{digits}f}"
 
 
+def _is_validation(results: dict) -> bool:
+    return results.get("data", {}).get("split") == "validation"
+
+
 def render_markdown(results: dict, plot: str = PLOT_FILE) -> str:
     """The Markdown report of a benchmark run (its tables, targets, ablations and provenance), showing
     the plot of mIoU against annotation time from the relative path ``plot``."""
@@ -935,6 +990,13 @@ def render_markdown(results: dict, plot: str = PLOT_FILE) -> str:
                   + (f" (missing settings: {', '.join(f'`{n}`' for n in missing)})" if missing else "")
                   + f"; {len(results['ablations'])} of {len(ABLATIONS)} ablations"
                   + (f" (missing: {'; '.join(missing_ablations)})" if missing_ablations else "") + ".", ""]
+    validation = _is_validation(results)
+    if validation:
+        d = results["data"]
+        lines += [f"> **Validation run**: trained on rows {d['train_rows'][0]}-{d['train_rows'][1]} of sections "
+                  f"{d['train_sections'][0]}-{d['train_sections'][1]} and scored on their rows "
+                  f"{d['test_rows'][0]}-{d['test_rows'][1]}; no test section was read. It serves to choose "
+                  "defaults; it is not the benchmark, and \"sections 10-19\" below means those rows.", ""]
     if quick:
         lines += ["> **Quick run** (CI smoke test): sections cropped to "
                   f"{results['data']['crop']} x {results['data']['crop']} pixels, "
@@ -1107,8 +1169,10 @@ def plot_miou_vs_time(results: dict, path: str | Path) -> None:
     ax.xaxis.set_minor_formatter(FuncFormatter(
         lambda v, _: f"{v:g}" if v > 0 and f"{v:.0e}"[0] in "25" else ""))
     ax.set_xlabel("estimated annotation time (minutes, log scale)")
-    ax.set_ylabel("mIoU on sections 10-19")
+    ax.set_ylabel("mIoU on validation rows of sections 0-9" if _is_validation(results) else "mIoU on sections 10-19")
     title = "mIoU against annotation time"
+    if _is_validation(results):
+        title += " (VALIDATION run)"
     if results["quick"]:
         title += " (QUICK run: cropped, short training)"
     ax.set_title(title, fontsize=10)
@@ -1139,6 +1203,9 @@ def merge_results(parts: list[dict]) -> dict:
     parts = [{**part, "train_config": json.loads(json.dumps(TrainConfig.from_dict(part["train_config"]).to_dict()))}
              for part in parts]
     first = parts[0]
+    for part in parts[1:]:
+        if _is_validation(part) != _is_validation(first):
+            raise ValueError("a validation run and a run scored on the test sections cannot be merged")
     for key in ("train_config", "quick", "seed"):
         for part in parts[1:]:
             if part.get(key) != first.get(key):
@@ -1252,6 +1319,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ablation_choice.add_argument("--ablations-only", action="store_true",
                                  help="run only the ablations (those of the --settings given, default all), to "
                                       "--merge with a run of the settings")
+    parser.add_argument("--validation", action="store_true",
+                        help=f"train on the top rows of sections 0-9 and score their bottom {VALIDATION_SHARE:.0%} of "
+                             "rows, reading no test section: the run for choosing defaults (never written to the docs)")
     parser.add_argument("--steps", type=int, help="training steps (default: the plugin's default; quick: "
                         f"{QUICK_STEPS})")
     parser.add_argument("--seed", type=int, default=0, help="seed of the simulated points, training and peer")
@@ -1277,14 +1347,19 @@ def run_from_args(args, argv: list[str] | None = None) -> int:
     overrides = {"steps": args.steps} if args.steps is not None else None
     docs = args.docs
     ablations_only = getattr(args, "ablations_only", False)
+    validation = getattr(args, "validation", False)
+    if validation and docs is not None:
+        print("protoseg benchmark: --validation scores training sections; its report cannot go to --docs",
+              file=sys.stderr)
+        return 2
     complete = (not args.quick and args.settings in (None, list(SETTINGS)) and not args.no_ablations
-                and not ablations_only and args.steps is None and args.seed == 0)
+                and not ablations_only and args.steps is None and args.seed == 0 and not validation)
     if docs is None and complete:
         docs = _repository_docs()
     run_benchmark(args.data_dir, args.out, settings=[] if ablations_only else args.settings, quick=args.quick,
                   ablation_settings=args.settings if ablations_only else None,
                   ablations=True if ablations_only else False if args.no_ablations else None, seed=args.seed, config_overrides=overrides,
-                  progress=lambda message: print(message, flush=True), docs_path=docs,
+                  progress=lambda message: print(message, flush=True), docs_path=docs, validation=validation,
                   command=" ".join(["protoseg benchmark", *(sys.argv[1:] if argv is None else argv)]))
     return 0
 
@@ -1298,8 +1373,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 __all__ = [
-    "ABLATIONS", "BenchmarkData", "INSTANCE_SETTINGS", "QUICK_SETTINGS", "RFConfig", "SETTINGS", "annotation_seconds",
-    "benchmark_config", "class_iou", "connected_instances", "evaluate_instance_targets", "evaluate_targets",
+    "ABLATIONS", "BenchmarkData", "BenchmarkSplit", "INSTANCE_SETTINGS", "QUICK_SETTINGS", "RFConfig", "SETTINGS", "annotation_seconds",
+    "benchmark_config", "benchmark_split", "class_iou", "connected_instances", "evaluate_instance_targets", "evaluate_targets",
     "instance_figures", "instance_scores", "main", "merge_results", "predict_random_forest",
     "protoseg_instance_figures", "render_instance_markdown", "render_markdown", "run_benchmark", "simulate_setting",
     "touching_objects", "train_random_forest",
