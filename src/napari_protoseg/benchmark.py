@@ -1358,8 +1358,9 @@ def run_from_args(args, argv: list[str] | None = None) -> int:
         docs = _repository_docs()
     run_benchmark(args.data_dir, args.out, settings=[] if ablations_only else args.settings, quick=args.quick,
                   ablation_settings=args.settings if ablations_only else None,
-                  ablations=True if ablations_only else False if args.no_ablations else None, seed=args.seed, config_overrides=overrides,
-                  progress=lambda message: print(message, flush=True), docs_path=docs, validation=validation,
+                  ablations=True if ablations_only else False if args.no_ablations else None, seed=args.seed,
+                  config_overrides=overrides, progress=lambda message: print(message, flush=True), docs_path=docs,
+                  validation=validation,
                   command=" ".join(["protoseg benchmark", *(sys.argv[1:] if argv is None else argv)]))
     return 0
 
