@@ -18,6 +18,7 @@ from napari_protoseg.benchmark import (
     simulate_setting,
 )
 from napari_protoseg.project import AnnotationSet, read_project
+from napari_protoseg.training import TrainConfig
 
 DATA = Path(__file__).parents[1].parent / "shared" / "data" / "vnc"
 FOUR = ndi.generate_binary_structure(2, 1)
@@ -312,9 +313,11 @@ def test_random_forest_learns_a_toy_image(sem):
 def test_benchmark_config():
     quick = bm.benchmark_config(quick=True)
     assert quick.steps == bm.QUICK_STEPS and quick.crop_size == bm.QUICK_CROP_SIZE
-    assert quick.pseudo_label_warmup == round(120 * bm.QUICK_STEPS / 600)  # same share of training
+    default = TrainConfig()
+    # the same share of training as the default warm-up
+    assert quick.pseudo_label_warmup == round(default.pseudo_label_warmup * bm.QUICK_STEPS / default.steps)
     full = bm.benchmark_config(seed=3)
-    assert full.steps == 600 and full.pseudo_label_warmup == 120 and full.seed == 3
+    assert full.steps == default.steps and full.pseudo_label_warmup == default.pseudo_label_warmup and full.seed == 3
     assert bm.benchmark_config(config_overrides={"steps": 100, "pseudo_label_warmup": 7}).pseudo_label_warmup == 7
     with pytest.raises(ValueError, match="unknown training option"):
         bm.benchmark_config(config_overrides={"stepz": 1})

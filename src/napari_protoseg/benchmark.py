@@ -407,9 +407,9 @@ QUICK_BATCH_SIZE = 8
 ABLATIONS = (
     ("masks", "defaults (4 crops of 192 px per step)", {}),
     ("masks", "8 crops of 128 px per step (the previous default)", {"crop_size": 128, "batch_size": 8}),
-    ("mixed", "defaults (3 of 4 crops on masks, no pseudo-label term, 600 steps)", {}),
+    ("mixed", "defaults (3 of 4 crops on masks, no pseudo-label term, 540 steps)", {}),
     ("mixed", "half of the crops on masks (the previous default)", {"mask_share": 0.5}),
-    ("mixed", "pseudo-label term, 300 steps (about the same time)", {"weight_pseudo_label": 0.5, "steps": 300}),
+    ("mixed", "pseudo-label term, 270 steps (about the same time)", {"weight_pseudo_label": 0.5, "steps": 270}),
     ("mixed", "without cross-entropy", {"weight_ce": 0.0}),
     ("mixed", "crop types drawn uniformly", {"mask_share": None}),
     ("masks+tags", "tag pooling: mean", {"tag_pooling": "mean"}),

@@ -25,7 +25,7 @@ from ._text import format_duration, format_ranges
 from .project import ProjectError, read_annotations
 
 # TrainConfig.steps, restated so that --help need not import PyTorch (a test keeps them equal).
-DEFAULT_STEPS = 600
+DEFAULT_STEPS = 540
 
 EXIT_OK = 0
 EXIT_INVALID = 1
