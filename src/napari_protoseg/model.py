@@ -58,8 +58,8 @@ class ModelConfig:
     classifier starts from: smoothed intensity, gradient magnitude and the two Hessian eigenvalues
     at each scale. Off in a bare ``ModelConfig``; the training default (``TrainConfig``) turns it
     on with sigmas (1, 2.5, 6.3, 16): on the benchmark's `masks` setting (8 crops of 128 x 128, plain
-    cross-entropy, test sections 10, 13, 16, 19) 300 steps with it reached mIoU 0.437, 600 steps
-    without it 0.399. The benchmark has an ablation without it.
+    cross-entropy, test sections 10, 13, 16, 19, before the validation split existed) 300 steps with
+    it reached mIoU 0.437, 600 steps without it 0.399. The benchmark has an ablation without it.
     """
 
     n_classes: int
