@@ -381,6 +381,18 @@ def test_markdown_and_plot(tmp_path):
     assert (tmp_path / "empty.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_interactivity_text_says_how_previews_were_paced():
+    """Runs since the preview cap say previews come less often where they would cost over their time
+    share; reports of older runs (no "preview" entry) do not claim it."""
+    results = fake_results()
+    results["settings"]["full"]["protoseg"]["preview_timeline"] = [[4.0, 0.3], [40.0, 0.5]]
+    older = bm.render_markdown(results).split("## Interactivity")[1]
+    assert "asked for every 5 s;" in older and "less often" not in older
+    results["preview"] = {"every_seconds": 5.0, "max_time_share": 0.1}
+    capped = bm.render_markdown(results).split("## Interactivity")[1]
+    assert "less often where previews would take over 10% of the training time" in capped
+
+
 def _stack(n=20, size=64):
     """Synthetic data whose raw value is the section's number (so a split shows what it read)."""
     sem = synthetic_semantic(n, size)

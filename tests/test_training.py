@@ -1,6 +1,8 @@
 """The training engine: it learns, it is deterministic, it stops and resumes, and crops keep
 their annotations aligned with the pixels."""
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -91,6 +93,40 @@ def test_progress_events_report_eta_losses_and_a_preview(small_sample):
     assert events[0].preview.shape == (50, 70)
     assert set(np.unique(events[0].preview)) <= set(small_sample.annotations.class_ids)
     assert events[-1].finished and events[-1].model is not None
+
+
+def test_preview_interval_caps_the_time_previews_take():
+    from napari_protoseg.training import preview_interval
+
+    assert preview_interval(5.0, 0.2, 0.1) == 5.0  # cheap previews: as often as asked
+    assert preview_interval(5.0, 1.2, 0.1) == pytest.approx(10.8)  # 1.2 s of every 12 s
+    assert preview_interval(0.0, 0.3, 1.0) == 0.0  # no cap
+    with pytest.raises(ValueError, match="max_time_share"):
+        preview_interval(5.0, 1.0, 0.0)
+
+
+def test_slow_previews_come_less_often(small_sample, monkeypatch):
+    """A preview that takes long does not slow training down by more than its time share."""
+    from napari_protoseg import training as training_module
+    from napari_protoseg.training import PreviewRequest
+
+    real = training_module.predict_region
+
+    def slow_region(*args, **kwargs):
+        time.sleep(0.3)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(training_module, "predict_region", slow_region)
+    config = TrainConfig(steps=6, **FAST)
+
+    def previews(share):
+        request = PreviewRequest(z=1, y0=10, x0=20, y1=60, x1=90, every_seconds=0, max_time_share=share)
+        return sum(e.preview is not None for e in train(small_sample.image, small_sample.annotations, config,
+                                                         preview=request))
+
+    assert previews(1.0) == 6  # uncapped: one per step, as asked
+    # capped at 1 %: each 0.3 s preview is followed by at least 29.7 s without one
+    assert previews(0.01) == 1
 
 
 @pytest.mark.parametrize("change, message", [

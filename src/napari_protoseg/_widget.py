@@ -478,7 +478,8 @@ class ProtosegWidget(QWidget):
         form.addWidget(self.steps_spin)
         self.preview_check = QCheckBox("live preview")
         self.preview_check.setChecked(True)
-        self.preview_check.setToolTip(f"While training, predict the plane in view every {PREVIEW_SECONDS:.0f} s")
+        self.preview_check.setToolTip(f"While training, predict the plane in view every {PREVIEW_SECONDS:.0f} s "
+                                      "(less often where that would take over a tenth of the training time)")
         form.addWidget(self.preview_check)
         form.addStretch(1)
         layout.addLayout(form)

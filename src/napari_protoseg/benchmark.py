@@ -735,6 +735,7 @@ def run_benchmark(data_dir, out_dir, settings=None, quick: bool = False, ablatio
     present in the test sections or the prediction (all five on the whole sections).
     """
     from . import __version__
+    from .training import PreviewRequest
 
     _check_dependencies()
     if validation and docs_path is not None:
@@ -774,6 +775,7 @@ def run_benchmark(data_dir, out_dir, settings=None, quick: bool = False, ablatio
         "peer_note": ("quick run: lighter peer than the protocol's (fewer trees, scales and training pixels)"
                       if quick else "peer as in BENCHMARK.md"),
         "environment": _environment(), "settings": {}, "shared_peer_fits": {}, "ablations": [],
+        "preview": {"every_seconds": PREVIEW_EVERY_SECONDS, "max_time_share": PreviewRequest.max_time_share},
     }
     tested = {}  # (setting, config json) -> protoseg result, for ablations that repeat a main run
     peer_fits: dict[str, tuple[str, dict]] = {}  # fingerprint of the peer's training pixels -> (setting, result)
@@ -970,6 +972,13 @@ def _f(value, digits: int = 3) -> str:
     return "–" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:.{digits}f}"
 
 
+def _preview_cap_text(results: dict) -> str:
+    share = (results.get("preview") or {}).get("max_time_share")
+    if share is None:  # runs before the cap existed previewed every PREVIEW_EVERY_SECONDS, whatever it cost
+        return ""
+    return f", less often where previews would take over {share:.0%} of the training time"
+
+
 def _is_validation(results: dict) -> bool:
     return results.get("data", {}).get("split") == "validation"
 
@@ -1084,7 +1093,8 @@ def render_markdown(results: dict, plot: str = PLOT_FILE) -> str:
     timelines = {name: entry["protoseg"].get("preview_timeline") for name, entry in results["settings"].items()}
     if any(timelines.values()):
         lines += ["## Interactivity: live preview and training time", "",
-                  f"While training, the panel predicts the plane in view every {PREVIEW_EVERY_SECONDS:g} s. Here the "
+                  "While training, the panel predicts the region in view every few seconds. Here a preview "
+                  f"is asked for every {PREVIEW_EVERY_SECONDS:g} s" + _preview_cap_text(results) + "; the "
                   f"view is the central {PREVIEW_SIZE} x {PREVIEW_SIZE} region of the last training section "
                   "(section 9), scored against its expert labels (dense only in `full`; in the other settings "
                   "that section has sparse or no annotations). Times count from the start of training, "
