@@ -373,6 +373,7 @@ def test_markdown_and_plot(tmp_path):
     assert "(= `masks`)" in md and "one random-forest fit serves them all" in md
     assert "**not met**" in md and "doi:10.6084/m9.figshare.856713" in md
     assert "## Ablations" in md and "Quick run" not in md
+    assert "a main run's includes its live previews" in md  # the fake's mixed ablation reuses the main run
     bm.plot_miou_vs_time(results, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     ablations_only = {**results, "settings": {}, "shared_peer_fits": {}}

@@ -1126,6 +1126,8 @@ def render_markdown(results: dict, plot: str = PLOT_FILE) -> str:
             variant = row["variant"] + (" (main run)" if row.get("reused_main_run") else "")
             lines.append(f"| `{row['setting']}` | {variant} | " + " | ".join(_f(r["iou"][n]) for n in names)
                          + f" | **{_f(r['miou'])}** | {_f(r['mito_ap50'])} | {r['train_seconds']:.0f} |")
+        if any(row.get("reused_main_run") for row in results["ablations"]):
+            lines += ["", "Train time: a main run's includes its live previews; the other ablation runs ask for none."]
         lines.append("")
     lines += [f"![mIoU against annotation time]({plot})", ""]
     return "\n".join(lines)
