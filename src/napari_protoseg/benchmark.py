@@ -518,35 +518,33 @@ def benchmark_split(data: BenchmarkData, validation: bool = False, recount_insta
     reading sections 10-19 (for choosing defaults; BENCHMARK.md forbids tuning on the test sections).
     Instances of a scored region cut from whole sections (``validation`` or ``recount_instances``,
     e.g. cropped sections) are its own 4-connected mitochondrion components."""
+    needed = TRAIN_SECTIONS.stop if validation else TEST_SECTIONS.stop
+    if data.raw.shape[0] < needed:
+        raise ValueError(f"the data holds {data.raw.shape[0]} sections; the protocol needs {needed}")
+    train_sections = slice(TRAIN_SECTIONS.start, TRAIN_SECTIONS.stop)
+    described = [TRAIN_SECTIONS.start, TRAIN_SECTIONS.stop - 1]
     if validation:
-        sections = slice(TRAIN_SECTIONS.start, TRAIN_SECTIONS.stop)
-        if data.raw.shape[0] < TRAIN_SECTIONS.stop:
-            raise ValueError(f"the data holds {data.raw.shape[0]} sections; the protocol needs {TRAIN_SECTIONS.stop}")
         height = data.raw.shape[1]
         cut = height - int(round(height * VALIDATION_SHARE))
+        train_rows, test_rows = slice(0, cut), slice(cut, height)
 
-        def rows(a, r):
-            return np.ascontiguousarray(a[sections, r])
+        def part(rows: slice) -> BenchmarkData:
+            semantic = np.ascontiguousarray(data.semantic[train_sections, rows])
+            return BenchmarkData(np.ascontiguousarray(data.raw[train_sections, rows]), semantic,
+                                 connected_instances(semantic))
 
-        train = BenchmarkData(rows(data.raw, slice(0, cut)), rows(data.semantic, slice(0, cut)),
-                              connected_instances(rows(data.semantic, slice(0, cut))))
-        scored_semantic = rows(data.semantic, slice(cut, height))
-        test = BenchmarkData(rows(data.raw, slice(cut, height)), scored_semantic, connected_instances(scored_semantic))
-        return BenchmarkSplit(train, test, {
-            "split": "validation", "train_sections": [TRAIN_SECTIONS.start, TRAIN_SECTIONS.stop - 1],
-            "train_rows": [0, cut - 1], "test_sections": [TRAIN_SECTIONS.start, TRAIN_SECTIONS.stop - 1],
-            "test_rows": [cut, height - 1]})
-    if data.raw.shape[0] < TEST_SECTIONS.stop:
-        raise ValueError(f"the data holds {data.raw.shape[0]} sections; the protocol needs {TEST_SECTIONS.stop}")
-    tr, te = slice(TRAIN_SECTIONS.start, TRAIN_SECTIONS.stop), slice(TEST_SECTIONS.start, TEST_SECTIONS.stop)
-    test_semantic = data.semantic[te]
+        return BenchmarkSplit(part(train_rows), part(test_rows), {
+            "split": "validation", "train_sections": described, "train_rows": [0, cut - 1],
+            "test_sections": described, "test_rows": [cut, height - 1]})
+    test_sections = slice(TEST_SECTIONS.start, TEST_SECTIONS.stop)
+    test_semantic = data.semantic[test_sections]
     # Cropping can cut an instance in two; relabel the crop's components then (the file's ids are the
     # same 4-connected components of class 3 on whole sections).
-    test_instances = connected_instances(test_semantic) if recount_instances else data.mito_instances[te]
-    return BenchmarkSplit(BenchmarkData(data.raw[tr], data.semantic[tr], data.mito_instances[tr]),
-                          BenchmarkData(data.raw[te], test_semantic, test_instances),
-                          {"split": "test", "train_sections": [TRAIN_SECTIONS.start, TRAIN_SECTIONS.stop - 1],
-                           "test_sections": [TEST_SECTIONS.start, TEST_SECTIONS.stop - 1]})
+    test_instances = connected_instances(test_semantic) if recount_instances else data.mito_instances[test_sections]
+    return BenchmarkSplit(
+        BenchmarkData(data.raw[train_sections], data.semantic[train_sections], data.mito_instances[train_sections]),
+        BenchmarkData(data.raw[test_sections], test_semantic, test_instances),
+        {"split": "test", "train_sections": described, "test_sections": [TEST_SECTIONS.start, TEST_SECTIONS.stop - 1]})
 
 
 def _prepare_project(setting: str, train: BenchmarkData, out_dir: Path, seed: int):
@@ -972,11 +970,13 @@ def _f(value, digits: int = 3) -> str:
     return "–" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:.{digits}f}"
 
 
-def _preview_cap_text(results: dict) -> str:
-    share = (results.get("preview") or {}).get("max_time_share")
-    if share is None:  # runs before the cap existed previewed every PREVIEW_EVERY_SECONDS, whatever it cost
-        return ""
-    return f", less often where previews would take over {share:.0%} of the training time"
+def _preview_pacing_text(results: dict) -> str:
+    """How often the run asked for previews, as its results record it."""
+    pacing = results.get("preview")
+    if not pacing:  # runs before the pacing was recorded previewed every PREVIEW_EVERY_SECONDS, whatever it cost
+        return f"every {PREVIEW_EVERY_SECONDS:g} s"
+    return (f"every {pacing['every_seconds']:g} s, less often where previews would take over "
+            f"{pacing['max_time_share']:.0%} of the training time")
 
 
 def _is_validation(results: dict) -> bool:
@@ -1094,7 +1094,7 @@ def render_markdown(results: dict, plot: str = PLOT_FILE) -> str:
     if any(timelines.values()):
         lines += ["## Interactivity: live preview and training time", "",
                   "While training, the panel predicts the region in view every few seconds. Here a preview "
-                  f"is asked for every {PREVIEW_EVERY_SECONDS:g} s" + _preview_cap_text(results) + "; the "
+                  f"is asked for {_preview_pacing_text(results)}; the "
                   f"view is the central {PREVIEW_SIZE} x {PREVIEW_SIZE} region of the last training section "
                   "(section 9), scored against its expert labels (dense only in `full`; in the other settings "
                   "that section has sparse or no annotations). Times count from the start of training, "

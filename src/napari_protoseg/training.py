@@ -149,8 +149,8 @@ class TrainEvent:
 class PreviewRequest:
     """A region whose prediction is sent with the progress every ``every_seconds``, or less often
     where predicting it would otherwise take more than ``max_time_share`` of the training time (on
-    a 2-core CPU a 512 x 512 preview takes over a second: every 5 s it lengthened training by a
-    third)."""
+    a 2-core CPU a 512 x 512 preview takes over a second: every 5 s it lengthened the benchmark's
+    training by 15-30 %)."""
 
     z: int
     y0: int
