@@ -98,22 +98,29 @@ def test_wise_decoding_separates_two_touching_discs_given_one_seed_each():
     assert np.all(labels[classes != 3] == 0)
 
 
-def test_wise_decoding_makes_one_object_per_blob_and_none_without_a_blob():
+def test_wise_decoding_keeps_a_region_whole_without_a_second_blob_and_seeds_parts_no_blob_reaches():
     classes, localization, embedding, a, b = _touching_discs()
     localization[0][_disc(classes.shape, 32, 56, 3)] = 0.05  # only the left blob remains
     labels = wise_instances(classes, localization, embedding, [3])
     assert set(np.unique(labels)) == {0, 1}
-    assert np.all(labels[a] == 1)
-    assert np.all(labels[b & ~a] == 0)  # the right disc is most similar to background seeds: dropped
-    assert not wise_instances(classes, np.zeros_like(localization), embedding, [3]).any()
+    assert np.all(labels[a | b] == 1)  # one seed in the merged part: one object, nothing dropped
+    # No blob at all: the semantic region's parts still become objects, one each.
+    classes[:, 42:46] = 1  # cut the merged region into two parts
+    labels = wise_instances(classes, np.zeros_like(localization), embedding, [3])
+    assert len(np.unique(labels[classes == 3])) == 2 and np.all(labels[classes == 3] > 0)
 
 
-def test_wise_decoding_drops_region_pixels_that_resemble_background():
+def test_wise_decoding_with_background_seeds_drops_region_pixels_that_resemble_background():
     classes, localization, embedding, a, b = _touching_discs()
     embedding[:, 20:26, 20:40] = 0.0  # part of disc a looks like background
-    labels = wise_instances(classes, localization, embedding, [3])
+    labels = wise_instances(classes, localization, embedding, [3], background_seeds=100)
     assert np.all(labels[20:26, 20:40] == 0)
-    assert labels[32, 30] > 0
+    assert labels[32, 30] > 0 and labels[32, 56] > 0
+    assert np.all(wise_instances(classes, localization, embedding, [3])[classes == 3] > 0)  # off by default
+    # The right disc, with no blob of its own, joins the left object, but looks like background.
+    localization[0][_disc(classes.shape, 32, 56, 3)] = 0.05
+    labels = wise_instances(classes, localization, embedding, [3], background_seeds=100)
+    assert labels[32, 30] > 0 and np.all(labels[b & ~a] == 0)
 
 
 def test_sparse_pixel_embeddings_decode_like_the_dense_array():

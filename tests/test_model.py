@@ -201,6 +201,35 @@ def test_configs_without_the_instance_fields_load_with_no_heads():
             ModelConfig(**bad)
 
 
+def test_localization_head_with_context_sees_whole_objects_and_old_configs_keep_the_plain_head():
+    """localization_context > 0: the localization at a pixel depends on features up to ~15 x scale
+    pixels away (the plain head: 1 pixel); a config without the field builds the plain head, so
+    older model files load into the same parameters."""
+    from napari_protoseg.model import InstanceHead, LocalizationHead
+
+    # BatchNorm in eval mode is per pixel (GroupNorm would couple every pixel of the crop).
+    head = LocalizationHead(channels=6, hidden=4, out_channels=2, scale=4, norm="batch").eval()
+    features = torch.randn(1, 6, 64, 64, requires_grad=True)
+    out = head(features)
+    assert out.shape == (1, 2, 64, 64)
+    out[0, :, 32, 32].sum().backward()
+    reach = torch.nonzero(features.grad.abs().sum(dim=(0, 1)) > 0)
+    assert (reach - torch.tensor([32, 32])).abs().max() >= 24
+    plain = InstanceHead(channels=6, hidden=4, out_channels=2, norm="batch").eval()
+    features.grad = None
+    plain(features)[0, :, 32, 32].sum().backward()
+    assert (torch.nonzero(features.grad.abs().sum(dim=(0, 1)) > 0) - torch.tensor([32, 32])).abs().max() == 1
+
+    net = tiny(n_instance_classes=1, localization_context=4)
+    assert isinstance(net.localization_head, LocalizationHead)
+    assert torch.sigmoid(net(torch.randn(2, 1, 24, 40))["localization"]).max() < 0.5  # few blobs at the start
+    old = tiny(n_instance_classes=1).config.to_dict()
+    del old["localization_context"]
+    assert isinstance(ProtoSegNet(ModelConfig.from_dict(old)).localization_head, InstanceHead)
+    with pytest.raises(ValueError, match="localization_context"):
+        ModelConfig(n_classes=2, localization_context=-1)
+
+
 # ------------------------------------------------------------------------------ filter bank
 
 

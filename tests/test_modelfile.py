@@ -428,15 +428,16 @@ def test_check_model_classes_differences():
 # ------------------------------------------------------------------------- instance heads
 
 
-def make_instance_model(seed=0) -> TrainedModel:
+def make_instance_model(seed=0, localization_context=0) -> TrainedModel:
     torch.manual_seed(seed)
     config = ModelConfig(n_classes=len(CLASSES), base_width=4, depth=2, embed_dim=8, n_instance_classes=1,
-                         instance_embed_dim=5)
+                         instance_embed_dim=5, localization_context=localization_context)
     return TrainedModel(net=ProtoSegNet(config), classes=list(CLASSES), normalization=Normalization(10.0, 200.0))
 
 
-def test_a_model_with_instance_heads_round_trips(tmp_path):
-    model = make_instance_model()
+@pytest.mark.parametrize("localization_context", [0, 4])
+def test_a_model_with_instance_heads_round_trips(tmp_path, localization_context):
+    model = make_instance_model(localization_context=localization_context)
     path = save_model(tmp_path / "wise.protoseg.pt", model)
     assert payload_of(path)["format_version"] == 2
     loaded = load_model(path)

@@ -284,10 +284,13 @@ def test_a_config_written_before_a_field_existed_keeps_the_behaviour_of_then():
     """Resuming an old checkpoint must not switch on what was added since (filter bank, heads...)."""
     today = TrainConfig().to_dict()
     old = {k: v for k, v in today.items() if k not in ("filter_sigmas", "mask_share", "balance_classes",
-                                                       "instance_heads", "instance_backbone_grad")}
+                                                       "instance_heads", "instance_backbone_grad",
+                                                       "localization_context")}
     config = TrainConfig.from_dict(old)
     assert config.filter_sigmas == () and config.mask_share is None and config.balance_classes == 0.0
-    assert not config.instance_heads and config.instance_backbone_grad
+    assert not config.instance_heads and config.instance_backbone_grad and config.localization_context == 0
+    assert TrainConfig().model_config(3, 1).localization_context == 4  # new models get the context head
+    assert TrainConfig(instance_heads=False).model_config(3, 1).localization_context == 0
     assert TrainConfig.from_dict(today) == TrainConfig()
 
 

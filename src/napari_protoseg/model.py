@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DSPHead", "FilterBank", "InstanceHead", "ModelConfig", "ProtoSegNet", "UNet2D", "pick_device"]
+__all__ = ["DSPHead", "FilterBank", "InstanceHead", "LocalizationHead", "ModelConfig", "ProtoSegNet", "UNet2D",
+           "pick_device"]
 
 NORMS = ("group", "batch")
 
@@ -51,7 +52,9 @@ class ModelConfig:
     ``n_instance_classes`` > 0 adds the WISE-Net heads: one localization map per instance class
     (in the order of the classes flagged ``instances: true``) and an ``instance_embed_dim``-dim
     pixel embedding (64, as in WISE-Net). Configurations written before these fields existed load
-    with the defaults (no heads).
+    with the defaults (no heads). ``localization_context`` > 0 gives the localization head a
+    context branch at 1/``localization_context`` resolution (:class:`LocalizationHead`); 0 (the
+    default here, and what older files load as) is the plain :class:`InstanceHead`.
 
     ``filter_sigmas``: scales of a fixed (not learned) filter bank (:class:`FilterBank`) whose
     responses of the central section join the input channels, the features an ilastik-style
@@ -73,6 +76,7 @@ class ModelConfig:
     n_instance_classes: int = 0
     instance_embed_dim: int = 64
     filter_sigmas: tuple[float, ...] = ()
+    localization_context: int = 0
 
     def __post_init__(self) -> None:
         self.filter_sigmas = tuple(float(s) for s in self.filter_sigmas)
@@ -83,8 +87,10 @@ class ModelConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
-        if isinstance(self.depth, bool) or not isinstance(self.depth, int) or self.depth < 0:
-            raise ValueError(f"ModelConfig.depth must be a non-negative integer, got {self.depth!r}")
+        for name in ("depth", "localization_context"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"ModelConfig.{name} must be a non-negative integer, got {value!r}")
         n_inst = self.n_instance_classes
         if isinstance(n_inst, bool) or not isinstance(n_inst, int) or not 0 <= n_inst <= self.n_classes:
             raise ValueError(f"ModelConfig.n_instance_classes must be an integer from 0 to n_classes "
@@ -222,6 +228,36 @@ class InstanceHead(nn.Module):
         return F.linear(hidden.permute(0, 2, 3, 1), weight, self.conv2.bias).permute(0, 3, 1, 2)
 
 
+class LocalizationHead(nn.Module):
+    """The localization head with context: :class:`InstanceHead`'s 3x3 branch at full resolution
+    plus a branch that average-pools the features by ``scale`` and applies three 3x3 convolutions
+    dilated 1, 2 and 4 (about ``15 * scale`` pixels across), upsampled bilinearly; a 1x1
+    convolution of both gives the maps. The plain head sees 3 x 3 feature pixels and put several
+    blobs on most objects; this one sees whole mitochondria (see docs/benchmarks.md)."""
+
+    def __init__(self, channels: int, hidden: int, out_channels: int, scale: int = 4, norm: str = "group") -> None:
+        super().__init__()
+        self.scale = int(scale)
+        self.local = nn.Sequential(nn.Conv2d(channels, hidden, 3, padding=1, bias=False), _norm_layer(norm, hidden),
+                                   nn.ReLU(inplace=True))
+        layers: list[nn.Module] = []
+        c_in = channels
+        for dilation in (1, 2, 4):
+            layers += [nn.Conv2d(c_in, hidden, 3, padding=dilation, dilation=dilation, bias=False),
+                       _norm_layer(norm, hidden), nn.ReLU(inplace=True)]
+            c_in = hidden
+        self.context = nn.Sequential(*layers)
+        self.conv2 = nn.Conv2d(2 * hidden, out_channels, 1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        h, w = features.shape[-2:]
+        low = F.avg_pool2d(features, self.scale, ceil_mode=True)
+        context = F.interpolate(self.context(low), size=(h, w), mode="bilinear", align_corners=False)
+        hidden = torch.cat([self.local(features), context], dim=1)
+        weight = self.conv2.weight.reshape(self.conv2.out_channels, -1)
+        return F.linear(hidden.permute(0, 2, 3, 1), weight, self.conv2.bias).permute(0, 3, 1, 2)
+
+
 def _gaussian_kernel(sigma: float) -> torch.Tensor:
     radius = max(1, int(math.ceil(4 * sigma)))
     x = torch.arange(-radius, radius + 1, dtype=torch.float32)
@@ -310,7 +346,11 @@ class ProtoSegNet(nn.Module):
         self.prototypes = nn.Parameter(F.normalize(protos, dim=-1))
         if config.has_instance_heads:
             width = 16  # hidden channels of each head: more cost time (full resolution) without helping
-            self.localization_head = InstanceHead(config.embed_dim, width, config.n_instance_classes, config.norm)
+            if config.localization_context:
+                self.localization_head = LocalizationHead(config.embed_dim, width, config.n_instance_classes,
+                                                          config.localization_context, config.norm)
+            else:
+                self.localization_head = InstanceHead(config.embed_dim, width, config.n_instance_classes, config.norm)
             self.instance_embedding_head = InstanceHead(config.embed_dim, width, config.instance_embed_dim,
                                                         config.norm)
             with torch.no_grad():  # start with few blobs (p ~ 0.1), as LCFCN's initial background bias
