@@ -560,8 +560,13 @@ def test_predict_instances_with_the_wise_decoder_gives_unique_ids_on_the_instanc
     assert np.all(result.classes[result.labels > 0] == 7)
     ids = [set(np.unique(p[p > 0]).tolist()) for p in result.labels]
     assert all(ids) and ids[0].isdisjoint(ids[1]) and ids[1].isdisjoint(ids[2])
-    blobs = [ndi.label(image[z] / 255.0 > 0.7)[1] for z in range(3)]
-    assert [len(i) for i in ids] <= blobs  # at most one object per blob
+    # Every part of the class region is an object, or one per blob where it holds several.
+    for z in range(3):
+        parts, n_parts = ndi.label(image[z] / 255.0 > 0.5)
+        blobs, _ = ndi.label(image[z] / 255.0 > 0.7)
+        most = sum(max(1, len(np.unique(blobs[(parts == p) & (blobs > 0)]))) for p in range(1, n_parts + 1))
+        large = int(np.count_nonzero(np.bincount(parts.ravel())[1:] >= 4))
+        assert large <= len(ids[z]) <= most, (z, large, len(ids[z]), most)
     linked = predict_instances(model, image, tile=128, overlap=16, min_size=4, link_3d=True, decoder="wise")
     assert linked.linked_3d and len(np.unique(linked.labels)) <= len(np.unique(result.labels))
     plane = predict_instances(model, image[0], tile=128, overlap=16, min_size=4, decoder="wise")

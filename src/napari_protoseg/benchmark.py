@@ -955,8 +955,8 @@ def render_instance_markdown(results: dict) -> list[str]:
         return []
     return ["## Mitochondrion instances", "",
             "Per test section, a predicted instance matches a true one at IoU >= 0.5; AP50 = TP / (TP + FP + FN); "
-            "matched IoU = mean IoU of the matches. Decoders: `wise` (localization seeds + embedding similarity, "
-            "restricted to the predicted mitochondrion class), `watershed` (distance-transform split of the "
+            "matched IoU = mean IoU of the matches. Decoders: `wise` (the class map's connected parts, each split by "
+            "embedding similarity where two or more blobs of the localization map fall in it), `watershed` (distance-transform split of the "
             "class map), `components` (4-connected components; the peer's only option). Touching recall: share of "
             f"true mitochondria within {TOUCHING_GAP} px of another that are matched.", "",
             "| setting | method | decoder | AP50 | matched IoU | touching recall | TP / FP / FN |",
