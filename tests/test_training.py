@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from napari_protoseg.data import CropSampler, Normalization
-from napari_protoseg.model import ProtoSegNet
 from napari_protoseg.inference import predict_volume
 from napari_protoseg.project import AnnotationSet, ClassInfo, ProjectError
 from napari_protoseg.sample import generate_sample
@@ -68,46 +67,6 @@ def test_a_checkpoint_resumes_to_the_same_state_as_an_uninterrupted_run(small_sa
     resumed = last_event(train(small_sample.image, small_sample.annotations, resume=tmp_path / "run.ckpt"))
     assert resumed.finished and resumed.step == 8
     for key, value in straight.net.state_dict().items():
-        torch.testing.assert_close(resumed.model.net.state_dict()[key], value, rtol=0, atol=0, msg=key)
-
-
-def test_weight_average_moves_towards_the_network_by_one_minus_decay():
-    from napari_protoseg.training import _WeightAverage
-
-    net = ProtoSegNet(TrainConfig(**FAST).model_config(3))
-    average = _WeightAverage(net, decay=0.9)
-    before = [p.detach().clone() for p in average.net.parameters()]
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(1.0)
-    average.update(net, step=1000)  # past the warm-up: decay 0.9
-    for old, new, live in zip(before, average.net.parameters(), net.parameters()):
-        torch.testing.assert_close(new, 0.9 * old + 0.1 * live)
-    before = [p.detach().clone() for p in average.net.parameters()]
-    average.update(net, step=0)  # warm-up: decay (1 + 0) / (10 + 0) = 0.1
-    for old, new, live in zip(before, average.net.parameters(), net.parameters()):
-        torch.testing.assert_close(new, 0.1 * old + 0.9 * live)
-        assert not new.requires_grad
-    with pytest.raises(ValueError, match="ema_decay"):
-        _WeightAverage(net, decay=1.0)
-
-
-def test_with_a_weight_average_training_returns_and_resumes_the_average(small_sample, tmp_path):
-    config = TrainConfig(steps=8, pseudo_label_warmup=2, device="cpu", ema_decay=0.9, **FAST)
-    straight = last_event(train(small_sample.image, small_sample.annotations, config,
-                                checkpoint_path=tmp_path / "straight.ckpt"))
-    saved = torch.load(tmp_path / "straight.ckpt", weights_only=False)
-    assert straight.model.net.state_dict().keys() == saved["ema_model"].keys()
-    for key, value in saved["ema_model"].items():
-        torch.testing.assert_close(straight.model.net.state_dict()[key], value, rtol=0, atol=0)
-    assert any(not torch.equal(saved["model"][k], v) for k, v in saved["ema_model"].items())  # not the live net
-
-    calls = iter(range(100))
-    last_event(train(small_sample.image, small_sample.annotations, config, checkpoint_path=tmp_path / "run.ckpt",
-                     stop=lambda: next(calls) >= 4))
-    resumed = last_event(train(small_sample.image, small_sample.annotations, resume=tmp_path / "run.ckpt"))
-    assert resumed.finished
-    for key, value in straight.model.net.state_dict().items():
         torch.testing.assert_close(resumed.model.net.state_dict()[key], value, rtol=0, atol=0, msg=key)
 
 
@@ -326,11 +285,10 @@ def test_a_config_written_before_a_field_existed_keeps_the_behaviour_of_then():
     today = TrainConfig().to_dict()
     old = {k: v for k, v in today.items() if k not in ("filter_sigmas", "mask_share", "balance_classes",
                                                        "instance_heads", "instance_backbone_grad",
-                                                       "localization_context", "ema_decay")}
+                                                       "localization_context")}
     config = TrainConfig.from_dict(old)
     assert config.filter_sigmas == () and config.mask_share is None and config.balance_classes == 0.0
     assert not config.instance_heads and config.instance_backbone_grad and config.localization_context == 0
-    assert config.ema_decay == 0.0
     assert TrainConfig().model_config(3, 1).localization_context == 4  # new models get the context head
     assert TrainConfig(instance_heads=False).model_config(3, 1).localization_context == 0
     assert TrainConfig.from_dict(today) == TrainConfig()

@@ -91,9 +91,6 @@ class TrainConfig:
     weight_pseudo_label: float = 0.0
     pseudo_label_threshold: float | None = 0.8
     pseudo_label_warmup: int = 120
-    # Exponential moving average of the weights (0 = off): the returned model, previews and
-    # checkpoints' model use the average, with decay min(ema_decay, (1 + step) / (10 + step)).
-    ema_decay: float = 0.0
     seed: int = 0
     device: str = "auto"
     checkpoint_every: int = 100
@@ -134,8 +131,7 @@ class TrainConfig:
 
 # What training did before each of these fields was added (see TrainConfig.from_dict).
 _BEFORE_FIELD_EXISTED = {"filter_sigmas": (), "mask_share": None, "balance_classes": 0.0,
-                         "instance_heads": False, "instance_backbone_grad": True, "localization_context": 0,
-                         "ema_decay": 0.0}
+                         "instance_heads": False, "instance_backbone_grad": True, "localization_context": 0}
 
 
 @dataclass
@@ -253,27 +249,6 @@ def _with_instance_heads(net: ProtoSegNet, n_instance_classes: int, embed_dim: i
     return new
 
 
-class _WeightAverage:
-    """An exponential moving average of a network's parameters (buffers copied as they are)."""
-
-    def __init__(self, net: ProtoSegNet, decay: float) -> None:
-        import copy
-
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1), got {decay!r}")
-        self.decay = float(decay)
-        self.net = copy.deepcopy(net)
-        self.net.requires_grad_(False)
-
-    @torch.no_grad()
-    def update(self, net: ProtoSegNet, step: int) -> None:
-        decay = min(self.decay, (1.0 + step) / (10.0 + step))
-        for mine, theirs in zip(self.net.parameters(), net.parameters()):
-            mine.lerp_(theirs, 1.0 - decay)
-        for mine, theirs in zip(self.net.buffers(), net.buffers()):
-            mine.copy_(theirs)
-
-
 def train(
     image: np.ndarray,
     annotations: AnnotationSet,
@@ -335,10 +310,7 @@ def train(
     clipping_groups = net.clipping_groups()
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(config.steps))
     step = 0
-    average = _WeightAverage(net, config.ema_decay) if config.ema_decay > 0 else None
     if state is not None:
-        if average is not None:
-            average.net.load_state_dict(state["ema_model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step = int(state["step"])
@@ -355,7 +327,7 @@ def train(
     object_areas = object_area_summary(annotations)
 
     def current_model() -> TrainedModel:
-        return TrainedModel(net=net if average is None else average.net, classes=classes, normalization=normalization, context=context,
+        return TrainedModel(net=net, classes=classes, normalization=normalization, context=context,
                             training_info=_training_info(annotations, step, losses, config, object_areas))
 
     def save_checkpoint() -> str | None:
@@ -364,7 +336,6 @@ def train(
         _atomic_torch_save({
             "format": CHECKPOINT_FORMAT, "step": step, "train_config": config.to_dict(),
             "model_config": net.config.to_dict(), "model": net.state_dict(),
-            **({"ema_model": average.net.state_dict()} if average is not None else {}),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "normalization": normalization.to_dict(), "numpy_rng": rng.bit_generator.state,
             "torch_generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
@@ -408,8 +379,6 @@ def train(
                 torch.nn.utils.clip_grad_norm_(group, config.max_grad_norm)
             optimizer.step()
             scheduler.step()
-            if average is not None:
-                average.update(net, step)
             step += 1
             losses = {k: float(v.detach()) for k, v in terms.items()}
 
@@ -433,8 +402,6 @@ def train(
         # Also reached when the consumer closes the generator: keep the last state on disk.
         checkpoint = save_checkpoint()
     net.eval()
-    if average is not None:
-        average.net.eval()
     yield TrainEvent(step, config.steps, losses, time.perf_counter() - start, 0.0, str(device), None, checkpoint,
                      finished=step >= config.steps, stopped=finished_cleanly and step < config.steps,
                      model=current_model())
