@@ -406,3 +406,11 @@ def test_help_states_the_default_number_of_training_steps(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     assert f"(default: {TrainConfig().steps})" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["validate", "train", "predict", "demo", "benchmark"])
+def test_every_command_prints_its_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: protoseg {command}")

@@ -1331,7 +1331,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                  help="run only the ablations (those of the --settings given, default all), to "
                                       "--merge with a run of the settings")
     parser.add_argument("--validation", action="store_true",
-                        help=f"train on the top rows of sections 0-9 and score their bottom {VALIDATION_SHARE:.0%} of "
+                        help=f"train on the top rows of sections 0-9 and score their bottom {100 * VALIDATION_SHARE:.0f} %% of "
                              "rows, reading no test section: the run for choosing defaults (never written to the docs)")
     parser.add_argument("--steps", type=int, help="training steps (default: the plugin's default; quick: "
                         f"{QUICK_STEPS})")
