@@ -342,9 +342,12 @@ def wise_instances(class_map: np.ndarray, localization: np.ndarray, embedding, i
         one = seeds_per_component[seed_component] == 1
         single[seed_component[one]] = np.flatnonzero(one) + 1
         objects[:] = single[flat_components]
+        boxes = ndi.find_objects(components)
         for part in np.flatnonzero(seeds_per_component > 1):
             mine = np.flatnonzero(seed_component == part)
-            pixels = np.flatnonzero(flat_components == part)
+            box = boxes[part - 1]
+            ys, xs = np.nonzero(components[box] == part)
+            pixels = np.ravel_multi_index((ys + box[0].start, xs + box[1].start), class_map.shape)
             nearest, _ = _nearest(emb.at(pixels), emb.at(seeds[mine]))
             objects[pixels] = mine[nearest] + 1
         if background_seeds > 0:
