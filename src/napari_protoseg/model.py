@@ -233,7 +233,7 @@ class LocalizationHead(nn.Module):
     plus a branch that average-pools the features by ``scale`` and applies three 3x3 convolutions
     dilated 1, 2 and 4 (about ``15 * scale`` pixels across), upsampled bilinearly; a 1x1
     convolution of both gives the maps. The plain head sees 3 x 3 feature pixels and put several
-    blobs on most objects; this one sees whole mitochondria (see docs/benchmarks.md)."""
+    blobs on most objects; this one sees whole mitochondria (measured: ``TrainConfig``'s comment)."""
 
     def __init__(self, channels: int, hidden: int, out_channels: int, scale: int = 4, norm: str = "group") -> None:
         super().__init__()
