@@ -335,13 +335,12 @@ def wise_instances(class_map: np.ndarray, localization: np.ndarray, embedding, i
         flat_components = components.reshape(-1)
         seeds = _object_seeds(localization[k], components, blob_threshold)
         seed_component = flat_components[seeds]
-        objects = np.zeros(class_map.size, dtype=np.int64)
         # Parts with one seed are one object; parts with several are split by embedding similarity.
         seeds_per_component = np.bincount(seed_component, minlength=int(components.max()) + 1)
         single = np.zeros(len(seeds_per_component), dtype=np.int64)
         one = seeds_per_component[seed_component] == 1
         single[seed_component[one]] = np.flatnonzero(one) + 1
-        objects[:] = single[flat_components]
+        objects = single[flat_components]
         boxes = ndi.find_objects(components)
         for part in np.flatnonzero(seeds_per_component > 1):
             mine = np.flatnonzero(seed_component == part)

@@ -223,9 +223,13 @@ class InstanceHead(nn.Module):
         self.conv2 = nn.Conv2d(hidden, out_channels, 1)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        hidden = self.act(self.norm(self.conv1(features)))
-        weight = self.conv2.weight.reshape(self.conv2.out_channels, -1)
-        return F.linear(hidden.permute(0, 2, 3, 1), weight, self.conv2.bias).permute(0, 3, 1, 2)
+        return _pointwise(self.conv2, self.act(self.norm(self.conv1(features))))
+
+
+def _pointwise(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """The 1x1 convolution ``conv`` of ``x`` as a matrix product over channels-last pixels."""
+    weight = conv.weight.reshape(conv.out_channels, -1)
+    return F.linear(x.permute(0, 2, 3, 1), weight, conv.bias).permute(0, 3, 1, 2)
 
 
 class LocalizationHead(nn.Module):
@@ -253,9 +257,7 @@ class LocalizationHead(nn.Module):
         h, w = features.shape[-2:]
         low = F.avg_pool2d(features, self.scale, ceil_mode=True)
         context = F.interpolate(self.context(low), size=(h, w), mode="bilinear", align_corners=False)
-        hidden = torch.cat([self.local(features), context], dim=1)
-        weight = self.conv2.weight.reshape(self.conv2.out_channels, -1)
-        return F.linear(hidden.permute(0, 2, 3, 1), weight, self.conv2.bias).permute(0, 3, 1, 2)
+        return _pointwise(self.conv2, torch.cat([self.local(features), context], dim=1))
 
 
 def _gaussian_kernel(sigma: float) -> torch.Tensor:
