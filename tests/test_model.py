@@ -228,6 +228,7 @@ def test_localization_head_with_context_sees_whole_objects_and_old_configs_keep_
     assert isinstance(ProtoSegNet(ModelConfig.from_dict(old)).localization_head, InstanceHead)
     with pytest.raises(ValueError, match="localization_context"):
         ModelConfig(n_classes=2, localization_context=-1)
+    assert ModelConfig(n_classes=2, localization_context=4).localization_context == 0  # no heads, no context
 
 
 # ------------------------------------------------------------------------------ filter bank

@@ -95,6 +95,8 @@ class ModelConfig:
         if isinstance(n_inst, bool) or not isinstance(n_inst, int) or not 0 <= n_inst <= self.n_classes:
             raise ValueError(f"ModelConfig.n_instance_classes must be an integer from 0 to n_classes "
                              f"({self.n_classes}), got {n_inst!r}")
+        if n_inst == 0:
+            self.localization_context = 0  # a setting of the localization head: nothing without heads
         if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
                 and self.temperature > 0):
             raise ValueError(f"ModelConfig.temperature must be a positive number, got {self.temperature!r}")

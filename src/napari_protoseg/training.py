@@ -126,7 +126,7 @@ class TrainConfig:
                            prototypes_per_class=self.prototypes_per_class, temperature=self.temperature,
                            n_instance_classes=n_instance_classes if self.instance_heads else 0,
                            instance_embed_dim=self.instance_embed_dim, filter_sigmas=tuple(self.filter_sigmas),
-                           localization_context=self.localization_context if self.instance_heads else 0)
+                           localization_context=self.localization_context)
 
 
 # What training did before each of these fields was added (see TrainConfig.from_dict).
@@ -241,7 +241,7 @@ def _with_instance_heads(net: ProtoSegNet, n_instance_classes: int, embed_dim: i
     from dataclasses import replace
 
     config = replace(net.config, n_instance_classes=n_instance_classes, instance_embed_dim=embed_dim,
-                     localization_context=localization_context if n_instance_classes else 0)
+                     localization_context=localization_context)
     new = ProtoSegNet(config).to(next(net.parameters()).device)
     kept = {k: v for k, v in net.state_dict().items()
             if not k.startswith(("localization_head.", "instance_embedding_head."))}
