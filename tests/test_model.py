@@ -277,6 +277,27 @@ def test_a_network_with_a_filter_bank_takes_the_raw_channels_and_reaches_farther
         ModelConfig(n_classes=3, filter_sigmas=[0.0])
 
 
+def test_instance_backbone_grad_scales_what_the_instance_losses_send_into_the_backbone():
+    """A scale s multiplies the instance losses' backbone gradients by s and changes nothing else:
+    the outputs and the heads' own gradients stay those of s = 1."""
+    torch.manual_seed(0)
+    net = ProtoSegNet(ModelConfig(n_classes=3, base_width=4, depth=2, embed_dim=8, n_instance_classes=1))
+    x = torch.randn(2, 1, 32, 32)
+    grads = {}
+    for scale in (1.0, 0.1):
+        net.zero_grad()
+        out = net(x, instance_backbone_grad=scale)
+        (out["localization"].square().sum() + out["instance_embedding"].square().sum()).backward()
+        grads[scale] = ([p.grad.clone() for p in net.backbone.parameters()],
+                        [p.grad.clone() for p in net.localization_head.parameters()], out["localization"].detach())
+    for whole, scaled in zip(grads[1.0][0], grads[0.1][0]):
+        assert float((scaled - 0.1 * whole).norm()) <= 1e-4 * float((0.1 * whole).norm()) + 1e-7
+    assert any(float(g.abs().sum()) > 0 for g in grads[0.1][0])
+    for whole, scaled in zip(grads[1.0][1], grads[0.1][1]):
+        assert float((scaled - whole).norm()) <= 1e-5 * float(whole.norm()) + 1e-7
+    assert torch.equal(grads[1.0][2], grads[0.1][2])
+
+
 @pytest.mark.parametrize("backbone_grad", [True, False])
 def test_instance_heads_train_the_backbone_only_when_asked(backbone_grad):
     """``instance_backbone_grad=False``: a loss on the instance outputs leaves the backbone's

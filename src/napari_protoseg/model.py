@@ -335,7 +335,8 @@ class ProtoSegNet(nn.Module):
     ``"localization"`` (B, K, H, W) **logits** (``sigmoid`` gives the blob probabilities) and
     ``"instance_embedding"`` (B, E, H, W) free vectors; ``instance_batch=n`` computes them for the
     first ``n`` inputs only (the others, e.g. a strongly augmented copy, need only logits);
-    ``instance_backbone_grad=False`` keeps the instance heads' gradients out of the backbone.
+    ``instance_backbone_grad`` scales the instance heads' gradients into the backbone: 0 (or False)
+    keeps them out of it, 1 (or True) passes them whole.
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -377,7 +378,7 @@ class ProtoSegNet(nn.Module):
         return l2_normalize(self.prototypes, dim=-1)
 
     def forward(self, x: torch.Tensor, instance_batch: int | None = None,
-                instance_backbone_grad: bool = True) -> dict[str, torch.Tensor]:
+                instance_backbone_grad: float = 1.0) -> dict[str, torch.Tensor]:
         if x.ndim != 4 or x.shape[1] != self.config.in_channels:
             raise ValueError(
                 f"expected input of shape (B, {self.config.in_channels}, H, W), got {tuple(x.shape)}"
@@ -396,8 +397,11 @@ class ProtoSegNet(nn.Module):
         out = {"embedding": e, "logits": logits}
         if self.config.has_instance_heads:
             head_features = features if instance_batch is None else features[:instance_batch]
-            if not instance_backbone_grad:
+            scale = float(instance_backbone_grad)
+            if scale == 0.0:
                 head_features = head_features.detach()
+            elif scale != 1.0:  # same values; the gradient into the backbone is multiplied by scale
+                head_features = head_features.detach() + scale * (head_features - head_features.detach())
             # The backbone's output is cropped back to the input size; channels_last keeps the
             # heads' convolutions on the fast (oneDNN) path.
             head_features = head_features.contiguous(memory_format=torch.channels_last)
