@@ -24,6 +24,7 @@ from napari_protoseg.losses import (
     supervised_ce,
     supervised_targets,
     total_loss,
+    unpointed_region_negatives,
 )
 
 C, H, W = 3, 32, 32
@@ -596,3 +597,53 @@ def test_a_box_cut_by_the_crop_border_gives_no_positive_but_stays_off_the_negati
     assert float(dsp_loss(logits, t_whole)["box"]) > 0
     torch.testing.assert_close(dsp_loss(logits, t_whole)["box"], reference_dsp_loss(logits, t_whole)["box"])
     assert float(reference_dsp_loss(logits, t)["box"]) == 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# Exhaustive points rule out the predicted regions they do not reach
+
+
+def _logits_with_regions(regions, B=1):
+    """Logits whose argmax is class 0 everywhere except the given (b, c, y0, x0, y1, x1) rectangles."""
+    logits = torch.zeros(B, C, H, W)
+    logits[:, 0] = 1.0
+    for b, c, y0, x0, y1, x1 in regions:
+        logits[b, c, y0:y1, x0:x1] = 2.0
+    return logits
+
+
+def test_a_predicted_region_without_a_point_is_negative_only_where_points_are_exhaustive():
+    """Three regions predicted as class 1: one holds a class-1 point, one holds none, one touches the
+    crop's edge. With class 1's points exhaustive only the unpointed inner region becomes negative
+    for class 1; without the flag nothing does."""
+    logits = _logits_with_regions([(0, 1, 4, 4, 10, 10), (0, 1, 15, 15, 20, 22), (0, 1, 25, 0, 30, 6)])
+    t = targets(points=[(0, 1, 6, 6)])
+    assert not unpointed_region_negatives(logits, t).any()
+    t.point_exhaustive = torch.tensor([[False, True, False]])
+    neg = unpointed_region_negatives(logits, t)
+    expected = torch.zeros(H, W, dtype=torch.bool)
+    expected[15:20, 15:22] = True
+    assert torch.equal(neg[0, 1], expected)
+    assert not neg[0, [0, 2]].any()
+    # A mask pixel of class 1 inside the region vouches for it like a point.
+    t.mask = torch.full((1, H, W), -1)
+    t.mask[0, 17, 17] = 1
+    assert not unpointed_region_negatives(logits, t).any()
+
+
+def test_unpointed_negatives_push_the_unpointed_region_down_in_the_loss():
+    """``total_loss(..., unpointed_negatives=True)`` adds those negatives: a few optimiser steps lower
+    class 1 in the unpointed region and keep it at the point."""
+    start = _logits_with_regions([(0, 1, 4, 4, 10, 10), (0, 1, 15, 15, 20, 22)])
+    t = targets(points=[(0, 1, 6, 6)])
+    t.point_exhaustive = torch.tensor([[False, True, False]])
+    logits = torch.nn.Parameter(start.clone())
+    opt = torch.optim.Adam([logits], lr=0.1)
+    for _ in range(20):
+        opt.zero_grad()
+        total_loss(logits, t, unpointed_negatives=True)["total"].backward()
+        opt.step()
+    after = torch.softmax(logits.detach(), 1)[0, 1]
+    before = torch.softmax(start, 1)[0, 1]
+    assert after[15:20, 15:22].mean() < 0.5 * before[15:20, 15:22].mean()
+    assert after[6, 6] > 0.9

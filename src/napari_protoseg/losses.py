@@ -284,6 +284,47 @@ def negative_map(t: CropTargets, C: int, H: int, W: int) -> torch.Tensor:
     return neg
 
 
+def unpointed_region_negatives(logits: torch.Tensor, t: CropTargets) -> torch.Tensor:
+    """(B, C, H, W) bool: the semantic counterpart of LCFCN's false-positive term.
+
+    Where class ``c``'s points are exhaustive in crop ``b``'s plane (``point_exhaustive``), every
+    4-connected region of pixels the model currently assigns to ``c`` (argmax of ``logits``) that
+    holds no point and no mask pixel of ``c`` is not ``c``: its pixels are negatives for ``c``.
+    Regions touching the crop's edge are left alone (the object's point may lie outside the crop).
+    Computed without gradient, on the CPU.
+    """
+    from skimage.measure import label
+
+    B, C, H, W = logits.shape
+    neg = torch.zeros((B, C, H, W), dtype=torch.bool, device=logits.device)
+    exhaustive = t.points_exhaustive().cpu().numpy()
+    if not exhaustive.any() or H < 3 or W < 3:
+        return neg
+    pred = logits.detach().argmax(dim=1).cpu().numpy()
+    pred = np.where(exhaustive[np.arange(B)[:, None, None], pred], pred, -1)
+    stacked = np.full((B, H + 1, W), -1, dtype=np.int64)  # a row of -1 keeps the crops apart
+    stacked[:, :H] = pred
+    labels = label(stacked.reshape(B * (H + 1), W), background=-1, connectivity=1)
+    labels = labels.reshape(B, H + 1, W)[:, :H]
+    keep = np.zeros(int(labels.max()) + 1, dtype=bool)  # regions that may be c
+    keep[0] = True
+    keep[np.concatenate([labels[:, 0].ravel(), labels[:, -1].ravel(), labels[:, :, 0].ravel(),
+                         labels[:, :, -1].ravel()])] = True
+    points = _points_in_crop(t.points, H, W).cpu().numpy()
+    if len(points):
+        b, c, y, x = points.T
+        own = pred[b, y, x] == c
+        keep[labels[b[own], y[own], x[own]]] = True
+    mask = t.mask.cpu().numpy()
+    own_mask = (mask >= 0) & (mask == pred)
+    keep[labels[own_mask]] = True
+    b, y, x = np.nonzero(~keep[labels])
+    if len(b):
+        index = [torch.as_tensor(v, device=logits.device) for v in (b, pred[b, y, x], y, x)]
+        neg[index[0], index[1], index[2], index[3]] = True
+    return neg
+
+
 def mask_components(mask: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Connected components (8-connectivity) of every class in every crop of ``mask`` (B, H, W).
 
@@ -726,7 +767,7 @@ def strong_augment(x: torch.Tensor, generator: torch.Generator | None = None, *,
 def total_loss(logits: torch.Tensor, t: CropTargets, strong_logits: torch.Tensor | None = None, *,
                weights: LossWeights | None = None, tag_pooling: str = "mean", tag_power: float = 4.0,
                pl_threshold: float | None = 0.8, eps: float = 1e-6,
-               balance_classes: float = 0.0) -> dict[str, torch.Tensor]:
+               balance_classes: float = 0.0, unpointed_negatives: bool = False) -> dict[str, torch.Tensor]:
     """``contrastive + w_ce * CE + w_pl * pseudo-label`` for one training step.
 
     ``logits``: the (weakly augmented) view's prediction, trained with the DSP loss and the
@@ -734,12 +775,15 @@ def total_loss(logits: torch.Tensor, t: CropTargets, strong_logits: torch.Tensor
     ``pl_threshold``) for ``strong_logits``, the prediction of a strongly augmented, pixel-aligned
     view (see :func:`strong_augment`); without ``strong_logits`` the pseudo-label term is 0.
     ``balance_classes``: the class balance of both cross-entropies, 0 to 1 (see :func:`_masked_ce`).
+    ``unpointed_negatives``: add :func:`unpointed_region_negatives` to the negatives.
     Returns ``{"total", "contrastive", "mask", "box", "point", "tag", "negative", "ce",
     "pseudo_label"}``, all scalars.
     """
     w = LossWeights() if weights is None else weights
     B, C, H, W = _check_logits(logits, t)
     neg = negative_map(t, C, H, W)
+    if unpointed_negatives:
+        neg |= unpointed_region_negatives(logits, t)
     out = dsp_loss(logits, t, tag_pooling=tag_pooling, eps=eps, tag_power=tag_power, negatives=neg)
     out["ce"] = supervised_ce(logits, t, balance_classes)
     if strong_logits is not None:
