@@ -674,3 +674,11 @@ def test_results_name_the_source_commit_they_were_measured_at():
     head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
                           text=True, check=True).stdout.strip()
     assert re.fullmatch(r"[0-9a-f]{12}(\+modified)?", commit) and commit.startswith(head)
+
+
+def test_the_plot_moves_a_label_below_its_marker_when_a_neighbours_label_is_above_it():
+    """Settings with about the same annotation time and mIoU (`masks+points` at 137 min and `mixed`
+    at 153 min, both 0.516) must not print their names over each other."""
+    assert bm._crowded(153.1, 0.516, [(137.1, 0.516)])
+    assert not bm._crowded(213.0, 0.492, [(137.1, 0.516)])  # 0.19 decades away
+    assert not bm._crowded(153.1, 0.45, [(137.1, 0.516)])  # 0.066 mIoU lower

@@ -1146,6 +1146,12 @@ def _device_line(results: dict) -> str:
     return f"protoseg on {where}, peer on CPU; {env['cpu_count']} CPU cores, {env['platform']}"
 
 
+def _crowded(x: float, y: float, placed: list[tuple[float, float]]) -> bool:
+    """Whether a label above the marker at (x, y) would run into one already above a marker nearby
+    (within 0.15 decades of annotation time and 0.03 mIoU)."""
+    return any(abs(math.log10(x / px)) < 0.15 and abs(y - py) < 0.03 for px, py in placed)
+
+
 def plot_miou_vs_time(results: dict, path: str | Path) -> None:
     """mIoU against estimated annotation time, one marker per setting, protoseg and the peer."""
     import matplotlib
@@ -1163,6 +1169,7 @@ def plot_miou_vs_time(results: dict, path: str | Path) -> None:
     for entry in results["settings"].values():  # a faint line pairs each setting's two markers
         ax.plot([entry["annotation_minutes"]] * 2, [entry["protoseg"]["miou"], entry["peer"]["miou"]],
                 color="#cccccc", linewidth=1, zorder=1)
+    placed_above: list[tuple[float, float]] = []  # labels written above their marker
     for method, label, marker, color in (("protoseg", "napari-protoseg", "o", "#1f77b4"),
                                          ("peer", "random forest (peer)", "s", "#7f7f7f")):
         xs, ys = [], []
@@ -1171,8 +1178,11 @@ def plot_miou_vs_time(results: dict, path: str | Path) -> None:
             xs.append(x)
             ys.append(y)
             if method == "protoseg":
-                ax.annotate(setting, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
-        ax.scatter(xs, ys, marker=marker, color=color, label=label, zorder=3)
+                ax.annotate(setting, (x, y), textcoords="offset points", fontsize=8,
+                            xytext=(5, -11) if _crowded(x, y, placed_above) else (5, 4))
+                if not _crowded(x, y, placed_above):
+                    placed_above.append((x, y))
+        ax.scatter(xs, ys, marker=marker, color=color, label=label, zorder=4 if method == "protoseg" else 3)
     ref = results.get("reference", {}).get("all_cytoplasm")
     if ref:
         ax.axhline(ref["miou"], color="#d62728", linestyle=":", linewidth=1, label="everything cytoplasm")
