@@ -109,6 +109,11 @@ class TrainConfig:
     # 0.1 left the mIoU unchanged (mean 0.469 vs 0.468) and moved mitochondrion AP50 (components)
     # by +0.076, +0.007, +0.013, -0.029: within the run-to-run noise, so 0 stays.
     instance_backbone_grad: float = 0.0
+    # Regions predicted as a class that no exhaustive point of it reaches become its negatives
+    # (losses.unpointed_region_negatives). Off until measured better: on the validation split
+    # points-only 0.336 / 0.349 with it vs 0.335 / 0.339 without (seeds 0 / 1), masks+points seed 0
+    # 0.491 vs 0.465; it cuts the specks predicted as mitochondria (31 000 -> 12 000 regions) but
+    # points-only's real error, mitochondria predicted as glia, stays.
     unpointed_negatives: bool = False
 
     def to_dict(self) -> dict:
