@@ -103,11 +103,13 @@ class TrainConfig:
     localization_context: int = 4
     weight_localization: float = 1.0
     weight_embedding: float = 1.0
-    # How much of the instance losses' gradient reaches the backbone (0: none, 1: all). Off by default:
-    # on the benchmark's `full` setting 1 pulled the semantic mitochondrion IoU from 0.15 to 0.01 (an
-    # ablation of the benchmark). On the validation split (`mixed` and `masks+points`, seeds 0 and 1)
-    # 0.1 left the mIoU unchanged (mean 0.469 vs 0.468) and moved mitochondrion AP50 (components)
-    # by +0.076, +0.007, +0.013, -0.029: within the run-to-run noise, so 0 stays.
+    # How much of the instance losses' gradient reaches the backbone (0: none, 1: all). Off by default.
+    # With the plain localization head, 1 pulled `full`'s mitochondrion IoU from 0.15 to 0.01 (benchmark
+    # ablation at 33e4d5a); with the context head (ablation at ac86cf3) `full` keeps its mIoU (0.523)
+    # and trades glia (0.36 -> 0.26) for mitochondria (0.45 -> 0.53). On the validation split 1 cost
+    # `mixed` and `masks+points` 0.04 and 0.02 mIoU (seed 0), and 0.1 (seeds 0 and 1) left the mIoU
+    # unchanged (mean 0.469 vs 0.468) and moved mitochondrion AP50 (components) by +0.076, +0.007,
+    # +0.013, -0.029: within the run-to-run noise, so 0 stays.
     instance_backbone_grad: float = 0.0
     # Regions predicted as a class that no exhaustive point of it reaches become its negatives
     # (losses.unpointed_region_negatives). Off until measured better: on the validation split
