@@ -284,6 +284,18 @@ def negative_map(t: CropTargets, C: int, H: int, W: int) -> torch.Tensor:
     return neg
 
 
+def _label_crops(values: np.ndarray, connectivity: int) -> np.ndarray:
+    """Regions of equal value (-1 = background) in every crop of ``values`` (B, H, W), labelled in one
+    ``skimage.measure.label`` call: int64 (B, H, W), 0 for background, 1..N numbered across the crops."""
+    from skimage.measure import label
+
+    B, H, W = values.shape
+    stacked = np.full((B, H + 1, W), -1, dtype=np.int64)  # a row of -1 keeps the crops apart
+    stacked[:, :H] = values
+    labels = label(stacked.reshape(B * (H + 1), W), background=-1, connectivity=connectivity)
+    return labels.reshape(B, H + 1, W)[:, :H].astype(np.int64, copy=False)
+
+
 def unpointed_region_negatives(logits: torch.Tensor, t: CropTargets) -> torch.Tensor:
     """(B, C, H, W) bool: the semantic counterpart of LCFCN's false-positive term.
 
@@ -293,8 +305,6 @@ def unpointed_region_negatives(logits: torch.Tensor, t: CropTargets) -> torch.Te
     Regions touching the crop's edge are left alone (the object's point may lie outside the crop).
     Computed without gradient, on the CPU.
     """
-    from skimage.measure import label
-
     B, C, H, W = logits.shape
     neg = torch.zeros((B, C, H, W), dtype=torch.bool, device=logits.device)
     exhaustive = t.points_exhaustive().cpu().numpy()
@@ -302,10 +312,7 @@ def unpointed_region_negatives(logits: torch.Tensor, t: CropTargets) -> torch.Te
         return neg
     pred = logits.detach().argmax(dim=1).cpu().numpy()
     pred = np.where(exhaustive[np.arange(B)[:, None, None], pred], pred, -1)
-    stacked = np.full((B, H + 1, W), -1, dtype=np.int64)  # a row of -1 keeps the crops apart
-    stacked[:, :H] = pred
-    labels = label(stacked.reshape(B * (H + 1), W), background=-1, connectivity=1)
-    labels = labels.reshape(B, H + 1, W)[:, :H]
+    labels = _label_crops(pred, connectivity=1)
     keep = np.zeros(int(labels.max()) + 1, dtype=bool)  # regions that may be c
     keep[0] = True
     keep[np.concatenate([labels[:, 0].ravel(), labels[:, -1].ravel(), labels[:, :, 0].ravel(),
@@ -333,16 +340,11 @@ def mask_components(mask: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndar
     and crop of component ``k``. Computed on the CPU, without gradient, in one ``label`` call (crops
     stacked with a separating row of unlabelled pixels; neighbouring pixels of equal value connect).
     """
-    from skimage.measure import label
-
     m = mask.detach().cpu().numpy()
     B, H, W = m.shape
     if B == 0 or H == 0 or W == 0 or not (m >= 0).any():
         return np.zeros((B, H, W), np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
-    stacked = np.full((B, H + 1, W), -1, dtype=np.int64)
-    stacked[:, :H] = m
-    labels = label(stacked.reshape(B * (H + 1), W), background=-1, connectivity=2)
-    labels = labels.reshape(B, H + 1, W)[:, :H].astype(np.int64, copy=False)
+    labels = _label_crops(m, connectivity=2)
     n = int(labels.max())
     comp_class = np.zeros(n, np.int64)
     comp_batch = np.zeros(n, np.int64)
