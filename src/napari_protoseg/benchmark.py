@@ -1178,9 +1178,10 @@ def plot_miou_vs_time(results: dict, path: str | Path) -> None:
             xs.append(x)
             ys.append(y)
             if method == "protoseg":
+                below = _crowded(x, y, placed_above)
                 ax.annotate(setting, (x, y), textcoords="offset points", fontsize=8,
-                            xytext=(5, -11) if _crowded(x, y, placed_above) else (5, 4))
-                if not _crowded(x, y, placed_above):
+                            xytext=(5, -11) if below else (5, 4))
+                if not below:
                     placed_above.append((x, y))
         ax.scatter(xs, ys, marker=marker, color=color, label=label, zorder=4 if method == "protoseg" else 3)
     ref = results.get("reference", {}).get("all_cytoplasm")
