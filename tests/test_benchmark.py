@@ -296,6 +296,30 @@ def test_peer_sees_masks_and_points_only(sem, simulated):
     assert np.count_nonzero(labels[1:]) == len({(int(p["z"]), int(p["y"]), int(p["x"])) for p in pts})
 
 
+def test_peer_instances_drop_the_specks_protoseg_decoders_drop(monkeypatch):
+    """The instance table compares decoders: the peer's components get the size floor that protoseg's
+    decoders take from the same annotations (here 100 px objects -> 25 px), so a 4 px speck is no
+    false positive for the peer either, while the main table's AP50 keeps it."""
+    from types import SimpleNamespace
+
+    truth = np.zeros((1, 40, 40), np.int32)
+    truth[0, 2:12, 2:12] = 1
+    masks = np.zeros((1, 40, 40), np.int64)
+    masks[0, 2:12, 2:12] = 3
+    project = SimpleNamespace(image=np.zeros((1, 40, 40), np.float32), annotations=bm.AnnotationSet(
+        (1, 40, 40), [bm.ClassInfo(3, "mitochondrion", instances=True)], masks=masks))
+    prediction = np.zeros((1, 40, 40), np.uint8)
+    prediction[0, 2:12, 2:12] = 3
+    prediction[0, 30:32, 30:32] = 3  # a 4 px speck
+    monkeypatch.setattr(bm, "train_random_forest", lambda *a, **k: None)
+    monkeypatch.setattr(bm, "predict_random_forest", lambda *a, **k: prediction)
+    result = bm._run_peer(project, (np.zeros((1, 40, 40), np.float32), prediction, truth), bm.RFConfig(), 0,
+                          "peer", lambda message: None)
+    peer = result["instances"]["components"]
+    assert peer["min_size"] == 25 and (peer["tp"], peer["fp"], peer["fn"]) == (1, 0, 0)
+    assert result["mito_fp"] == 1  # raw
+
+
 def test_random_forest_learns_a_toy_image(sem):
     rng = np.random.default_rng(0)
     raw = (np.choose(sem - 1, [120, 30, 200, 60, 250]) + rng.normal(0, 10, sem.shape)).clip(0, 255).astype(np.uint8)
@@ -655,6 +679,10 @@ def test_instance_targets_and_table():
     md = bm.render_markdown(results)
     assert "## Mitochondrion instances" in md
     assert "| `points-only` | protoseg | wise | 0.750 |" in md and "| `points-only` | random forest | components |" in md
+    assert "the peer's components keep every speck" in md  # results from before the peer had the size floor
+    for name in bm.INSTANCE_SETTINGS:
+        results["settings"][name]["peer"]["instances"]["components"]["min_size"] = 16
+    assert "Every decoder, the peer's included, drops objects smaller" in bm.render_markdown(results)
     plain = {t["target"]: t for t in bm.evaluate_targets(fake_results()["settings"])}
     assert plain["`points-only` mito AP50 (WISE decoder) >= 0.70"]["met"] is None  # not measured
     assert "## Mitochondrion instances" not in bm.render_markdown(fake_results())

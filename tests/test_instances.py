@@ -174,7 +174,8 @@ def test_watershed_keeps_an_elongated_unevenly_wide_object_whole():
     assert len(np.unique(labels)) == 2
 
 
-from napari_protoseg.instances import annotated_object_areas, min_object_sizes, object_area_summary  # noqa: E402
+from napari_protoseg.instances import (annotated_min_size, annotated_object_areas, min_object_sizes,  # noqa: E402
+                                       object_area_summary, min_size_from_p10)
 from napari_protoseg.project import AnnotationSet, ClassInfo  # noqa: E402
 
 
@@ -195,6 +196,18 @@ def test_object_areas_come_from_mask_components_and_the_ellipses_of_boxes():
     summary = object_area_summary(ann)
     assert set(summary) == {"3"}  # cytoplasm is no instance class
     assert summary["3"]["count"] == 3 and summary["3"]["median"] == 157
+
+
+def test_annotations_give_the_same_size_floor_as_a_model_trained_on_them():
+    """The benchmark filters the random-forest peer's objects with this, so both sides drop the same specks."""
+    ann = _annotations_with_objects()
+    p10 = float(np.percentile(annotated_object_areas(ann, 3), 10))
+    assert annotated_min_size(ann, 3) == min_size_from_p10(p10) == int(0.25 * p10)
+    model = _ModelWithSizes(object_area_summary(ann)["3"]["p10"])
+    assert min_object_sizes(model) == {3: annotated_min_size(ann, 3)}
+    assert annotated_min_size(ann, 1) == int(0.25 * np.percentile(annotated_object_areas(ann, 1), 10))
+    points_only = AnnotationSet((2, 64, 64), ann.classes)
+    assert annotated_min_size(points_only, 3) == 16  # nothing outlined: the default
 
 
 class _ModelWithSizes(_ModelWithoutHeads):

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 
+from .instances import DEFAULT_MIN_SIZE, MIN_SIZE_SHARE, annotated_min_size, plain_instances
 from .project import AnnotationSet, ClassInfo, empty_boxes, empty_points, empty_tags, read_project, write_project
 
 CLASS_NAMES = {1: "cytoplasm", 2: "membrane", 3: "mitochondrion", 4: "synapse", 5: "glia/extracellular"}
@@ -658,7 +659,11 @@ def _run_peer(project, test: tuple, rf: RFConfig, seed: int, label: str, progres
     prediction = predict_random_forest(forest, raw_test, rf)
     predict_seconds = time.perf_counter() - start
     result = _scores(prediction, sem_test, inst_test)
-    result["instances"] = {"components": instance_figures(connected_instances(prediction, MITOCHONDRION), inst_test)}
+    # The peer's components with the size floor protoseg's decoders use (from the same annotations), so
+    # the instance table compares decoders, not whether specks are dropped; the main table's AP50 is raw.
+    min_size = annotated_min_size(project.annotations, MITOCHONDRION)
+    components = plain_instances(prediction, [MITOCHONDRION], method="components", min_size=min_size)
+    result["instances"] = {"components": {**instance_figures(components, inst_test), "min_size": min_size}}
     result.update(train_seconds=train_seconds, predict_seconds=predict_seconds,
                   throughput_mpx_s=raw_test.size / predict_seconds / 1e6, peak_memory_mb=peak_memory_mb(),
                   device="cpu", training_pixels=int(min(np.count_nonzero(rf_label_planes(project.annotations)),
@@ -953,13 +958,20 @@ def render_instance_markdown(results: dict) -> list[str]:
                             f"{figures['tp']} / {figures['fp']} / {figures['fn']} |")
     if not rows:
         return []
+    peer_sizes = [entry.get("peer", {}).get("instances", {}).get("components", {}).get("min_size")
+                  for entry in results["settings"].values() if entry.get("peer", {}).get("instances")]
+    rule = (f"objects smaller than {MIN_SIZE_SHARE:g} of the annotated mitochondria's 10th-percentile area "
+            f"(at least {DEFAULT_MIN_SIZE} px)")
+    if peer_sizes and all(size is not None for size in peer_sizes):
+        size_rule = (f"Every decoder, the peer's included, drops {rule}; the main table's AP50 keeps every speck.")
+    else:
+        size_rule = (f"protoseg's decoders drop {rule}; the peer's components keep every speck, as in the table "
+                     "above.")
     return ["## Mitochondrion instances", "",
             "Per test section, a predicted instance matches a true one at IoU >= 0.5; AP50 = TP / (TP + FP + FN); "
             "matched IoU = mean IoU of the matches. Decoders: `wise` (the class map's connected parts, each split by "
             "embedding similarity where two or more blobs of the localization map fall in it), `watershed` (distance-transform split of the "
-            "class map), `components` (4-connected components; the peer's only option). protoseg's decoders drop objects "
-            "smaller than a size learnt from the annotations; the peer's components keep every speck, as in the table "
-            "above. Touching recall: share of "
+            "class map), `components` (4-connected components; the peer's only option). " + size_rule + " Touching recall: share of "
             f"true mitochondria within {TOUCHING_GAP} px of another that are matched.", "",
             "| setting | method | decoder | AP50 | matched IoU | touching recall | TP / FP / FN |",
             "| --- | --- | --- | --- | --- | --- | --- |", *rows, ""]

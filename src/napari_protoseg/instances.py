@@ -29,9 +29,9 @@ from skimage.measure import label
 from skimage.morphology import h_maxima
 from skimage.segmentation import watershed
 
-__all__ = ["DECODERS", "PLAIN_DECODERS", "InstancePrediction", "PixelEmbeddings", "annotated_object_areas",
-           "default_decoder", "link_planes", "min_object_sizes", "object_area_summary", "plain_instances",
-           "predict_instances", "relabel_sequential", "wise_instances"]
+__all__ = ["DECODERS", "PLAIN_DECODERS", "InstancePrediction", "PixelEmbeddings", "annotated_min_size",
+           "annotated_object_areas", "default_decoder", "link_planes", "min_object_sizes", "min_size_from_p10",
+           "object_area_summary", "plain_instances", "predict_instances", "relabel_sequential", "wise_instances"]
 
 PLAIN_DECODERS = ("components", "watershed")
 DECODERS = ("wise", *PLAIN_DECODERS)
@@ -87,11 +87,23 @@ def min_object_sizes(model, default: int = DEFAULT_MIN_SIZE, share: float = MIN_
     of the 10th-percentile area of the objects annotated for training (``training_info``), never
     below ``default``; ``default`` for a class without outlined objects (e.g. points only)."""
     summary = (getattr(model, "training_info", None) or {}).get("object_areas", {})
-    sizes = {}
-    for cid in model.instance_class_ids:
-        p10 = summary.get(str(int(cid)), {}).get("p10")
-        sizes[int(cid)] = max(int(default), int(share * float(p10))) if p10 else int(default)
-    return sizes
+    return {int(cid): min_size_from_p10(summary.get(str(int(cid)), {}).get("p10"), default, share)
+            for cid in model.instance_class_ids}
+
+
+def min_size_from_p10(p10: float | None, default: int = DEFAULT_MIN_SIZE, share: float = MIN_SIZE_SHARE) -> int:
+    """The size rule of :func:`min_object_sizes` for one class: ``share`` of the 10th-percentile
+    area ``p10`` of its annotated objects, never below ``default``; ``default`` when ``p10`` is None."""
+    return max(int(default), int(share * float(p10))) if p10 else int(default)
+
+
+def annotated_min_size(annotations, class_id: int, default: int = DEFAULT_MIN_SIZE,
+                       share: float = MIN_SIZE_SHARE) -> int:
+    """The smallest object a model trained on ``annotations`` keeps for ``class_id`` (the rule of
+    :func:`min_object_sizes`, read from the annotations instead of a model), so another method's
+    objects can be filtered the same way."""
+    areas = annotated_object_areas(annotations, class_id)
+    return min_size_from_p10(float(np.percentile(areas, 10)) if len(areas) else None, default, share)
 
 
 def _min_size_of(min_size: int | dict[int, int], class_id: int) -> int:
