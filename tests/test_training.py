@@ -278,6 +278,8 @@ def test_mask_share_outside_0_to_1_is_refused():
     annotations = AnnotationSet((1, 8, 8), [ClassInfo(1, "a"), ClassInfo(2, "b")], masks=np.ones((1, 8, 8), np.uint8))
     with pytest.raises(ValueError, match="mask_share"):
         CropSampler(np.zeros((1, 8, 8), np.float32), annotations, Normalization(0.0, 1.0), mask_share=1.5)
+    with pytest.raises(ValueError, match="point_spread"):
+        CropSampler(np.zeros((1, 8, 8), np.float32), annotations, Normalization(0.0, 1.0), point_spread=-1)
 
 
 def test_a_config_written_before_a_field_existed_keeps_the_behaviour_of_then():
@@ -374,3 +376,57 @@ def test_present_tags_too_large_for_any_crop_are_named_in_a_note():
     notes = training_notes(_tile_tags(whole_plane=True))  # a whole 1024 x 1024 plane does not
     assert len(notes) == 1 and notes[0].startswith("1 'present' tag(s)") and "Zoom in" in notes[0]
     assert training_notes(_tile_tags((2, 300, 300), tile=100, whole_plane=True)) == []  # small planes fit whole
+
+
+def _points(rows):
+    from napari_protoseg.project import empty_points
+
+    return np.array(rows, dtype=empty_points().dtype)
+
+
+def test_a_point_spreads_over_the_look_alike_pixels_within_its_radius_only():
+    from napari_protoseg.data import point_regions
+
+    volume = np.zeros((1, 30, 30), np.float32)
+    volume[0, 5:25, 5:15] = 1.0  # the clicked object: bright, 20 x 10
+    points = _points([(0, 15, 7, 3, True)])  # near the object's left edge: the radius reaches past it
+    regions = point_regions(volume, points, {1: 0, 3: 1}, radius=4, tolerance=0.2, smoothing=0)
+    yy, xx = np.nonzero(regions[0] == 1)
+    assert ((yy - 15) ** 2 + (xx - 7) ** 2 <= 16).all()  # inside the radius
+    assert (volume[0][regions[0] == 1] == 1.0).all() and xx.min() == 5  # up to the edge, never past it
+    assert (regions == 1).sum() > 20 and (regions == 0).sum() == 0 and regions[0, 15, 7] == 1
+    assert (point_regions(volume, points, {1: 0, 3: 1}, radius=0, tolerance=0.2) == -1).all()
+    assert (regions == 1).sum() == 43  # the disk's pixels at x >= 5
+    volume[0, :, 10:15] = 0.9  # the object's right part is a little darker: the tolerance decides
+    narrow = point_regions(volume, points, {1: 0, 3: 1}, radius=4, tolerance=0.05, smoothing=0)
+    assert np.nonzero(narrow[0] == 1)[1].max() == 9
+    wide = point_regions(volume, points, {1: 0, 3: 1}, radius=4, tolerance=0.15, smoothing=0)
+    assert np.nonzero(wide[0] == 1)[1].max() == 11
+
+
+def test_pixels_claimed_by_points_of_two_classes_teach_nothing():
+    from napari_protoseg.data import point_regions
+
+    volume = np.ones((1, 20, 20), np.float32)
+    points = _points([(0, 10, 6, 1, False), (0, 10, 12, 2, False)])
+    regions = point_regions(volume, points, {1: 0, 2: 1}, radius=4, tolerance=0.1, smoothing=0)
+    yy, xx = np.mgrid[:20, :20]
+    both = ((yy - 10) ** 2 + (xx - 6) ** 2 <= 16) & ((yy - 10) ** 2 + (xx - 12) ** 2 <= 16)
+    assert both.any() and (regions[0][both] == -1).all()
+    assert regions[0, 10, 4] == 0 and regions[0, 10, 14] == 1
+
+
+def test_spread_points_reach_the_crops_as_mask_pixels_but_never_over_a_mask():
+    masks = np.zeros((1, 32, 32), np.uint8)
+    masks[0, :, :4] = 1  # a strip of class 1 the spread of the class-2 point below would reach
+    annotations = AnnotationSet((1, 32, 32), [ClassInfo(1, "a"), ClassInfo(2, "b")], masks=masks,
+                                points=[(0, 16, 5, 2, True)])
+    sampler = CropSampler(np.ones((1, 32, 32), np.float32), annotations, Normalization(0.0, 1.0), crop_size=32,
+                          augment=False, point_spread=3)
+    _, targets = sampler.sample(1, np.random.default_rng(0))
+    mask = targets.mask[0].numpy()
+    assert (mask[:, :4] == 0).all()  # the user's mask wins
+    assert mask[16, 5] == 1 and mask[16, 7] == 1 and mask[16, 9] == -1  # index 1 within 3 px of the point
+    plain = CropSampler(np.ones((1, 32, 32), np.float32), annotations, Normalization(0.0, 1.0), crop_size=32,
+                        augment=False)
+    assert (plain.sample(1, np.random.default_rng(0))[1].mask[0].numpy()[:, 4:] == -1).all()

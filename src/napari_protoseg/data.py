@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy import ndimage as ndi
+from skimage.segmentation import flood
 
 from .losses import CropTargets
 from .project import NO_REGION, AnnotationSet
@@ -110,6 +112,35 @@ def _round_up(value: int, multiple: int) -> int:
     return -(-int(value) // multiple) * multiple
 
 
+def point_regions(volume: np.ndarray, points: np.ndarray, class_index: dict[int, int], radius: int,
+                  tolerance: float, smoothing: float = 1.0) -> np.ndarray:
+    """Each point spread over the pixels around it that look like it: the 4-connected pixels within
+    ``radius`` of the point whose intensity (Gaussian-smoothed by ``smoothing``) differs from the
+    point's by at most ``tolerance``. ``volume``: normalised (Z, Y, X). Returns the class index of
+    every spread pixel, -1 elsewhere (int8 for at most 127 classes, else int16) and where points of
+    different classes claim the same pixel."""
+    out = np.full(volume.shape, -1, dtype=np.int8 if len(class_index) < 128 else np.int16)
+    if radius <= 0 or len(points) == 0:
+        return out
+    conflict = np.zeros(volume.shape, dtype=bool)
+    h, w = volume.shape[1:]
+    yy, xx = np.mgrid[-radius:radius + 1, -radius:radius + 1]
+    disk = yy ** 2 + xx ** 2 <= radius ** 2
+    for z in np.unique(points["z"]):
+        plane = ndi.gaussian_filter(volume[z].astype(np.float32), smoothing) if smoothing else volume[z]
+        for p in points[points["z"] == z]:
+            y, x, cid = int(p["y"]), int(p["x"]), int(p["class"])
+            y0, x0, y1, x1 = max(y - radius, 0), max(x - radius, 0), min(y + radius + 1, h), min(x + radius + 1, w)
+            region = flood(plane[y0:y1, x0:x1], (y - y0, x - x0), tolerance=tolerance)
+            region &= disk[y0 - y + radius:y1 - y + radius, x0 - x + radius:x1 - x + radius]
+            window, clash = out[z, y0:y1, x0:x1], conflict[z, y0:y1, x0:x1]
+            c = class_index[cid]
+            clash |= region & (window >= 0) & (window != c)
+            window[region] = c
+    out[conflict] = -1
+    return out
+
+
 class CropSampler:
     """Samples square training crops around annotations and builds their targets.
 
@@ -131,9 +162,12 @@ class CropSampler:
 
     def __init__(self, image: np.ndarray, annotations: AnnotationSet, normalization: Normalization,
                  crop_size: int = 256, context: int = 0, augment: bool = True, jitter: bool = True,
-                 mask_share: float | None = None):
+                 mask_share: float | None = None, point_spread: int = 0, point_spread_tolerance: float = 0.1):
         if mask_share is not None and not 0.0 <= mask_share <= 1.0:
             raise ValueError(f"mask_share must be between 0 and 1, got {mask_share!r}")
+        if point_spread < 0 or point_spread_tolerance < 0:
+            raise ValueError(f"point_spread and point_spread_tolerance must be 0 or more, got {point_spread!r} "
+                             f"and {point_spread_tolerance!r}")
         self.mask_share = mask_share
         self.annotations = annotations
         self.is_stack = annotations.is_stack
@@ -152,6 +186,11 @@ class CropSampler:
         for cid, i in self.index_of.items():
             lut[cid] = i
         self.mask_index = None if annotations.masks is None else lut[annotations.masks.reshape(self.volume.shape)]
+        # Points spread over their look-alike neighbourhood teach like mask pixels where no mask is.
+        self.spread_index = None
+        if point_spread > 0 and len(annotations.points):
+            self.spread_index = point_regions(self.volume, annotations.points, self.index_of, point_spread,
+                                              point_spread_tolerance)
         self.anchors = self._collect_anchors()
         self._tag_crop_anchors = {c: large for c, group in self.anchors.get("tag", {}).items()
                                   if (large := [a for a in group if self._needs_tag_crop(a)])}
@@ -319,6 +358,8 @@ class CropSampler:
         image = plane_with_context(self.volume, z, self.context)[:, oy:oy + s, ox:ox + s]
         mask = (self.mask_index[z, oy:oy + s, ox:ox + s] if self.mask_index is not None
                 else np.full((s, s), -1, dtype=np.int64))
+        if self.spread_index is not None:
+            mask = np.where(mask >= 0, mask, self.spread_index[z, oy:oy + s, ox:ox + s]).astype(np.int64)
 
         def geometric(y0, x0, y1, x1):
             y0, x0, y1, x1 = _rot90_rect(y0, x0, y1, x1, s, k)
