@@ -492,7 +492,7 @@ def test_partial_runs_merge_into_one_report(tmp_path):
     assert len(merged["ablations"]) == len(bm.ABLATIONS)
     assert [(r["setting"], r["variant"]) for r in merged["ablations"]] == [(s, v) for s, v, _ in bm.ABLATIONS]
     reused = [r for r in merged["ablations"] if r["changes"] in ({}, {"tag_pooling": "mean"})]
-    assert len(reused) == 4  # masks, mixed, full and masks+tags with the default (mean) tag pooling
+    assert len(reused) == 5  # masks, mixed, full, points-only and masks+tags with the default (mean) tag pooling
     assert reused and all(r["reused_main_run"] and r["protoseg"] == results["settings"][r["setting"]]["protoseg"]
                           for r in reused)
     assert merged["shared_peer_fits"] == {"masks": ["masks+tags", "masks+boxes"]}

@@ -287,9 +287,11 @@ def test_a_config_written_before_a_field_existed_keeps_the_behaviour_of_then():
     today = TrainConfig().to_dict()
     old = {k: v for k, v in today.items() if k not in ("filter_sigmas", "mask_share", "balance_classes",
                                                        "instance_heads", "instance_backbone_grad",
-                                                       "localization_context")}
+                                                       "localization_context", "unpointed_negatives",
+                                                       "point_spread")}
     config = TrainConfig.from_dict(old)
     assert config.filter_sigmas == () and config.mask_share is None and config.balance_classes == 0.0
+    assert not config.unpointed_negatives and config.point_spread == 0
     assert not config.instance_heads and config.instance_backbone_grad and config.localization_context == 0
     assert TrainConfig().model_config(3, 1).localization_context == 4  # new models get the context head
     assert TrainConfig(instance_heads=False).model_config(3, 1).localization_context == 0

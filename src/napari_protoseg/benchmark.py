@@ -420,6 +420,9 @@ ABLATIONS = (
     ("full", "class-balanced cross-entropy", {"balance_classes": 1.0}),
     ("full", "instance losses also train the backbone", {"instance_backbone_grad": True}),
     ("full", "without filter bank", {"filter_sigmas": []}),
+    ("points-only", "defaults (points spread 5 px, unpointed regions negative)", {}),
+    ("points-only", "each point teaches its pixel only (the previous default)",
+     {"point_spread": 0, "unpointed_negatives": False}),
 )
 TARGET_MIXED_FRACTION = 0.90
 TARGET_EXTRA_GAIN = 0.05

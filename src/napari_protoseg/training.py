@@ -112,12 +112,11 @@ class TrainConfig:
     # +0.013, -0.029: within the run-to-run noise, so 0 stays.
     instance_backbone_grad: float = 0.0
     # Regions predicted as a class that no exhaustive point of it reaches become its negatives
-    # (losses.unpointed_region_negatives). Off: on the validation split (seeds 0 / 1, with vs without)
-    # points-only 0.336 / 0.349 vs 0.335 / 0.339, masks+points 0.491 / 0.499 vs 0.465 / 0.478, mixed
-    # 0.458 / 0.459 vs 0.451 / 0.477: a mean gain of 0.008, within the run-to-run noise. It cuts the
-    # specks predicted as mitochondria (31 000 -> 12 000 regions) but points-only's real error,
-    # mitochondria predicted as glia, stays.
-    unpointed_negatives: bool = False
+    # (losses.unpointed_region_negatives). Alone, on the validation split (seeds 0 / 1, with vs
+    # without): points-only 0.336 / 0.349 vs 0.335 / 0.339, masks+points 0.491 / 0.499 vs 0.465 /
+    # 0.478, mixed 0.458 / 0.459 vs 0.451 / 0.477, a mean gain of 0.008, within the run-to-run noise.
+    # It cuts the specks predicted as mitochondria (31 000 -> 12 000 regions); on with point_spread.
+    unpointed_negatives: bool = True
     # Radius (px) over which each point is spread to the pixels around it that look like it (within
     # point_spread_tolerance of its smoothed normalised intensity; data.point_regions); they then teach
     # like mask pixels. 0: a point teaches its pixel only. On the validation split (seeds 0 / 1),
@@ -125,10 +124,10 @@ class TrainConfig:
     # (mitochondrion IoU 0.23 / 0.22 vs 0.08), radius 5 alone 0.347 (seed 0) vs 0.335; radius 8 with
     # unpointed_negatives 0.362 (seed 0); spreading only the mitochondria's points 0.202 (their
     # pixels outweigh every other class's). masks+points, radius 5 alone: 0.481 vs 0.465 (seed 0).
+    # Both on (the defaults), seed 0: masks+points 0.480 vs 0.465, mixed 0.462 vs 0.451.
     # Spread pixels are 97 % right for mitochondria and cytoplasm, 81 % for membranes and 29 % for
-    # glia/extracellular, whose objects are mostly specks of a few pixels. Off until the benchmark
-    # has measured it in every setting.
-    point_spread: int = 0
+    # glia/extracellular, whose objects are mostly specks of a few pixels.
+    point_spread: int = 5
     point_spread_tolerance: float = 0.1
 
     def to_dict(self) -> dict:
@@ -155,7 +154,8 @@ class TrainConfig:
 
 # What training did before each of these fields was added (see TrainConfig.from_dict).
 _BEFORE_FIELD_EXISTED = {"filter_sigmas": (), "mask_share": None, "balance_classes": 0.0,
-                         "instance_heads": False, "instance_backbone_grad": True, "localization_context": 0}
+                         "instance_heads": False, "instance_backbone_grad": True, "localization_context": 0,
+                         "unpointed_negatives": False, "point_spread": 0}
 
 
 @dataclass
