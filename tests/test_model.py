@@ -178,6 +178,11 @@ def test_instance_heads_add_localization_and_embedding_outputs():
     part = net(torch.randn(4, 1, 16, 16), instance_batch=1)
     assert part["logits"].shape[0] == 4 and part["localization"].shape[0] == 1
     assert part["instance_embedding"].shape[0] == 1
+    x = torch.randn(2, 1, 16, 16)
+    net.eval()
+    semantic_only = net(x, instance_batch=0)  # what semantic prediction asks for: no head runs
+    assert set(semantic_only) == {"embedding", "logits"}
+    torch.testing.assert_close(semantic_only["logits"], net(x)["logits"])
 
 
 def test_no_instance_classes_means_no_heads_and_the_same_network_as_before():

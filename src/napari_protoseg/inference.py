@@ -280,7 +280,7 @@ class _Runner:
         """(B, 2k+1, h, w) raw intensities -> (B, C, h, w) float32 softmax probabilities."""
         x = torch.from_numpy(self.model.normalization(batch)).to(self.device)
         with torch.inference_mode():
-            logits = self.net(x)["logits"]
+            logits = self.net(x, instance_batch=0)["logits"]  # the instance heads are not needed
             probs = torch.softmax(logits.float(), dim=1)
         return probs.cpu().numpy()
 

@@ -283,8 +283,6 @@ class FilterBank(nn.Module):
         self.sigmas = tuple(float(s) for s in sigmas)
         for i, sigma in enumerate(self.sigmas):
             self.register_buffer(f"kernel{i}", _gaussian_kernel(sigma), persistent=False)
-        self.register_buffer("diff", torch.tensor([-0.5, 0.0, 0.5]), persistent=False)
-        self.register_buffer("second", torch.tensor([1.0, -2.0, 1.0]), persistent=False)
 
     @property
     def n_features(self) -> int:
@@ -296,27 +294,40 @@ class FilterBank(nn.Module):
         return max((int(math.ceil(4 * s)) + 1 for s in self.sigmas), default=0)
 
     @staticmethod
-    def _conv1d(x: torch.Tensor, kernel: torch.Tensor, axis: int) -> torch.Tensor:
+    def _padded(x: torch.Tensor, r: int, axis: int) -> torch.Tensor:
+        size = x.shape[axis]
+        mode = "reflect" if r < size else "replicate"
+        return F.pad(x, (r, r, 0, 0) if axis == -1 else (0, 0, r, r), mode=mode)
+
+    @classmethod
+    def _smooth1d(cls, x: torch.Tensor, kernel: torch.Tensor, axis: int) -> torch.Tensor:
+        """``kernel`` along ``axis`` (-1: x, -2: y) of (B, 1, H, W), as a 1-D convolution of the
+        rows (about twice as fast on the CPU as a 2-D convolution with a 1 x k kernel)."""
         r = (len(kernel) - 1) // 2
-        size = x.shape[-1] if axis == -1 else x.shape[-2]
-        pad_mode = "reflect" if r < size else "replicate"
-        if axis == -1:
-            x = F.pad(x, (r, r, 0, 0), mode=pad_mode)
-            return F.conv2d(x, kernel.view(1, 1, 1, -1))
-        x = F.pad(x, (0, 0, r, r), mode=pad_mode)
-        return F.conv2d(x, kernel.view(1, 1, -1, 1))
+        if axis == -2:
+            return cls._smooth1d(x.transpose(-1, -2), kernel, -1).transpose(-1, -2)
+        padded = cls._padded(x, r, -1)
+        b, c, h, w = padded.shape
+        return F.conv1d(padded.reshape(b * c * h, 1, w), kernel.view(1, 1, -1)).reshape(b, c, h, w - 2 * r)
+
+    @classmethod
+    def _differences(cls, x: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Central first difference ``(x[i+1] - x[i-1]) / 2`` and second difference
+        ``x[i+1] - 2 x[i] + x[i-1]`` along ``axis``, with reflected borders."""
+        padded = cls._padded(x, 1, axis)
+        n = padded.shape[axis]
+        before, centre, after = (padded.narrow(axis, start, n - 2) for start in (0, 1, 2))
+        return 0.5 * (after - before), after - 2.0 * centre + before
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float().contiguous()
         out = []
         for i, sigma in enumerate(self.sigmas):
             kernel = getattr(self, f"kernel{i}")
-            smooth = self._conv1d(self._conv1d(x, kernel, -1), kernel, -2)
-            gy = self._conv1d(smooth, self.diff, -2)
-            gx = self._conv1d(smooth, self.diff, -1)
-            hyy = self._conv1d(smooth, self.second, -2)
-            hxx = self._conv1d(smooth, self.second, -1)
-            hxy = self._conv1d(gx, self.diff, -2)
+            smooth = self._smooth1d(self._smooth1d(x, kernel, -1), kernel, -2)
+            gy, hyy = self._differences(smooth, -2)
+            gx, hxx = self._differences(smooth, -1)
+            hxy, _ = self._differences(gx, -2)
             edges = torch.sqrt(gx * gx + gy * gy + 1e-12) * sigma
             half_trace = (hxx + hyy) / 2
             spread = torch.sqrt(((hxx - hyy) / 2) ** 2 + hxy * hxy + 1e-12)
@@ -334,7 +345,8 @@ class ProtoSegNet(nn.Module):
     With instance heads (``config.n_instance_classes = K > 0``) the dict also holds
     ``"localization"`` (B, K, H, W) **logits** (``sigmoid`` gives the blob probabilities) and
     ``"instance_embedding"`` (B, E, H, W) free vectors; ``instance_batch=n`` computes them for the
-    first ``n`` inputs only (the others, e.g. a strongly augmented copy, need only logits);
+    first ``n`` inputs only (the others, e.g. a strongly augmented copy, need only logits), and
+    ``instance_batch=0`` skips the heads (semantic prediction);
     ``instance_backbone_grad`` scales the instance heads' gradients into the backbone: 0 (or False)
     keeps them out of it, 1 (or True) passes them whole.
     """
@@ -395,7 +407,7 @@ class ProtoSegNet(nn.Module):
         mean_proto = self.normalized_prototypes().mean(dim=1) / self.config.temperature  # (C, D)
         logits = F.linear(e.permute(0, 2, 3, 1), mean_proto).permute(0, 3, 1, 2).contiguous()
         out = {"embedding": e, "logits": logits}
-        if self.config.has_instance_heads:
+        if self.config.has_instance_heads and instance_batch != 0:
             head_features = features if instance_batch is None else features[:instance_batch]
             scale = float(instance_backbone_grad)
             if scale == 0.0:
