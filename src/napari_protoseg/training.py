@@ -124,7 +124,8 @@ class TrainConfig:
     # (mitochondrion IoU 0.23 / 0.22 vs 0.08), radius 5 alone 0.347 (seed 0) vs 0.335; radius 8 with
     # unpointed_negatives 0.362 (seed 0); spreading only the mitochondria's points 0.202 (their
     # pixels outweigh every other class's). masks+points, radius 5 alone: 0.481 vs 0.465 (seed 0).
-    # Both on (the defaults), seed 0: masks+points 0.480 vs 0.465, mixed 0.462 vs 0.451.
+    # Both on (the defaults), seeds 0 / 1 vs both off: masks+points 0.480 / 0.487 vs 0.465 / 0.478,
+    # mixed 0.462 / 0.480 vs 0.451 / 0.477.
     # With radius 5, spread pixels of the points-only simulation are 98 % right for cytoplasm, 96 % for
     # mitochondria, 87 % for membranes and synapses and 32 % for glia/extracellular, whose objects are
     # mostly specks of a few pixels.
