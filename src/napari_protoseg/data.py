@@ -359,7 +359,7 @@ class CropSampler:
         mask = (self.mask_index[z, oy:oy + s, ox:ox + s] if self.mask_index is not None
                 else np.full((s, s), -1, dtype=np.int64))
         if self.spread_index is not None:
-            mask = np.where(mask >= 0, mask, self.spread_index[z, oy:oy + s, ox:ox + s]).astype(np.int64)
+            mask = np.where(mask >= 0, mask, self.spread_index[z, oy:oy + s, ox:ox + s])
 
         def geometric(y0, x0, y1, x1):
             y0, x0, y1, x1 = _rot90_rect(y0, x0, y1, x1, s, k)
