@@ -1040,7 +1040,10 @@ def render_markdown(results: dict, plot: str = PLOT_FILE) -> str:
         "(every figure, configuration, timing, device, version and date), `benchmarks.md` and "
         "`miou_vs_time.png` into OUT_DIR; the complete run, from a source checkout, also rewrites "
         "`docs/benchmarks.md`, `docs/benchmark-results.json` and `docs/images/miou_vs_time.png` (as does "
-        "`--merge` of runs that together cover the protocol).", "",
+        "`--merge` of runs that together cover the protocol). One run is one seed, and runs of the same "
+        "code at other seeds differ by up to 0.05 mIoU: `--seeds 0 1 2` runs each seed and writes the mean "
+        "and spread over them (`seeds.md`, `seeds.json`); `--summarize-seeds RESULTS_JSON ...` makes that "
+        "summary of runs already done.", "",
         "## Results", "",
         "| setting | method | annotation (min) | " + " | ".join(f"IoU {n}" for n in names)
         + " | mIoU | mito AP50 (raw) | mito matched IoU (raw) | train (s) | predict (MPx/s) | peak memory (MiB) |",
@@ -1366,6 +1369,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, help="training steps (default: the plugin's default; quick: "
                         f"{QUICK_STEPS})")
     parser.add_argument("--seed", type=int, default=0, help="seed of the simulated points, training and peer")
+    parser.add_argument("--seeds", type=int, nargs="+", metavar="S",
+                        help="run at each of these seeds (into OUT/seed-S; --seed is then ignored) and write the "
+                             "mean and spread over them to OUT/seeds.md and OUT/seeds.json (--docs MD: that "
+                             "summary also to MD)")
+    parser.add_argument("--summarize-seeds", nargs="+", metavar="RESULTS_JSON", type=Path,
+                        help="do not train: write the mean and spread over the seeds of these results.json "
+                             "(runs that differ only in their seed; parts of one seed are merged) to OUT/seeds.md "
+                             "and OUT/seeds.json (DATA_DIR is then ignored)")
     parser.add_argument("--docs", metavar="MD", type=Path, help="also write the Markdown table here (a complete "
                         "full run from a source checkout writes docs/benchmarks.md by default)")
     parser.add_argument("--merge", nargs="+", metavar="RESULTS_JSON", type=Path,
@@ -1385,6 +1396,16 @@ def run_from_args(args, argv: list[str] | None = None) -> int:
             print(f"protoseg benchmark --merge: {error}", file=sys.stderr)
             return 1
         return 0
+    progress = lambda message: print(message, flush=True)  # noqa: E731
+    if getattr(args, "summarize_seeds", None):
+        from .benchmark_seeds import write_seed_summary
+
+        try:
+            write_seed_summary(args.summarize_seeds, args.out, docs_path=args.docs, progress=progress)
+        except (OSError, ValueError, KeyError) as error:
+            print(f"protoseg benchmark --summarize-seeds: {error}", file=sys.stderr)
+            return 1
+        return 0
     overrides = {"steps": args.steps} if args.steps is not None else None
     docs = args.docs
     ablations_only = getattr(args, "ablations_only", False)
@@ -1395,14 +1416,28 @@ def run_from_args(args, argv: list[str] | None = None) -> int:
         return 2
     complete = (not args.quick and args.settings in (None, list(SETTINGS)) and not args.no_ablations
                 and not ablations_only and args.steps is None and args.seed == 0 and not validation)
-    if docs is None and complete:
+    if docs is None and complete and not args.seeds:
         docs = _repository_docs()
-    run_benchmark(args.data_dir, args.out, settings=[] if ablations_only else args.settings, quick=args.quick,
-                  ablation_settings=args.settings if ablations_only else None,
-                  ablations=True if ablations_only else False if args.no_ablations else None, seed=args.seed,
-                  config_overrides=overrides, progress=lambda message: print(message, flush=True), docs_path=docs,
-                  validation=validation,
-                  command=" ".join(["protoseg benchmark", *(sys.argv[1:] if argv is None else argv)]))
+    command = " ".join(["protoseg benchmark", *(sys.argv[1:] if argv is None else argv)])
+
+    def run(seed: int, out_dir: Path, docs_path) -> dict:
+        return run_benchmark(args.data_dir, out_dir, settings=[] if ablations_only else args.settings, quick=args.quick,
+                             ablation_settings=args.settings if ablations_only else None,
+                             ablations=True if ablations_only else False if args.no_ablations else None, seed=seed,
+                             config_overrides=overrides, progress=progress, docs_path=docs_path,
+                             validation=validation, command=command)
+
+    if not args.seeds:
+        run(args.seed, args.out, docs)
+        return 0
+    from .benchmark_seeds import write_seed_summary
+
+    files = []
+    for seed in dict.fromkeys(args.seeds):
+        progress(f"benchmark: seed {seed}")
+        run(seed, Path(args.out) / f"seed-{seed}", None)
+        files.append(Path(args.out) / f"seed-{seed}" / "results.json")
+    write_seed_summary(files, args.out, docs_path=docs, progress=progress)
     return 0
 
 
