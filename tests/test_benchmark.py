@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from scipy import ndimage as ndi
 
 from napari_protoseg import benchmark as bm
@@ -334,7 +335,7 @@ def test_random_forest_learns_a_toy_image(sem):
 # ----------------------------------------------------------------------------- reporting
 
 
-def test_benchmark_config():
+def test_benchmark_config(monkeypatch):
     quick = bm.benchmark_config(quick=True)
     assert quick.steps == bm.QUICK_STEPS and quick.crop_size == bm.QUICK_CROP_SIZE
     default = TrainConfig()
@@ -342,6 +343,8 @@ def test_benchmark_config():
     assert quick.pseudo_label_warmup == round(default.pseudo_label_warmup * bm.QUICK_STEPS / default.steps)
     full = bm.benchmark_config(seed=3)
     assert full.steps == default.steps and full.pseudo_label_warmup == default.pseudo_label_warmup and full.seed == 3
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the CPU's budget on every device
+    assert bm.benchmark_config().steps == default.steps
     assert bm.benchmark_config(config_overrides={"steps": 100, "pseudo_label_warmup": 7}).pseudo_label_warmup == 7
     with pytest.raises(ValueError, match="unknown training option"):
         bm.benchmark_config(config_overrides={"stepz": 1})

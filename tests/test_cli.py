@@ -402,10 +402,12 @@ def test_train_notes_present_tags_it_cannot_use(tmp_path, capsys):
 def test_help_states_the_default_number_of_training_steps(capsys):
     from napari_protoseg.training import TrainConfig
 
-    assert cli.DEFAULT_STEPS == TrainConfig().steps
+    from napari_protoseg.training import CUDA_STEPS
+
+    assert cli.DEFAULT_STEPS == TrainConfig().steps and cli.DEFAULT_CUDA_STEPS == CUDA_STEPS
     with pytest.raises(SystemExit):
         main(["train", "--help"])
-    assert f"(default: {TrainConfig().steps})" in capsys.readouterr().out
+    assert f"(default: {TrainConfig().steps}; {CUDA_STEPS} on a CUDA GPU)" in " ".join(capsys.readouterr().out.split())
 
 
 @pytest.mark.parametrize("command", ["validate", "train", "predict", "demo", "benchmark"])

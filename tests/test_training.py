@@ -11,7 +11,7 @@ from napari_protoseg.data import CropSampler, Normalization
 from napari_protoseg.inference import predict_volume
 from napari_protoseg.project import AnnotationSet, ClassInfo, ProjectError
 from napari_protoseg.sample import generate_sample
-from napari_protoseg.training import TrainConfig, check_training_input, train
+from napari_protoseg.training import CUDA_STEPS, TrainConfig, check_training_input, default_train_config, train
 
 FAST = dict(batch_size=4, crop_size=64, base_width=4, depth=2, embed_dim=8, checkpoint_every=0)
 
@@ -47,6 +47,23 @@ def test_a_short_training_beats_an_untrained_model_by_a_clear_margin(small_sampl
     after = mean_iou(predict_volume(trained, small_sample.image).classes, small_sample.semantic, ids)
     # Measured: about 0.05 untrained and 0.3 after 80 steps of this tiny net on 4 x 128 x 128.
     assert after > before + 0.15, (before, after)
+
+
+def test_a_cuda_gpu_gets_more_default_steps_and_the_cpu_keeps_its_budget(monkeypatch):
+    """Three times the CPU's steps where training will run on CUDA (same pseudo-label warm-up share);
+    the CPU, an unavailable device and explicit changes keep what they ask for."""
+    cpu = default_train_config("cpu")
+    assert cpu == TrainConfig(device="cpu")
+    assert default_train_config("cpu", steps=7, seed=3).steps == 7
+    if not torch.cuda.is_available():
+        assert default_train_config("auto").steps == TrainConfig().steps
+        assert default_train_config("cuda").steps == TrainConfig().steps  # training says it is unavailable
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    gpu = default_train_config("auto")
+    assert gpu.steps == CUDA_STEPS == 3 * TrainConfig().steps and gpu.device == "auto"
+    assert gpu.pseudo_label_warmup / gpu.steps == pytest.approx(TrainConfig().pseudo_label_warmup / TrainConfig().steps)
+    assert default_train_config("cuda", steps=50).steps == 50
+    assert default_train_config("cpu").steps == TrainConfig().steps
 
 
 def test_training_is_deterministic_on_cpu(small_sample):

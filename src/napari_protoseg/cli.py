@@ -24,8 +24,10 @@ from pathlib import Path
 from ._text import format_duration, format_ranges
 from .project import ProjectError, read_annotations
 
-# TrainConfig.steps, restated so that --help need not import PyTorch (a test keeps them equal).
+# TrainConfig.steps and training.CUDA_STEPS, restated so that --help need not import PyTorch (a test
+# keeps them equal).
 DEFAULT_STEPS = 540
+DEFAULT_CUDA_STEPS = 1620
 
 EXIT_OK = 0
 EXIT_INVALID = 1
@@ -289,7 +291,7 @@ def _print_training_notes(annotations) -> None:
 
 def cmd_train(args) -> int:
     from .modelfile import save_model
-    from .training import TrainConfig
+    from .training import TrainConfig, default_train_config
 
     folder = Path(args.project)
     device = _pick_device(args.device)
@@ -300,7 +302,7 @@ def cmd_train(args) -> int:
     checkpoint = out.with_name(out.name + CHECKPOINT_SUFFIX)
 
     resume = Path(args.resume) if args.resume else None
-    config = TrainConfig(device=args.device)
+    config = default_train_config(args.device)
     if args.steps is not None:
         config.steps = args.steps
     if args.seed is not None:
@@ -608,12 +610,12 @@ def _demo_headless(args) -> int:
     from .modelfile import save_model
     from .project import write_project
     from .sample import generate_sample
-    from .training import TrainConfig
+    from .training import default_train_config
 
     wall_start = time.perf_counter()
     out = _prepare_output_folder(Path(args.out or DEMO_FOLDER), "output folder")
     device = _pick_device(args.device)
-    config = TrainConfig(device=args.device)
+    config = default_train_config(args.device)
     if args.steps is not None:
         config.steps = args.steps
 
@@ -686,7 +688,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, metavar="MODEL",
                        help="model file to write (e.g. model.protoseg.pt)")
     train.add_argument("--steps", type=_positive_int, metavar="N",
-                       help=f"optimiser steps (default: {DEFAULT_STEPS})")
+                       help=f"optimiser steps (default: {DEFAULT_STEPS}; {DEFAULT_CUDA_STEPS} on a CUDA GPU)")
     train.add_argument("--device", choices=DEVICES, default="auto",
                        help="where to train (default: auto = CUDA, else MPS, else CPU)")
     train.add_argument("--seed", type=int, metavar="S", help="random seed (default: 0)")
@@ -726,7 +728,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", metavar="DIR",
                       help="output folder of --headless (default: ./protoseg-demo)")
     demo.add_argument("--steps", type=_positive_int, metavar="N",
-                      help=f"training steps of --headless (default: {DEFAULT_STEPS}; fewer for a quick check)")
+                      help=f"training steps of --headless (default: {DEFAULT_STEPS}; {DEFAULT_CUDA_STEPS} on a CUDA GPU; "
+                           "fewer for a quick check)")
     demo.add_argument("--device", choices=DEVICES, default="auto",
                       help="where --headless trains and predicts (default: auto)")
     demo.set_defaults(func=cmd_demo)

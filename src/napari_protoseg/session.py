@@ -59,7 +59,7 @@ from .project import (
     find_class,
     write_project,
 )
-from .training import PreviewRequest, TrainConfig, TrainEvent, check_training_input, train
+from .training import PreviewRequest, TrainConfig, TrainEvent, check_training_input, default_train_config, train
 
 PREDICTION_SEMANTIC = "Prediction: semantic"
 PREDICTION_INSTANCES = "Prediction: instances"
@@ -124,7 +124,7 @@ class Session:
         self.image_name: str | None = None  # None: the first suitable image layer
         self.drawing_class: int | None = None
         self.exhaustive = False  # new boxes and points mark every object of their class in the plane
-        self.train_config = train_config if train_config is not None else TrainConfig()
+        self.train_config = train_config if train_config is not None else default_train_config()
         self.decoder = DEFAULT_DECODER
         self.model: TrainedModel | None = None
         self.model_source = ""  # where the model came from, for the info text

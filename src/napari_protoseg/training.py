@@ -13,7 +13,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -154,6 +154,29 @@ class TrainConfig:
                            localization_context=self.localization_context)
 
 
+# Default steps with a CUDA GPU: the CPU's 540 are about a minute there (an H100 with 16 CPU cores,
+# where the crops and losses, not the GPU, set the pace: about 0.1 s a step), and three times as many
+# fit within the same 5-minute budget (about 190 s at that pace). On the validation split (seed 0, CPU), 1620 steps vs 540
+# gave masks 0.512 vs 0.467 mIoU and masks+points 0.529 vs 0.496 (mitochondrion AP50, WISE decoder,
+# 0.18 vs 0.13). MPS is not measured: it keeps the CPU's default.
+CUDA_STEPS = 1620
+
+
+def default_train_config(device: str = "auto", **changes) -> TrainConfig:
+    """The default :class:`TrainConfig` for ``device`` (``"auto"``, ``"cpu"``, ``"cuda"``, ``"mps"``):
+    :data:`CUDA_STEPS` steps where it resolves to a CUDA GPU, ``TrainConfig().steps`` elsewhere (the
+    pseudo-label warm-up keeps its share of the steps); ``changes`` override any field."""
+    config = TrainConfig(device=device)
+    try:
+        kind = pick_device(device).type
+    except ValueError:  # an unavailable device: training will say so; the defaults stay
+        kind = "cpu"
+    if kind == "cuda":
+        config.pseudo_label_warmup = round(config.pseudo_label_warmup * CUDA_STEPS / config.steps)
+        config.steps = CUDA_STEPS
+    return replace(config, **changes)
+
+
 # What training did before each of these fields was added (see TrainConfig.from_dict).
 _BEFORE_FIELD_EXISTED = {"filter_sigmas": (), "mask_share": None, "balance_classes": 0.0,
                          "instance_heads": False, "instance_backbone_grad": True, "localization_context": 0,
@@ -264,8 +287,6 @@ def _with_instance_heads(net: ProtoSegNet, n_instance_classes: int, embed_dim: i
                          localization_context: int) -> ProtoSegNet:
     """A copy of ``net`` with fresh instance heads for ``n_instance_classes`` classes (none for 0);
     the backbone, DSP head and prototypes keep their weights."""
-    from dataclasses import replace
-
     config = replace(net.config, n_instance_classes=n_instance_classes, instance_embed_dim=embed_dim,
                      localization_context=localization_context)
     new = ProtoSegNet(config).to(next(net.parameters()).device)
@@ -289,12 +310,13 @@ def train(
 ) -> Iterator[TrainEvent]:
     """Train a DSP model on whatever ``annotations`` hold; yields a :class:`TrainEvent` per step.
 
+    ``config``: default :func:`default_train_config` (more steps on a CUDA GPU).
     ``resume``: a checkpoint to continue from (its configuration wins over ``config``).
     ``initial_model``: start from these weights (e.g. "continue training" after new annotations).
     ``stop``: polled between steps; when it returns True a checkpoint is written and the last
     event has ``stopped=True``. The last event always carries the model.
     """
-    config = TrainConfig() if config is None else config
+    config = default_train_config() if config is None else config
     problems = check_training_input(image, annotations)
     if problems:
         raise ProjectError(problems)
