@@ -156,9 +156,9 @@ class TrainConfig:
 
 # Default steps with a CUDA GPU: the CPU's 540 are about a minute there (an H100 with 16 CPU cores,
 # where the crops and losses, not the GPU, set the pace: about 0.1 s a step), and three times as many
-# fit within the same 5-minute budget (about 190 s at that pace). On the validation split (seed 0, CPU), 1620 steps vs 540
-# gave masks 0.512 vs 0.467 mIoU and masks+points 0.529 vs 0.496 (mitochondrion AP50, WISE decoder,
-# 0.18 vs 0.13). MPS is not measured: it keeps the CPU's default.
+# fit within the same 5-minute budget (about 190 s at that pace). On the validation split (seed 0,
+# CPU), 1620 steps vs 540 gave masks 0.512 vs 0.467 mIoU and masks+points 0.529 vs 0.496
+# (mitochondrion AP50, WISE decoder, 0.18 vs 0.13). MPS is not measured: it keeps the CPU's default.
 CUDA_STEPS = 1620
 
 
