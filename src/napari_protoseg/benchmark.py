@@ -440,9 +440,9 @@ def benchmark_config(quick: bool = False, config_overrides: dict | None = None, 
     Full runs use the plugin's defaults for the CPU on every device (540 steps also where the plugin
     would train :data:`~napari_protoseg.training.CUDA_STEPS` on a CUDA GPU), so that runs compare
     across machines and the ablations' step counts keep their meaning. Quick runs train
-    ``QUICK_STEPS`` steps on ``QUICK_BATCH_SIZE`` crops of ``QUICK_CROP_SIZE``. When the number of steps differs from the default and the
-    overrides do not set ``pseudo_label_warmup``, the warm-up keeps its default share of the
-    steps (60 of 300 = 20 %), so the pseudo-label term still acts for the same share of training.
+    ``QUICK_STEPS`` steps on ``QUICK_BATCH_SIZE`` crops of ``QUICK_CROP_SIZE``. When the number of
+    steps differs from the default and the overrides do not set ``pseudo_label_warmup``, the warm-up
+    keeps its default share of the steps, so the pseudo-label term acts for the same share of training.
     """
     from .training import TrainConfig
 

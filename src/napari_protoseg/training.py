@@ -421,8 +421,8 @@ def train(
                 outputs = net(x, instance_backbone_grad=config.instance_backbone_grad)
                 logits, strong_logits = outputs["logits"], None
             terms = total_loss(logits, targets, strong_logits, weights=weights, tag_pooling=config.tag_pooling,
-                               eps=config.negative_eps, pl_threshold=config.pseudo_label_threshold, balance_classes=config.balance_classes,
-                               unpointed_negatives=config.unpointed_negatives)
+                               eps=config.negative_eps, pl_threshold=config.pseudo_label_threshold,
+                               balance_classes=config.balance_classes, unpointed_negatives=config.unpointed_negatives)
             if use_instances:
                 negatives = negative_map(targets, len(classes), *targets.crop_shape)
                 instance_terms = instance_loss(outputs["localization"], outputs["instance_embedding"], logits,
