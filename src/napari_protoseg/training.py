@@ -74,9 +74,10 @@ class TrainConfig:
     # eps of the DSP negative term log(sum_{i in N_c} p_c(i) + eps): a class's negatives are pushed
     # down until their summed probability is well under eps (1e-6: about no limit; 1: until they hold
     # less than one pixel's worth). 1 on the validation split (540 steps): masks 0.501 / 0.478 vs
-    # 0.467 / 0.437 (seeds 0 / 1; synapse IoU 0.29 / 0.31 vs 0.18 / 0.16), mixed 0.472 vs 0.450, but
-    # masks+points 0.498 vs 0.496 with mitochondrion AP50 (WISE) 0.08 vs 0.13, and masks+tags 0.418
-    # vs 0.420 (seed 0): not yet a default (points-only, boxes and full not measured).
+    # 0.467 / 0.437 (seeds 0 / 1; synapse IoU 0.29 / 0.31 vs 0.18 / 0.16), mixed 0.472 / 0.464 vs
+    # 0.450 / 0.468 (mitochondrion AP50, WISE, 0.10 / 0.09 vs 0.11 / 0.13), masks+points 0.498 vs
+    # 0.496 with AP50 0.08 vs 0.13, masks+tags 0.418 vs 0.420 (seed 0): not a default (points-only,
+    # boxes and full not measured).
     negative_eps: float = 1e-6
     filter_sigmas: tuple[float, ...] = (1.0, 2.5, 6.3, 16.0)  # scales of the fixed filter bank (ModelConfig.filter_sigmas)
     # Share of crops centred on mask pixels when other annotation types exist too (CropSampler).
