@@ -12,7 +12,7 @@ import json
 import math
 from pathlib import Path
 
-from .benchmark import CLASS_NAMES, INSTANCE_SETTINGS, SETTINGS, evaluate_targets, merge_results
+from .benchmark import CLASS_NAMES, INSTANCE_SETTINGS, SETTINGS, evaluate_targets, merge_results, save_json
 
 SUMMARY_JSON = "seeds.json"
 SUMMARY_MD = "seeds.md"
@@ -99,7 +99,7 @@ def summarize_seeds(parts: list[dict]) -> dict:
             for key in keys:
                 values = [figures.get(key) for figures in per_seed]
                 kept = [v for v in values if v is not None and math.isfinite(v)]
-                mean, sd = _mean_sd(kept)
+                mean, sd = _mean_sd(values)
                 summary[method][key] = {"mean": mean, "sd": sd, "min": min(kept, default=math.nan),
                                         "max": max(kept, default=math.nan), "values": values}
             means[method] = _as_entry({key: figures["mean"] for key, figures in summary[method].items()})
@@ -112,8 +112,7 @@ def summarize_seeds(parts: list[dict]) -> dict:
     for target in evaluate_targets(mean_settings):
         measured = [per_seed_targets[seed].get(target["target"], {}).get("measured") for seed in runs]
         met = [per_seed_targets[seed].get(target["target"], {}).get("met") for seed in runs]
-        measured_values = [v for v in measured if v is not None]
-        targets.append({**target, "sd": _mean_sd(measured_values)[1] if measured_values else math.nan,
+        targets.append({**target, "sd": _mean_sd(measured)[1],
                         "measured_seeds": sum(m is not None for m in met), "met_seeds": sum(m is True for m in met)})
     return {"seeds": list(runs), "quick": first.get("quick"), "split": first.get("data", {}).get("split", "test"),
             "train_config": setup(first)["train_config"], "settings": settings, "targets": targets,
@@ -180,16 +179,6 @@ def render_seed_markdown(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def _json_safe(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 def write_seed_summary(result_files: list[str | Path], out_dir: str | Path, docs_path: str | Path | None = None,
                        progress=print) -> dict:
     """Summarize the ``results.json`` files of runs at several seeds into ``seeds.json`` and
@@ -198,7 +187,7 @@ def write_seed_summary(result_files: list[str | Path], out_dir: str | Path, docs
     summary = summarize_seeds(parts)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / SUMMARY_JSON).write_text(json.dumps(_json_safe(summary), indent=1))
+    save_json(out_dir / SUMMARY_JSON, summary)
     markdown = render_seed_markdown(summary)
     (out_dir / SUMMARY_MD).write_text(markdown)
     if docs_path is not None:
