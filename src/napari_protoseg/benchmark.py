@@ -444,7 +444,7 @@ def benchmark_config(quick: bool = False, config_overrides: dict | None = None, 
     steps differs from the default and the overrides do not set ``pseudo_label_warmup``, the warm-up
     keeps its default share of the steps, so the pseudo-label term acts for the same share of training.
     """
-    from .training import TrainConfig
+    from .training import TrainConfig, warmup_for_steps
 
     default = TrainConfig()
     changes: dict = {"checkpoint_every": 0, "seed": seed}
@@ -456,7 +456,7 @@ def benchmark_config(quick: bool = False, config_overrides: dict | None = None, 
         raise ValueError(f"unknown training option(s): {sorted(unknown)}")
     steps = int(changes.get("steps", default.steps))
     if steps != default.steps and "pseudo_label_warmup" not in (config_overrides or {}):
-        changes["pseudo_label_warmup"] = int(round(default.pseudo_label_warmup * steps / default.steps))
+        changes["pseudo_label_warmup"] = warmup_for_steps(default, steps)
     return TrainConfig.from_dict({**default.to_dict(), **changes})
 
 

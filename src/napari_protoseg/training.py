@@ -180,9 +180,13 @@ def default_train_config(device: str = "auto", **changes) -> TrainConfig:
     except ValueError:  # an unavailable device: training will say so; the defaults stay
         kind = "cpu"
     if kind == "cuda":
-        config.pseudo_label_warmup = round(config.pseudo_label_warmup * CUDA_STEPS / config.steps)
-        config.steps = CUDA_STEPS
+        config = replace(config, steps=CUDA_STEPS, pseudo_label_warmup=warmup_for_steps(config, CUDA_STEPS))
     return replace(config, **changes)
+
+
+def warmup_for_steps(config: TrainConfig, steps: int) -> int:
+    """``config``'s pseudo-label warm-up for a run of ``steps`` steps: the same share of training."""
+    return round(config.pseudo_label_warmup * steps / config.steps)
 
 
 # What training did before each of these fields was added (see TrainConfig.from_dict).
