@@ -253,25 +253,62 @@ def test_negative_map_matches_reference_loop_on_random_targets():
 
 
 @pytest.mark.parametrize("pooling", TAG_POOLINGS)
-def test_vectorised_dsp_loss_equals_reference_loop(pooling):
+@pytest.mark.parametrize("negative_only_weight", [1.0, 0.25])
+def test_vectorised_dsp_loss_equals_reference_loop(pooling, negative_only_weight):
     """dsp_loss equals the per-crop, per-class reference loop, value and gradient, for every term,
-    on random logits and random targets of all types (several seeds)."""
+    on random logits and random targets of all types (several seeds), also when the pairs with
+    negatives but no positive are weighted down."""
+    reweighted = 0
     for seed in range(5):
         rng = np.random.default_rng(100 + seed)
         B, n_classes, h, w = 2, 3 + seed % 2, 19, 24
         t = random_targets(rng, B, n_classes, h, w)
+        # One more crop with nothing but an absent tag: a pair with negatives and no positive.
+        t.mask = torch.cat([t.mask, torch.full((1, h, w), -1)])
+        t.box_exhaustive = torch.cat([t.box_exhaustive, torch.zeros((1, n_classes), dtype=torch.bool)])
+        t.tags = torch.cat([t.tags, torch.tensor([[B, seed % n_classes, 0, 2, 3, h - 4, w]])])
+        B += 1
         base = torch.from_numpy(rng.normal(0.0, 2.0, (B, n_classes, h, w)))
         a_logits = base.clone().requires_grad_()
         b_logits = base.clone().requires_grad_()
-        got = dsp_loss(a_logits, t, tag_pooling=pooling)
-        want = reference_dsp_loss(b_logits, t, tag_pooling=pooling)
+        got = dsp_loss(a_logits, t, tag_pooling=pooling, negative_only_weight=negative_only_weight)
+        want = reference_dsp_loss(b_logits, t, tag_pooling=pooling, negative_only_weight=negative_only_weight)
         assert set(got) == set(want) == {"contrastive", "mask", "box", "point", "tag", "negative"}
         for key in want:
             torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-8, msg=f"{seed} {key}")
         assert all(want[k].item() != 0.0 for k in ("mask", "box", "point", "tag", "negative"))
+        reweighted += float(want["negative"]) != float(reference_dsp_loss(base, t, tag_pooling=pooling)["negative"])
         got["contrastive"].backward()
         want["contrastive"].backward()
         torch.testing.assert_close(a_logits.grad, b_logits.grad, rtol=1e-5, atol=1e-9)
+    assert (reweighted > 0) == (negative_only_weight != 1.0)
+
+
+def test_negative_only_weight_scales_the_pairs_without_positives():
+    """A (crop, class) pair with negatives but no positive counts ``negative_only_weight`` in the
+    negative term; a pair with a positive keeps weight 1; the divisor counts both."""
+    mask = torch.full((1, H, W), -1)
+    mask[0, :4] = 0  # a component of class 0: a positive for class 0, negatives for classes 1 and 2
+    t = targets(mask=mask, tags=[(0, 1, 0, 8, 8, 24, 24)])  # ... and class 1 absent from a square
+    logits = torch.randn(1, C, H, W, generator=torch.Generator().manual_seed(0))
+    full = float(dsp_loss(logits, t)["negative"])
+    none = float(dsp_loss(logits, t, negative_only_weight=0.0)["negative"])
+    half = float(dsp_loss(logits, t, negative_only_weight=0.5)["negative"])
+    assert half == pytest.approx((full + none) / 2, rel=1e-6)
+    # Classes 1 and 2 have negatives and no positive; class 0 has no negative: weight 0 leaves nothing.
+    assert none == 0.0 and full != 0.0
+    mask[0, 20:] = 1  # now class 1 has a positive: only class 2 is weighted
+    t = targets(mask=mask, tags=[(0, 1, 0, 8, 8, 24, 24)])
+    logp = torch.log_softmax(logits, 1)[0]
+    neg = negative_map(t, C, H, W)[0]
+    class_term = [float(torch.logsumexp(logp[c][neg[c]], 0)) for c in range(C)]
+    assert float(dsp_loss(logits, t, negative_only_weight=0.0)["negative"]) == pytest.approx(
+        (class_term[0] + class_term[1]) / 3, rel=1e-5)
+    keep_class_2 = torch.tensor([[False, False, True]])
+    assert float(dsp_loss(logits, t, negative_only_weight=0.0, full_weight_pairs=keep_class_2)["negative"]) == (
+        pytest.approx(sum(class_term) / 3, rel=1e-5))
+    with pytest.raises(ValueError, match="negative_only_weight"):
+        dsp_loss(logits, t, negative_only_weight=-1.0)
 
 
 def test_vectorised_dsp_loss_float32_close_to_reference():
@@ -638,6 +675,28 @@ def test_a_predicted_region_without_a_point_is_negative_only_where_points_are_ex
     t.mask = torch.full((1, H, W), -1)
     t.mask[0, 17, 17] = 1
     assert not unpointed_region_negatives(logits, t).any()
+
+
+def test_unpointed_regions_keep_full_weight_where_their_class_has_no_positive():
+    """With ``negative_only_weight=0`` a class without a positive in the crop is not pushed down by
+    the annotations' negatives, but its unpointed regions still are (they vanish once the class is
+    no longer predicted there)."""
+    start = _logits_with_regions([(0, 1, 15, 15, 20, 22)])
+    t = targets(points=[(0, 0, 3, 3)])  # a class-0 point: a negative for class 1, no class-1 point
+    t.point_exhaustive = torch.tensor([[False, True, False]])
+
+    def trained(unpointed):
+        logits = torch.nn.Parameter(start.clone())
+        opt = torch.optim.Adam([logits], lr=0.1)
+        for _ in range(20):
+            opt.zero_grad()
+            total_loss(logits, t, unpointed_negatives=unpointed, negative_only_weight=0.0)["total"].backward()
+            opt.step()
+        return torch.softmax(logits.detach(), 1)[0, 1, 15:20, 15:22].mean()
+
+    before = torch.softmax(start, 1)[0, 1, 15:20, 15:22].mean()
+    assert trained(unpointed=True) < 0.5 * before
+    assert trained(unpointed=False) == pytest.approx(float(before), rel=1e-6)
 
 
 def test_unpointed_negatives_push_the_unpointed_region_down_in_the_loss():

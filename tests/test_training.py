@@ -451,18 +451,19 @@ def test_spread_points_reach_the_crops_as_mask_pixels_but_never_over_a_mask():
     assert (plain.sample(1, np.random.default_rng(0))[1].mask[0].numpy()[:, 4:] == -1).all()
 
 
-def test_the_negative_terms_eps_reaches_the_loss(small_sample, monkeypatch):
+def test_the_negative_terms_eps_and_negative_only_weight_reach_the_loss(small_sample, monkeypatch):
     import napari_protoseg.training as training_module
 
     seen = []
     original = training_module.total_loss
 
     def spy(*args, **kwargs):
-        seen.append(kwargs["eps"])
+        seen.append((kwargs["eps"], kwargs["negative_only_weight"]))
         return original(*args, **kwargs)
 
     monkeypatch.setattr(training_module, "total_loss", spy)
     last_event(train(small_sample.image, small_sample.annotations,
-                     TrainConfig(steps=2, device="cpu", negative_eps=0.5, **FAST)))
-    assert seen == [0.5, 0.5]
+                     TrainConfig(steps=2, device="cpu", negative_eps=0.5, negative_only_weight=0.3, **FAST)))
+    assert seen == [(0.5, 0.3), (0.5, 0.3)]
     assert TrainConfig.from_dict({}).negative_eps == TrainConfig().negative_eps == 1e-6  # older runs: as before
+    assert TrainConfig.from_dict({}).negative_only_weight == 1.0  # older runs weighted every pair alike

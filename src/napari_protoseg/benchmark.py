@@ -405,9 +405,11 @@ QUICK_BATCH_SIZE = 8
 
 # (setting, name, TrainConfig changes). A variant whose configuration equals the main run of its
 # setting reuses that run instead of training again.
+_EVERY_PAIR_ALIKE = "classes without a positive in a crop pushed down at full weight (the previous default)"
 ABLATIONS = (
     ("masks", "defaults (4 crops of 192 px per step)", {}),
     ("masks", "8 crops of 128 px per step (the previous default)", {"crop_size": 128, "batch_size": 8}),
+    ("masks", _EVERY_PAIR_ALIKE, {"negative_only_weight": 1.0}),
     ("mixed", "defaults (3 of 4 crops on masks, no pseudo-label term, 540 steps)", {}),
     ("mixed", "half of the crops on masks (the previous default)", {"mask_share": 0.5}),
     ("mixed", "pseudo-label term, 270 steps (about the same time)", {"weight_pseudo_label": 0.5, "steps": 270}),
@@ -416,6 +418,7 @@ ABLATIONS = (
     ("masks+tags", "tag pooling: mean", {"tag_pooling": "mean"}),
     ("masks+tags", "tag pooling: max", {"tag_pooling": "max"}),
     ("masks+tags", "tag pooling: smoothmax", {"tag_pooling": "smoothmax"}),
+    ("masks+tags", _EVERY_PAIR_ALIKE, {"negative_only_weight": 1.0}),
     ("full", "defaults", {}),
     ("full", "class-balanced cross-entropy", {"balance_classes": 1.0}),
     ("full", "instance losses also train the backbone", {"instance_backbone_grad": True}),

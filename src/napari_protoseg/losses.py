@@ -20,7 +20,10 @@ with ``p = softmax(logits)`` over classes. Positives by annotation type:
 
 Normalisers: for each type, ``-log(pos)`` is averaged over the type's positives inside each
 ``(b, c)`` and then over the ``(b, c)`` pairs that have that type; the negative term is averaged
-over the ``(b, c)`` pairs that have at least one negative pixel. The contrastive loss is the sum
+over the ``(b, c)`` pairs that have at least one negative pixel, where a pair without any positive
+(a class absent from the crop) counts ``negative_only_weight`` (``TrainConfig`` default 0.1: such a
+pair's push never lets up however low ``p_c`` already is, and at full weight it drove rare classes
+such as synapses out of the benchmark's predictions). The contrastive loss is the sum
 of the negative term and the four positive terms (a type absent from the batch contributes 0).
 Negatives are the *union* over all annotation types (see :func:`negative_map`).
 
@@ -470,11 +473,15 @@ def _log_probs(logits: torch.Tensor) -> torch.Tensor:
 
 def dsp_loss(logits: torch.Tensor, t: CropTargets, tag_pooling: str = "mean", eps: float = 1e-6,
              tag_power: float = 4.0, negatives: torch.Tensor | None = None,
-             chunk_elements: int = _CHUNK_ELEMENTS) -> dict[str, torch.Tensor]:
+             chunk_elements: int = _CHUNK_ELEMENTS, negative_only_weight: float = 1.0,
+             full_weight_pairs: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The DSP loss of ``logits`` (B, C, H, W) against the annotations ``t`` (see module docstring).
 
     ``tag_pooling``: ``"mean"``, ``"max"`` or ``"smoothmax"`` (power mean with exponent
     ``tag_power``). ``negatives``: a precomputed :func:`negative_map` (else computed here).
+    ``negative_only_weight``: the weight, in the negative term, of a ``(b, c)`` pair that has
+    negatives but no positive (1: as any other pair; the divisor still counts it), except the pairs
+    marked in ``full_weight_pairs`` (B, C) bool, which keep weight 1.
     Returns the scalar terms ``{"contrastive", "mask", "box", "point", "tag", "negative"}`` with
     ``contrastive = negative + mask + box + point + tag``. Terms without any annotation are a
     zero that is still part of the graph.
@@ -483,6 +490,8 @@ def dsp_loss(logits: torch.Tensor, t: CropTargets, tag_pooling: str = "mean", ep
         raise ValueError(f"tag_pooling must be one of {TAG_POOLINGS}, got {tag_pooling!r}")
     if not tag_power > 0:
         raise ValueError(f"tag_power must be positive, got {tag_power!r}")
+    if not negative_only_weight >= 0:
+        raise ValueError(f"negative_only_weight must be 0 or more, got {negative_only_weight!r}")
     B, C, H, W = _check_logits(logits, t)
     logp = _log_probs(logits)
     zero = _zero(logp)
@@ -498,7 +507,7 @@ def dsp_loss(logits: torch.Tensor, t: CropTargets, tag_pooling: str = "mean", ep
     top = flat.amax(dim=1).detach().clamp_min(log_eps)
     neg_log = top + torch.log(torch.exp(flat - top[:, None]).sum(dim=1) + torch.exp(log_eps - top))
     has_neg = neg.reshape(n_pairs, H * W).any(dim=1)
-    terms["negative"] = (neg_log * has_neg).sum() / has_neg.sum().clamp_min(1) if bool(has_neg.any()) else zero
+    positive_pairs = []  # (b * C + c) of every positive, to find the pairs that have none
 
     # Mask: one positive per connected component = mean p_c over it (segment log-sum-exp).
     labels, comp_class, comp_batch = mask_components(t.mask)
@@ -514,18 +523,21 @@ def dsp_loss(logits: torch.Tensor, t: CropTargets, tag_pooling: str = "mean", ep
         neg_log_pos = -(seg_max + torch.log(sums) - torch.log(counts))
         pairs = torch.from_numpy(comp_batch * C + comp_class).to(device)
         terms["mask"] = _pair_term(neg_log_pos, pairs, n_pairs, zero)
+        positive_pairs.append(pairs)
     else:
         terms["mask"] = zero
 
     # Boxes: multiple-instance pooling inside each box that lies wholly in the crop.
     neg_log_pos, boxes = _neg_log_box_positives(logp, whole_boxes(t.boxes), chunk_elements)
     terms["box"] = _pair_term(neg_log_pos, boxes[:, 0] * C + boxes[:, 1], n_pairs, zero) if len(boxes) else zero
+    positive_pairs.append(boxes[:, 0] * C + boxes[:, 1])
 
     # Points: p_c at the point.
     points = _points_in_crop(t.points, H, W)
     if len(points):
         neg_log_pos = -logp[points[:, 0], points[:, 1], points[:, 2], points[:, 3]]
         terms["point"] = _pair_term(neg_log_pos, points[:, 0] * C + points[:, 1], n_pairs, zero)
+        positive_pairs.append(points[:, 0] * C + points[:, 1])
     else:
         terms["point"] = zero
 
@@ -533,6 +545,16 @@ def dsp_loss(logits: torch.Tensor, t: CropTargets, tag_pooling: str = "mean", ep
     present = t.tags[t.tags[:, 2] == 1]
     neg_log_pos, tags = _neg_log_tag_positives(logp, present, tag_pooling, tag_power, chunk_elements)
     terms["tag"] = _pair_term(neg_log_pos, tags[:, 0] * C + tags[:, 1], n_pairs, zero) if len(tags) else zero
+    positive_pairs.append(tags[:, 0] * C + tags[:, 1])
+
+    weights = has_neg.to(neg_log.dtype)
+    if negative_only_weight != 1.0:
+        has_pos = torch.zeros(n_pairs, dtype=torch.bool, device=device)
+        has_pos[torch.cat([pairs.to(device=device, dtype=torch.long) for pairs in positive_pairs])] = True
+        if full_weight_pairs is not None:
+            has_pos |= full_weight_pairs.to(device).reshape(n_pairs)
+        weights = torch.where(has_pos, weights, weights * negative_only_weight)
+    terms["negative"] = (neg_log * weights).sum() / has_neg.sum().clamp_min(1) if bool(has_neg.any()) else zero
 
     out = {"contrastive": terms["negative"] + terms["mask"] + terms["box"] + terms["point"] + terms["tag"]}
     out.update(terms)
@@ -572,7 +594,7 @@ def reference_negative_map(t: CropTargets, C: int, H: int, W: int) -> np.ndarray
 
 
 def reference_dsp_loss(logits: torch.Tensor, t: CropTargets, tag_pooling: str = "mean", eps: float = 1e-6,
-                       tag_power: float = 4.0) -> dict[str, torch.Tensor]:
+                       tag_power: float = 4.0, negative_only_weight: float = 1.0) -> dict[str, torch.Tensor]:
     """:func:`dsp_loss` written as an obviously correct per-crop, per-class loop in probability
     space (for tests; slow). Components are labelled per class with ``skimage.measure.label``."""
     from skimage.measure import label
@@ -590,8 +612,7 @@ def reference_dsp_loss(logits: torch.Tensor, t: CropTargets, tag_pooling: str = 
     for b in range(B):
         for c in range(C):
             pc = p[b, c]
-            if neg[b, c].any():
-                per_type["negative"].append(torch.log(pc[neg[b, c]].sum() + eps))
+            positives_before = sum(len(v) for name, v in per_type.items() if name != "negative")
             comps = label(mask[b] == c, background=0, connectivity=2)
             add("mask", [pc[torch.from_numpy(comps == k)].mean() for k in range(1, comps.max() + 1)])
             boxes = []
@@ -616,6 +637,10 @@ def reference_dsp_loss(logits: torch.Tensor, t: CropTargets, tag_pooling: str = 
                     else:
                         tags.append(region.pow(tag_power).mean().pow(1.0 / tag_power))
             add("tag", tags)
+            if neg[b, c].any():
+                has_positive = sum(len(v) for name, v in per_type.items() if name != "negative") > positives_before
+                weight = 1.0 if has_positive else negative_only_weight
+                per_type["negative"].append(weight * torch.log(pc[neg[b, c]].sum() + eps))
     zero = _zero(logits)
     out = {name: torch.stack(v).mean() if v else zero for name, v in per_type.items()}
     out["contrastive"] = out["negative"] + out["mask"] + out["box"] + out["point"] + out["tag"]
@@ -769,7 +794,8 @@ def strong_augment(x: torch.Tensor, generator: torch.Generator | None = None, *,
 def total_loss(logits: torch.Tensor, t: CropTargets, strong_logits: torch.Tensor | None = None, *,
                weights: LossWeights | None = None, tag_pooling: str = "mean", tag_power: float = 4.0,
                pl_threshold: float | None = 0.8, eps: float = 1e-6,
-               balance_classes: float = 0.0, unpointed_negatives: bool = False) -> dict[str, torch.Tensor]:
+               balance_classes: float = 0.0, unpointed_negatives: bool = False,
+               negative_only_weight: float = 1.0) -> dict[str, torch.Tensor]:
     """``contrastive + w_ce * CE + w_pl * pseudo-label`` for one training step.
 
     ``logits``: the (weakly augmented) view's prediction, trained with the DSP loss and the
@@ -778,15 +804,22 @@ def total_loss(logits: torch.Tensor, t: CropTargets, strong_logits: torch.Tensor
     view (see :func:`strong_augment`); without ``strong_logits`` the pseudo-label term is 0.
     ``balance_classes``: the class balance of both cross-entropies, 0 to 1 (see :func:`_masked_ce`).
     ``unpointed_negatives``: add :func:`unpointed_region_negatives` to the negatives.
+    ``negative_only_weight``: see :func:`dsp_loss`; a pair with unpointed-region negatives keeps
+    weight 1 (those negatives vanish once the class is no longer predicted there, so they cannot
+    push it down for ever).
     Returns ``{"total", "contrastive", "mask", "box", "point", "tag", "negative", "ce",
     "pseudo_label"}``, all scalars.
     """
     w = LossWeights() if weights is None else weights
     B, C, H, W = _check_logits(logits, t)
     neg = negative_map(t, C, H, W)
+    full_weight_pairs = None
     if unpointed_negatives:
-        neg |= unpointed_region_negatives(logits, t)
-    out = dsp_loss(logits, t, tag_pooling=tag_pooling, eps=eps, tag_power=tag_power, negatives=neg)
+        unpointed = unpointed_region_negatives(logits, t)
+        neg |= unpointed
+        full_weight_pairs = unpointed.flatten(2).any(dim=2)
+    out = dsp_loss(logits, t, tag_pooling=tag_pooling, eps=eps, tag_power=tag_power, negatives=neg,
+                   negative_only_weight=negative_only_weight, full_weight_pairs=full_weight_pairs)
     out["ce"] = supervised_ce(logits, t, balance_classes)
     if strong_logits is not None:
         if strong_logits.shape != logits.shape:
