@@ -715,3 +715,20 @@ def test_unpointed_negatives_push_the_unpointed_region_down_in_the_loss():
     before = torch.softmax(start, 1)[0, 1]
     assert after[15:20, 15:22].mean() < 0.5 * before[15:20, 15:22].mean()
     assert after[6, 6] > 0.9
+
+
+def test_total_loss_uses_a_given_negative_map_without_changing_it():
+    """``train`` builds the negative map once and hands it to ``total_loss`` and the instance
+    losses: the terms equal those of a map built inside, and the unpointed-region negatives that
+    ``total_loss`` adds do not leak into the caller's map."""
+    start = _logits_with_regions([(0, 1, 4, 4, 10, 10), (0, 1, 15, 15, 20, 22)])
+    t = targets(points=[(0, 1, 6, 6), (0, 0, 3, 3)])
+    t.point_exhaustive = torch.tensor([[False, True, False]])
+    given = negative_map(t, *start.shape[1:])
+    kept = given.clone()
+    inside = total_loss(start, t, unpointed_negatives=True)
+    outside = total_loss(start, t, unpointed_negatives=True, negatives=given)
+    assert unpointed_region_negatives(start, t).any()
+    assert torch.equal(given, kept)
+    for name, value in inside.items():
+        assert torch.equal(value, outside[name]), name

@@ -795,7 +795,7 @@ def total_loss(logits: torch.Tensor, t: CropTargets, strong_logits: torch.Tensor
                weights: LossWeights | None = None, tag_pooling: str = "mean", tag_power: float = 4.0,
                pl_threshold: float | None = 0.8, eps: float = 1e-6,
                balance_classes: float = 0.0, unpointed_negatives: bool = False,
-               negative_only_weight: float = 1.0) -> dict[str, torch.Tensor]:
+               negative_only_weight: float = 1.0, negatives: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """``contrastive + w_ce * CE + w_pl * pseudo-label`` for one training step.
 
     ``logits``: the (weakly augmented) view's prediction, trained with the DSP loss and the
@@ -806,17 +806,18 @@ def total_loss(logits: torch.Tensor, t: CropTargets, strong_logits: torch.Tensor
     ``unpointed_negatives``: add :func:`unpointed_region_negatives` to the negatives.
     ``negative_only_weight``: see :func:`dsp_loss`; a pair with unpointed-region negatives keeps
     weight 1 (those negatives vanish once the class is no longer predicted there, so they cannot
-    push it down for ever).
+    push it down for ever). ``negatives``: ``negative_map(t, ...)`` when the caller already has it
+    (it is not modified).
     Returns ``{"total", "contrastive", "mask", "box", "point", "tag", "negative", "ce",
     "pseudo_label"}``, all scalars.
     """
     w = LossWeights() if weights is None else weights
     B, C, H, W = _check_logits(logits, t)
-    neg = negative_map(t, C, H, W)
+    neg = negative_map(t, C, H, W) if negatives is None else negatives
     full_weight_pairs = None
     if unpointed_negatives:
         unpointed = unpointed_region_negatives(logits, t)
-        neg |= unpointed
+        neg = neg | unpointed
         full_weight_pairs = unpointed.flatten(2).any(dim=2)
     out = dsp_loss(logits, t, tag_pooling=tag_pooling, eps=eps, tag_power=tag_power, negatives=neg,
                    negative_only_weight=negative_only_weight, full_weight_pairs=full_weight_pairs)

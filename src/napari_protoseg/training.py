@@ -435,12 +435,12 @@ def train(
             else:
                 outputs = net(x, instance_backbone_grad=config.instance_backbone_grad)
                 logits, strong_logits = outputs["logits"], None
+            negatives = negative_map(targets, len(classes), *targets.crop_shape)
             terms = total_loss(logits, targets, strong_logits, weights=weights, tag_pooling=config.tag_pooling,
                                eps=config.negative_eps, pl_threshold=config.pseudo_label_threshold,
                                balance_classes=config.balance_classes, unpointed_negatives=config.unpointed_negatives,
-                               negative_only_weight=config.negative_only_weight)
+                               negative_only_weight=config.negative_only_weight, negatives=negatives)
             if use_instances:
-                negatives = negative_map(targets, len(classes), *targets.crop_shape)
                 instance_terms = instance_loss(outputs["localization"], outputs["instance_embedding"], logits,
                                                targets, instance_indices, rng=rng, negatives=negatives)
                 terms["total"] = (terms["total"] + config.weight_localization * instance_terms["localization"]
