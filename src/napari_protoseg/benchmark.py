@@ -227,7 +227,10 @@ def instance_scores(predicted: np.ndarray, truth: np.ndarray, threshold: float =
 
 
 def connected_instances(class_map: np.ndarray, class_id: int = MITOCHONDRION) -> np.ndarray:
-    """Instances as 4-connected components of one class, per section (the plain decoder)."""
+    """Instances as 4-connected components of one class, numbered per section: the protocol's true
+    objects and the plain decoder of its table. Kept apart from :func:`~napari_protoseg.instances.plain_instances`
+    (ids unique over the stack, objects under a size floor dropped) so that the truth cannot move with
+    the product's decoder."""
     out = np.zeros(class_map.shape, dtype=np.int32)
     for z in range(class_map.shape[0]):
         out[z], _ = _objects(class_map[z], class_id)

@@ -77,9 +77,12 @@ def object_area_summary(annotations) -> dict[str, dict[str, float]]:
             continue
         areas = annotated_object_areas(annotations, info.id)
         if len(areas):
-            out[str(int(info.id))] = {"count": int(len(areas)), "p10": float(np.percentile(areas, 10)),
-                                      "median": float(np.median(areas))}
+            out[str(int(info.id))] = {"count": int(len(areas)), "p10": _p10(areas), "median": float(np.median(areas))}
     return out
+
+
+def _p10(areas: np.ndarray) -> float | None:
+    return float(np.percentile(areas, 10)) if len(areas) else None
 
 
 def min_object_sizes(model, default: int = DEFAULT_MIN_SIZE, share: float = MIN_SIZE_SHARE) -> dict[int, int]:
@@ -102,8 +105,7 @@ def annotated_min_size(annotations, class_id: int, default: int = DEFAULT_MIN_SI
     """The smallest object a model trained on ``annotations`` keeps for ``class_id`` (the rule of
     :func:`min_object_sizes`, read from the annotations instead of a model), so another method's
     objects can be filtered the same way."""
-    areas = annotated_object_areas(annotations, class_id)
-    return min_size_from_p10(float(np.percentile(areas, 10)) if len(areas) else None, default, share)
+    return min_size_from_p10(_p10(annotated_object_areas(annotations, class_id)), default, share)
 
 
 def _min_size_of(min_size: int | dict[int, int], class_id: int) -> int:

@@ -319,6 +319,13 @@ class FilterBank(nn.Module):
         before, centre, after = (padded.narrow(axis, start, n - 2) for start in (0, 1, 2))
         return 0.5 * (after - before), after - 2.0 * centre + before
 
+    @classmethod
+    def _first_difference(cls, x: torch.Tensor, axis: int) -> torch.Tensor:
+        """Central first difference ``(x[i+1] - x[i-1]) / 2`` along ``axis``, with reflected borders."""
+        padded = cls._padded(x, 1, axis)
+        n = padded.shape[axis]
+        return 0.5 * (padded.narrow(axis, 2, n - 2) - padded.narrow(axis, 0, n - 2))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float().contiguous()
         out = []
@@ -327,7 +334,7 @@ class FilterBank(nn.Module):
             smooth = self._smooth1d(self._smooth1d(x, kernel, -1), kernel, -2)
             gy, hyy = self._differences(smooth, -2)
             gx, hxx = self._differences(smooth, -1)
-            hxy, _ = self._differences(gx, -2)
+            hxy = self._first_difference(gx, -2)
             edges = torch.sqrt(gx * gx + gy * gy + 1e-12) * sigma
             half_trace = (hxx + hyy) / 2
             spread = torch.sqrt(((hxx - hyy) / 2) ** 2 + hxy * hxy + 1e-12)
