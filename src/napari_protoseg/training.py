@@ -104,7 +104,7 @@ class TrainConfig:
     # beat 300 with it in paired single runs on test sections 10-19, before the validation split
     # existed (masks+tags 0.439 vs 0.410, mixed 0.465 vs 0.461 and 0.486 vs 0.441, full 0.453 vs
     # 0.438). On the validation split with half of the crops on masks, mixed gained from it (300
-    # steps with it 0.454, 600 without 0.436). At mask_share 0.75 and negative_only_weight 0.1,
+    # steps with it 0.454, 600 without 0.436). There at mask_share 0.75 and negative_only_weight 0.1,
     # masks+boxes with it at weight 1 for the same 540 steps: 0.480 vs 0.492 without (seed 0),
     # training 726 s vs 440 s. The benchmark ablations of `mixed` measure both.
     weight_pseudo_label: float = 0.0
