@@ -550,7 +550,7 @@ def dsp_loss(logits: torch.Tensor, t: CropTargets, tag_pooling: str = "mean", ep
     weights = has_neg.to(neg_log.dtype)
     if negative_only_weight != 1.0:
         has_pos = torch.zeros(n_pairs, dtype=torch.bool, device=device)
-        has_pos[torch.cat([pairs.to(device=device, dtype=torch.long) for pairs in positive_pairs])] = True
+        has_pos[torch.cat([rows.to(device=device, dtype=torch.long) for rows in positive_pairs])] = True
         if full_weight_pairs is not None:
             has_pos |= full_weight_pairs.to(device).reshape(n_pairs)
         weights = torch.where(has_pos, weights, weights * negative_only_weight)

@@ -311,20 +311,25 @@ class FilterBank(nn.Module):
         return F.conv1d(padded.reshape(b * c * h, 1, w), kernel.view(1, 1, -1)).reshape(b, c, h, w - 2 * r)
 
     @classmethod
-    def _differences(cls, x: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Central first difference ``(x[i+1] - x[i-1]) / 2`` and second difference
-        ``x[i+1] - 2 x[i] + x[i-1]`` along ``axis``, with reflected borders."""
+    def _neighbours(cls, x: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``x[i-1]``, ``x[i]`` and ``x[i+1]`` along ``axis`` (views), with reflected borders."""
         padded = cls._padded(x, 1, axis)
         n = padded.shape[axis]
         before, centre, after = (padded.narrow(axis, start, n - 2) for start in (0, 1, 2))
+        return before, centre, after
+
+    @classmethod
+    def _differences(cls, x: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Central first difference ``(x[i+1] - x[i-1]) / 2`` and second difference
+        ``x[i+1] - 2 x[i] + x[i-1]`` along ``axis``, with reflected borders."""
+        before, centre, after = cls._neighbours(x, axis)
         return 0.5 * (after - before), after - 2.0 * centre + before
 
     @classmethod
     def _first_difference(cls, x: torch.Tensor, axis: int) -> torch.Tensor:
         """Central first difference ``(x[i+1] - x[i-1]) / 2`` along ``axis``, with reflected borders."""
-        padded = cls._padded(x, 1, axis)
-        n = padded.shape[axis]
-        return 0.5 * (padded.narrow(axis, 2, n - 2) - padded.narrow(axis, 0, n - 2))
+        before, _, after = cls._neighbours(x, axis)
+        return 0.5 * (after - before)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float().contiguous()
