@@ -393,6 +393,18 @@ def test_targets_measured_against_thresholds():
     assert [t["met"] for t in partial[:4]] == [None] * 4  # not run -> not measured, never "met"
 
 
+def test_report_sets_the_targets_against_the_dense_label_upper_bound():
+    results = fake_results()
+    results["settings"]["full"]["protoseg"]["miou"] = 0.62  # dense masks everywhere: +0.02 over masks
+    md = bm.render_markdown(results)
+    assert "`full` scores 0.620 mIoU, +0.020 against `masks`" in md
+    assert "would have to learn more than the dense masks" in md
+    results["settings"]["full"]["protoseg"]["instances"] = {"wise": {"ap50": 0.3}, "components": {"ap50": 0.4}}
+    lines = "".join(bm.dense_label_ceiling(results["settings"]))
+    assert "(by decoder: wise 0.300, components 0.400) bounds the 0.70 asked of `points-only`" in lines
+    assert bm.dense_label_ceiling({"masks": results["settings"]["masks"]}) == []  # no `full`: nothing to say
+
+
 def test_markdown_and_plot(tmp_path):
     results = fake_results()
     md = bm.render_markdown(results)
