@@ -299,7 +299,7 @@ def test_peer_sees_masks_and_points_only(sem, simulated):
 
 def test_peer_instances_drop_the_specks_protoseg_decoders_drop(monkeypatch):
     """The instance table compares decoders: the peer's components get the size floor that protoseg's
-    decoders take from the same annotations (here 100 px objects -> 25 px), so a 4 px speck is no
+    decoders take from the same annotations (here 100 px objects -> 50 px), so a 4 px speck is no
     false positive for the peer either, while the main table's AP50 keeps it."""
     from types import SimpleNamespace
 
@@ -317,7 +317,7 @@ def test_peer_instances_drop_the_specks_protoseg_decoders_drop(monkeypatch):
     result = bm._run_peer(project, (np.zeros((1, 40, 40), np.float32), prediction, truth), bm.RFConfig(), 0,
                           "peer", lambda message: None)
     peer = result["instances"]["components"]
-    assert peer["min_size"] == 25 and (peer["tp"], peer["fp"], peer["fn"]) == (1, 0, 0)
+    assert peer["min_size"] == 50 and (peer["tp"], peer["fp"], peer["fn"]) == (1, 0, 0)
     assert result["mito_fp"] == 1  # raw
 
 

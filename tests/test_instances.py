@@ -202,10 +202,10 @@ def test_annotations_give_the_same_size_floor_as_a_model_trained_on_them():
     """The benchmark filters the random-forest peer's objects with this, so both sides drop the same specks."""
     ann = _annotations_with_objects()
     p10 = float(np.percentile(annotated_object_areas(ann, 3), 10))
-    assert annotated_min_size(ann, 3) == min_size_from_p10(p10) == int(0.25 * p10)
+    assert annotated_min_size(ann, 3) == min_size_from_p10(p10) == max(16, int(0.5 * p10))
     model = _ModelWithSizes(object_area_summary(ann)["3"]["p10"])
     assert min_object_sizes(model) == {3: annotated_min_size(ann, 3)}
-    assert annotated_min_size(ann, 1) == int(0.25 * np.percentile(annotated_object_areas(ann, 1), 10))
+    assert annotated_min_size(ann, 1) == max(16, int(0.5 * np.percentile(annotated_object_areas(ann, 1), 10)))
     points_only = AnnotationSet((2, 64, 64), ann.classes)
     assert annotated_min_size(points_only, 3) == 16  # nothing outlined: the default
 
@@ -216,12 +216,12 @@ class _ModelWithSizes(_ModelWithoutHeads):
 
 
 def test_decoders_drop_objects_far_smaller_than_the_annotated_ones():
-    assert min_object_sizes(_ModelWithSizes(1000.0)) == {3: 250}
+    assert min_object_sizes(_ModelWithSizes(1000.0)) == {3: 500}
     assert min_object_sizes(_ModelWithSizes(20.0)) == {3: 16}  # never below the default
     assert min_object_sizes(_ModelWithoutHeads()) == {3: 16}  # points only: nothing says how large
     classes = np.zeros((1, 80, 80), np.uint8)
-    classes[0, 5:25, 5:25] = 3  # 400 px: kept
-    classes[0, 50:60, 50:60] = 3  # 100 px: a fragment far below a quarter of the annotated objects
+    classes[0, 5:25, 5:35] = 3  # 600 px: kept
+    classes[0, 50:60, 50:60] = 3  # 100 px: a fragment far below half the annotated objects
     labels = predict_instances(_ModelWithSizes(1000.0), np.zeros_like(classes), class_map=classes,
                                decoder="components").labels
     assert labels[0, 10, 10] > 0 and labels[0, 55, 55] == 0

@@ -42,8 +42,12 @@ _CROSS = ndi.generate_binary_structure(2, 1)
 # map rarely finds two objects in one part of the class map. The watershed splits elongated ones.
 DEFAULT_DECODER = "components"
 DEFAULT_MIN_SIZE = 16
-# An object smaller than this share of the annotated objects' 10th-percentile area is dropped.
-MIN_SIZE_SHARE = 0.25
+# An object smaller than this share of the annotated objects' 10th-percentile area is dropped. 0.5
+# rather than 0.25: on 19 saved class maps of the validation split (9 configurations, masks, full,
+# masks+boxes, masks+tags and mixed, 540 and 1080 steps), mitochondrion AP50 of connected components
+# rose in every one, mean 0.135 -> 0.158 (0.161 at 0.75, 0.157 at 1; full at 1080 steps 0.346 -> 0.376):
+# fewer fragments and false specks, no match lost.
+MIN_SIZE_SHARE = 0.5
 
 
 # ------------------------------------------------------------------------------ object sizes
@@ -436,7 +440,7 @@ def predict_instances(model, image, *, decoder: str | None = None, link_3d: bool
     predicting again. ``link_3d`` links the planes'
     objects into 3D objects by overlap (:func:`link_planes`, ``min_overlap``); ids are unique over
     the whole array either way. ``min_size``: smallest object kept, in pixels (one number or one per
-    class id); by default :func:`min_object_sizes` of the model (a quarter of the small annotated
+    class id); by default :func:`min_object_sizes` of the model (half the small annotated
     objects). ``progress(done, total)`` is called after each plane, ``stop()`` before each.
     """
     from .inference import _class_dtype, _image_dims, predict_instance_maps_of_planes, predict_volume
