@@ -670,6 +670,31 @@ def test_touching_recall_counts_only_objects_close_to_another():
     assert b["ap50"] == 1.0 and a["ap50"] == pytest.approx(0 / 4)  # merged pair + far object as one: all miss
 
 
+def test_label_specks_do_not_count_as_touching_objects():
+    """Specks under TOUCHING_MIN_AREA px (no decoder keeps them) neither touch nor make a real object touch."""
+    truth = np.zeros((1, 20, 40), np.int32)
+    truth[0, 5:15, 2:10] = 1
+    truth[0, 5, 11] = 2  # a 1 px speck next to object 1
+    truth[0, 17, 20] = 3
+    truth[0, 17, 21:23] = 4  # two specks side by side
+    truth[0, 5:15, 28:36] = 5
+    assert bm.TOUCHING_MIN_AREA == bm.DEFAULT_MIN_SIZE
+    assert bm.touching_objects(truth) == [set()]
+    assert bm.touching_objects(truth, min_area=1) == [{1, 2, 3, 4}]
+    figures = bm.instance_figures(truth, truth)
+    assert figures["touching_objects"] == 0 and np.isnan(figures["touching_recall"])
+
+
+def test_report_says_when_no_touching_mitochondria_can_be_compared():
+    results = with_instances(fake_results())
+    for entry in results["settings"].values():
+        for figures in entry["protoseg"].get("instances", {}).values():
+            figures.update(touching_recall=float("nan"), touching_objects=0)
+    targets = [t for t in bm.evaluate_instance_targets(results["settings"]) if "touch" in t["target"]]
+    assert targets and all(t["met"] is None and "no touching mitochondria" in t["measured_text"] for t in targets)
+    assert "the test sections hold none" in "\n".join(bm.render_instance_markdown(results))
+
+
 def with_instances(results, wise=0.8, watershed=0.6, peer=0.5, touching=(0.9, 0.4)):
     def figures(ap50, recall):
         return {"ap50": ap50, "matched_iou": 0.8, "tp": 8, "fp": 1, "fn": 1, "touching_recall": recall,
