@@ -695,6 +695,30 @@ def test_report_says_when_no_touching_mitochondria_can_be_compared():
     assert "the test sections hold none" in "\n".join(bm.render_instance_markdown(results))
 
 
+def test_instance_figures_score_only_the_objects_of_the_class_asked_for(monkeypatch):
+    """With two instance classes, the other class's objects are not false positives of this one."""
+    import types
+
+    import napari_protoseg.instances as instances
+
+    classes = np.zeros((1, 20, 40), np.uint8)
+    classes[0, 5:15, 2:10] = 3
+    classes[0, 5:15, 20:30] = 4
+    truth = (classes == 3).astype(np.int32)
+
+    def fake_predict(model, image, decoder=None, class_map=None, **kwargs):
+        labels = np.zeros(classes.shape, np.uint32)
+        labels[classes == 3], labels[classes == 4] = 1, 2
+        return instances.InstancePrediction(labels, None, None, decoder, False, 1, 1)
+
+    monkeypatch.setattr(instances, "predict_instances", fake_predict)
+    model = types.SimpleNamespace(instance_class_ids=[3, 4], has_instance_heads=False)
+    figures = bm.protoseg_instance_figures(model, np.zeros(classes.shape, np.float32), classes, truth, class_id=3)
+    assert set(figures) == {"watershed", "components"}
+    assert all(f["tp"] == 1 and f["fp"] == 0 and f["fn"] == 0 for f in figures.values())
+    assert bm.protoseg_instance_figures(model, classes, classes, truth, class_id=5) == {}
+
+
 def with_instances(results, wise=0.8, watershed=0.6, peer=0.5, touching=(0.9, 0.4)):
     def figures(ap50, recall):
         return {"ap50": ap50, "matched_iou": 0.8, "tp": 8, "fp": 1, "fn": 1, "touching_recall": recall,

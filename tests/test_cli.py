@@ -1,5 +1,6 @@
 """The protoseg command line: exit codes and messages, never a traceback for bad input."""
 
+import re
 import subprocess
 import sys
 
@@ -327,6 +328,11 @@ def test_headless_demo_writes_overview_prediction_model_and_figures(tmp_path, ca
     instances = tifffile.imread(out / "prediction" / "instances.tif")
     assert instances.shape == semantic.shape and instances.dtype == np.uint32
     assert "instances:" in printed and "(components decoder)" in printed
+    # Every decoder is scored against the sample's mitochondria, touching ones too.
+    assert "mitochondrion instances, all 8 planes vs ground truth" in printed
+    for decoder in ("wise", "watershed", "components"):
+        assert re.search(rf"^  {decoder} +AP50 \d\.\d{{3}} +matched IoU \d\.\d{{3}} +touching recall \d\.\d{{3}}$",
+                         printed, re.M)
     assert load_model(out / "model.protoseg.pt").training_info["steps"] == 3
     assert main(["validate", str(out / "project")]) == 0
 

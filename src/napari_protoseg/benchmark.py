@@ -911,20 +911,25 @@ def instance_figures(predicted: np.ndarray, truth: np.ndarray, gap: int = TOUCHI
     return scores
 
 
-def protoseg_instance_figures(model, raw_test: np.ndarray, classes: np.ndarray, truth: np.ndarray) -> dict:
-    """Mitochondrion instance figures of a trained model for each decoder: ``wise`` (with instance
-    heads), ``watershed`` and ``components`` (both of the class map ``classes``), each with its
-    decoding time in seconds."""
+def protoseg_instance_figures(model, raw_test: np.ndarray, classes: np.ndarray, truth: np.ndarray,
+                              class_id: int = MITOCHONDRION) -> dict:
+    """Instance figures (of class ``class_id``, by default mitochondria) of a trained model for each
+    decoder: ``wise`` (with instance heads), ``watershed`` and ``components`` (both of the class map
+    ``classes``), each with its decoding time in seconds."""
     from .instances import predict_instances
 
-    if MITOCHONDRION not in model.instance_class_ids:
+    if class_id not in model.instance_class_ids:
         return {}
     decoders = (["wise"] if model.has_instance_heads else []) + ["watershed", "components"]
     out = {}
     for decoder in decoders:
         start = time.perf_counter()
-        labels = predict_instances(model, raw_test, decoder=decoder,
-                                   class_map=None if decoder == "wise" else classes).labels
+        prediction = predict_instances(model, raw_test, decoder=decoder,
+                                       class_map=None if decoder == "wise" else classes)
+        labels = prediction.labels
+        if len(model.instance_class_ids) > 1:  # the objects of the other instance classes are not scored
+            own = np.asarray(prediction.classes if prediction.classes is not None else classes) == class_id
+            labels = np.where(own, labels, 0)
         out[decoder] = {**instance_figures(labels, truth), "seconds": time.perf_counter() - start}
     return out
 

@@ -604,12 +604,33 @@ def demo_report(png_path: Path, sample, annotations, predicted, classes, steps: 
     return lines, png
 
 
+def demo_instance_lines(model, image, classes, truth, class_id: int) -> list[str]:
+    """Lines scoring each instance decoder on the sample's objects of ``class_id`` (all planes):
+    AP50, matched IoU and the recall of objects that touch another (where the decoders differ)."""
+    import numpy as np
+
+    from .benchmark import TOUCHING_GAP, protoseg_instance_figures
+
+    figures = protoseg_instance_figures(model, image, np.asarray(classes), truth, class_id)
+    if not figures:
+        return []
+    name = next(c.name for c in model.classes if int(c.id) == class_id)
+    first = next(iter(figures.values()))
+    lines = [f"{name} instances, all {truth.shape[0]} planes vs ground truth ({first['tp'] + first['fn']} objects, "
+             f"{first['touching_objects']} within {TOUCHING_GAP} px of another):"]
+    for decoder, f in figures.items():
+        touching = "–" if not f["touching_objects"] else f"{f['touching_recall']:.3f}"
+        lines.append(f"  {decoder:<11}AP50 {f['ap50']:.3f}  matched IoU {f['matched_iou']:.3f}  "
+                     f"touching recall {touching}")
+    return lines
+
+
 def _demo_headless(args) -> int:
     import numpy as np
 
     from .modelfile import save_model
     from .project import write_project
-    from .sample import generate_sample
+    from .sample import MITOCHONDRION, generate_sample
     from .training import default_train_config
 
     wall_start = time.perf_counter()
@@ -649,6 +670,8 @@ def _demo_headless(args) -> int:
     print("\n".join(lines))
     if instances is not None:
         print(_instance_summary(instances, model, decoder))
+        print("\n".join(demo_instance_lines(model, project.image, prediction.classes, sample.instances,
+                                            MITOCHONDRION)))
     print(f"model: {model_path}")
     print(f"prediction: {pred_dir}")
     print(f"overview: {png}")
