@@ -375,3 +375,27 @@ def test_instance_losses_backpropagate_without_unordered_atomic_adds():
     for name in ("loc_image", "loc_point", "loc_split_global", "loc_false_positive", "loc_negative", "embedding"):
         assert out[name].grad_fn is not None, name  # the term has pixels, so it is really checked
         assert "IndexBackward0" not in _backward_ops(out[name]), name
+
+
+def test_the_embedding_loss_of_a_sampled_embedding_equals_that_of_the_full_map():
+    """Training evaluates the instance embedding only at the pixels the loss samples
+    (SampledEmbedding); the loss and the gradients into the head equal those of the full map."""
+    from napari_protoseg.model import InstanceHead, SampledEmbedding
+
+    t, _ = _two_objects()
+    semantic = torch.zeros(1, C, H, W)
+    torch.manual_seed(0)
+    head = InstanceHead(6, 4, 8)
+    features = torch.randn(1, 6, H, W)
+    tg = lcfcn_targets(localization(), t, INSTANCE)
+    losses, grads = [], []
+    for embedding in (head(features), SampledEmbedding(head.hidden(features), head.conv2)):
+        head.zero_grad()
+        loss = embedding_loss(embedding, semantic, t, INSTANCE, lcfcn=tg, rng=np.random.default_rng(0))
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append([p.grad.clone() for p in head.parameters()])
+    assert losses[0] > 0
+    torch.testing.assert_close(losses[1], losses[0])
+    for sampled, full in zip(grads[1], grads[0]):
+        torch.testing.assert_close(sampled, full)

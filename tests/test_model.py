@@ -329,3 +329,27 @@ def test_clipping_groups_split_the_semantic_model_from_each_instance_head():
     assert any(p is net.prototypes for p in groups[0])
     plain = ProtoSegNet(ModelConfig(n_classes=3, base_width=4, depth=2, embed_dim=8))
     assert len(plain.clipping_groups()) == 1
+
+
+def test_group_norm_of_channels_last_input_equals_torchs_and_keeps_the_layout():
+    """The backbone's GroupNorm normalises channels-last input through the standard layout on the
+    CPU (faster there); values, gradients and the state dict are nn.GroupNorm's, and its output
+    stays channels-last for the next convolution."""
+    from napari_protoseg.model import _norm_layer
+
+    torch.manual_seed(0)
+    ours = _norm_layer("group", 16)
+    reference = torch.nn.GroupNorm(8, 16)
+    with torch.no_grad():
+        ours.weight.normal_(), ours.bias.normal_()
+    reference.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 16, 12, 10).contiguous(memory_format=torch.channels_last)
+    x_ours, x_ref = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    y_ours, y_ref = ours(x_ours), reference(x_ref)
+    assert y_ours.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y_ours, y_ref)
+    grad = torch.randn_like(y_ref)
+    y_ours.backward(grad), y_ref.backward(grad)
+    torch.testing.assert_close(x_ours.grad, x_ref.grad)
+    torch.testing.assert_close(ours.weight.grad, reference.weight.grad)
+    assert set(ours.state_dict()) == set(reference.state_dict())

@@ -69,6 +69,7 @@ from scipy import ndimage as ndi
 from skimage.segmentation import watershed
 
 from .losses import CropTargets, _points_in_crop, _zero, negative_map, whole_boxes
+from .model import SampledEmbedding
 
 __all__ = [
     "InstanceLossSettings",
@@ -516,11 +517,22 @@ def _object_regions(t: CropTargets, idx: np.ndarray, lcfcn: LCFCNTargets, semant
     return objects, anchor_flat
 
 
-def embedding_loss(instance_embedding: torch.Tensor, semantic_logits: torch.Tensor, t: CropTargets,
+def _embedding_rows(instance_embedding: torch.Tensor | SampledEmbedding, flat_pixels: np.ndarray) -> torch.Tensor:
+    """(N, E) embeddings at ``flat_pixels`` (indices into the (B, H, W) pixels) of a full map or a
+    :class:`~napari_protoseg.model.SampledEmbedding`."""
+    if isinstance(instance_embedding, SampledEmbedding):
+        device = instance_embedding.hidden.device
+        return instance_embedding.rows(torch.as_tensor(flat_pixels, device=device, dtype=torch.long))
+    pixel_rows = instance_embedding.permute(0, 2, 3, 1).reshape(-1, instance_embedding.shape[1])
+    return _take(pixel_rows, flat_pixels)
+
+
+def embedding_loss(instance_embedding: torch.Tensor | SampledEmbedding, semantic_logits: torch.Tensor, t: CropTargets,
                    instance_indices: Sequence[int], *, lcfcn: LCFCNTargets, rng: np.random.Generator | None = None,
                    negatives: torch.Tensor | None = None,
                    settings: InstanceLossSettings | None = None) -> torch.Tensor:
-    """The pairwise similarity loss of ``instance_embedding`` (B, E, H, W) (see the module docstring).
+    """The pairwise similarity loss of ``instance_embedding`` (B, E, H, W), a full map or a
+    :class:`~napari_protoseg.model.SampledEmbedding` (see the module docstring).
 
     ``lcfcn`` gives the objects' points and the watershed basins (from :func:`lcfcn_targets`);
     ``semantic_logits`` (B, C, H, W) are used detached. Returns a scalar (a graph-connected 0
@@ -531,7 +543,7 @@ def embedding_loss(instance_embedding: torch.Tensor, semantic_logits: torch.Tens
     B, E, H, W = instance_embedding.shape
     idx = _check_indices(instance_indices, t.n_classes)
     K = len(idx)
-    zero = _zero(instance_embedding)
+    zero = _zero(_embedding_rows(instance_embedding, np.zeros(1, dtype=np.int64)))
     if K == 0:
         return zero
     with torch.no_grad():
@@ -575,8 +587,7 @@ def embedding_loss(instance_embedding: torch.Tensor, semantic_logits: torch.Tens
     # One gather of every pixel involved: anchors, object samples, background samples.
     table = np.concatenate([anchor_flat, picked, bg])
     b, rem = table // (K * plane_size), table % plane_size
-    pixel_rows = instance_embedding.permute(0, 2, 3, 1).reshape(-1, instance_embedding.shape[1])
-    vectors = _take(pixel_rows, b * plane_size + rem).float()  # (N, E)
+    vectors = _embedding_rows(instance_embedding, b * plane_size + rem).float()  # (N, E)
     n_picked = len(picked)
     same = (np.arange(M, M + n_picked), picked_obj)
     different = (np.concatenate([ai, M + pi, M + n_picked + qi, M + ri]),

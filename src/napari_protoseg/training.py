@@ -442,10 +442,10 @@ def train(
             if use_pl:
                 strong = strong_augment(x, generator)
                 outputs = net(torch.cat([x, strong]), instance_batch=len(x),
-                              instance_backbone_grad=config.instance_backbone_grad)
+                              instance_backbone_grad=config.instance_backbone_grad, sampled_embedding=True)
                 logits, strong_logits = outputs["logits"][: len(x)], outputs["logits"][len(x):]
             else:
-                outputs = net(x, instance_backbone_grad=config.instance_backbone_grad)
+                outputs = net(x, instance_backbone_grad=config.instance_backbone_grad, sampled_embedding=True)
                 logits, strong_logits = outputs["logits"], None
             negatives = negative_map(targets, len(classes), *targets.crop_shape)
             terms = total_loss(logits, targets, strong_logits, weights=weights, tag_pooling=config.tag_pooling,
