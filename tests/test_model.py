@@ -332,9 +332,9 @@ def test_clipping_groups_split_the_semantic_model_from_each_instance_head():
 
 
 def test_group_norm_of_channels_last_input_equals_torchs_and_keeps_the_layout():
-    """The backbone's GroupNorm normalises channels-last input through the standard layout on the
-    CPU (faster there); values, gradients and the state dict are nn.GroupNorm's, and its output
-    stays channels-last for the next convolution."""
+    """While training, the backbone's GroupNorm normalises channels-last input through the standard
+    layout on the CPU (faster there); values, gradients and the state dict are nn.GroupNorm's, and
+    its output stays channels-last for the next convolution, with and without autograd."""
     from napari_protoseg.model import _norm_layer
 
     torch.manual_seed(0)
@@ -353,3 +353,7 @@ def test_group_norm_of_channels_last_input_equals_torchs_and_keeps_the_layout():
     torch.testing.assert_close(x_ours.grad, x_ref.grad)
     torch.testing.assert_close(ours.weight.grad, reference.weight.grad)
     assert set(ours.state_dict()) == set(reference.state_dict())
+    with torch.no_grad():
+        predicted = ours(x)
+    assert predicted.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(predicted, y_ref.detach())
