@@ -31,9 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DSPHead", "FilterBank", "InstanceHead", "LocalizationHead", "ModelConfig", "ProtoSegNet", "SampledEmbedding",
-           "UNet2D",
-           "pick_device"]
+__all__ = ["DSPHead", "FilterBank", "InstanceHead", "LocalizationHead", "ModelConfig", "ProtoSegNet",
+           "SampledEmbedding", "UNet2D", "pick_device"]
 
 NORMS = ("group", "batch")
 
@@ -268,14 +267,17 @@ class SampledEmbedding:
         """(N, E) embeddings at ``flat_pixels``, indices into the (B, H, W) pixels."""
         pixels = self.hidden.permute(0, 2, 3, 1).reshape(-1, self.hidden.shape[1])
         # index_select: its backward adds repeated indices in a fixed order (deterministic).
-        picked = pixels.index_select(0, flat_pixels)
-        return F.linear(picked, self.conv.weight.reshape(self.conv.out_channels, -1), self.conv.bias)
+        return _pointwise_rows(self.conv, pixels.index_select(0, flat_pixels))
+
+
+def _pointwise_rows(conv: nn.Conv2d, rows: torch.Tensor) -> torch.Tensor:
+    """The 1x1 convolution ``conv`` of pixels given as rows (..., C_in) -> (..., C_out)."""
+    return F.linear(rows, conv.weight.reshape(conv.out_channels, -1), conv.bias)
 
 
 def _pointwise(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """The 1x1 convolution ``conv`` of ``x`` as a matrix product over channels-last pixels."""
-    weight = conv.weight.reshape(conv.out_channels, -1)
-    return F.linear(x.permute(0, 2, 3, 1), weight, conv.bias).permute(0, 3, 1, 2)
+    return _pointwise_rows(conv, x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
 class LocalizationHead(nn.Module):
