@@ -561,6 +561,34 @@ def test_partial_runs_merge_into_one_report(tmp_path):
     assert "Partial results" in partial_docs.read_text()  # asked for explicitly: written, and marked partial
 
 
+def test_merging_keeps_every_runs_record_and_an_unknown_total_time():
+    """A merge of a merge lists each run it comes from; a part stopped before its end (no wall time)
+    makes the total time unknown rather than the sum of the others."""
+    results = fake_results()
+    first = _part(results, ["full", "masks"], [])
+    second = {**_part(results, ["mixed"], []), "date": "2026-01-02T00:00:00+00:00", "wall_seconds": 120.0}
+    interrupted = _part(results, ["points-only"], [], complete=False)
+    interrupted["date"] = "2026-01-03T00:00:00+00:00"
+    del interrupted["wall_seconds"]
+
+    timed = bm.merge_results([bm.merge_results([first]), second])
+    assert [run["date"] for run in timed["merged_from"]] == [first["date"], second["date"]]
+    assert timed["wall_seconds"] == pytest.approx(60.0 + 120.0)
+    md = bm.render_markdown(timed)
+    assert "merged from 2 runs (below), 3 min in all" in md and md.count("Merged part: napari-protoseg") == 2
+    assert "compare train times and prediction throughput within one part only" in md
+
+    untimed = bm.merge_results([timed, interrupted])
+    assert len(untimed["merged_from"]) == 3 and untimed["wall_seconds"] is None
+    md = bm.render_markdown(untimed)
+    assert "total time not recorded (a part was stopped before its end)" in md
+    assert f"run {interrupted['date']}: `points-only`" in md  # its own line, without a time
+    assert f"run {second['date']}, 2 min: `mixed`" in md
+
+    alone = bm.render_markdown(bm.merge_results([first]))
+    assert "run 2026-01-01T00:00:00+00:00, 1 min in all" in alone and "within one part only" not in alone
+
+
 def test_command_line_options(tmp_path):
     args = bm.build_parser().parse_args(["data", "--quick", "--settings", "masks", "mixed", "--no-ablations",
                                          "--steps", "5", "--seed", "2", "--out", str(tmp_path)])

@@ -1141,13 +1141,19 @@ def render_markdown(results: dict, plot: str = PLOT_FILE) -> str:
     commit = f" (commit {env['source_commit']})" if env.get("source_commit") else ""
     notes.append(f"Device: {_device_line(results)}. napari-protoseg {results['napari_protoseg_version']}{commit}, "
                  f"PyTorch {env['torch']}, scikit-learn {env.get('sklearn')}, scikit-image {env.get('skimage')}; "
-                 f"run {results['date']}, {results['wall_seconds'] / 60:.0f} min in all; seed {results['seed']}.")
+                 f"{_run_time_text(results)}; seed {results['seed']}.")
+    runs = [part for part in results.get("merged_from") or [] if isinstance(part, dict)]
+    if len({part.get("date") for part in runs}) > 1:
+        notes.append("The merged parts ran at different times, possibly on machines of different speed: "
+                     "compare train times and prediction throughput within one part only.")
     for part in results.get("merged_from") or []:
-        if isinstance(part, dict):  # merges before versions were recorded hold only dates
+        if isinstance(part, dict) and "settings" in part:  # merges before versions were recorded hold only dates
             done = [f"`{name}`" for name in part["settings"]] + part["ablations"]
             commit = f" (commit {part['source_commit']})" if part.get("source_commit") else ""
-            notes.append(f"Merged part: napari-protoseg {part['napari_protoseg_version']}{commit}, run {part['date']}: "
-                         + (", ".join(done) if done else "nothing finished") + ".")
+            wall = part.get("wall_seconds")
+            took = f", {wall / 60:.0f} min" if wall is not None else ""
+            notes.append(f"Merged part: napari-protoseg {part['napari_protoseg_version']}{commit}, run {part['date']}"
+                         f"{took}: " + (", ".join(done) if done else "nothing finished") + ".")
     cfg = results["train_config"]
     notes.append(f"Training: {cfg['steps']} steps, batch {cfg['batch_size']}, crops {cfg['crop_size']} px "
                  "(present tags wider than a crop get steps of their own with fewer, larger crops that hold "
@@ -1285,6 +1291,27 @@ def plot_miou_vs_time(results: dict, path: str | Path) -> None:
 # ----------------------------------------------------------------------------- command line
 
 
+def _runs_of(part: dict) -> list[dict]:
+    """The runs a ``results.json`` comes from: its own, or those it was merged from (a merge of a
+    merge keeps every run's version, date and wall time)."""
+    if part.get("merged_from"):
+        return [run if isinstance(run, dict) else {"date": run} for run in part["merged_from"]]
+    return [{"date": part.get("date"), "napari_protoseg_version": part.get("napari_protoseg_version"),
+             "source_commit": part.get("environment", {}).get("source_commit"),
+             "wall_seconds": part.get("wall_seconds"),
+             "settings": list(part["settings"]),
+             "ablations": [f"{row['setting']} / {row['variant']}" for row in part.get("ablations", [])]}]
+
+
+def _run_time_text(results: dict) -> str:
+    wall = results.get("wall_seconds")
+    runs = [part for part in results.get("merged_from") or [] if isinstance(part, dict)]
+    when = f"merged from {len(runs)} runs (below)" if len(runs) > 1 else f"run {results['date']}"
+    if wall is None:
+        return f"{when}, total time not recorded (a part was stopped before its end)"
+    return f"{when}, {wall / 60:.0f} min in all"
+
+
 def merge_results(parts: list[dict]) -> dict:
     """One result from the ``results.json`` of runs that each did some of the settings and ablations.
 
@@ -1334,12 +1361,10 @@ def merge_results(parts: list[dict]) -> dict:
                                         "protoseg": merged["settings"][setting]["protoseg"], "reused_main_run": True}
     merged["ablations"] = [rows[(s, v)] for s, v, _ in ABLATIONS if (s, v) in rows]
     merged["targets"] = evaluate_targets(merged["settings"])
-    merged["wall_seconds"] = sum(part.get("wall_seconds", 0.0) for part in parts)
-    merged["merged_from"] = [{"date": part.get("date"), "napari_protoseg_version": part.get("napari_protoseg_version"),
-                              "source_commit": part.get("environment", {}).get("source_commit"),
-                              "settings": list(part["settings"]),
-                              "ablations": [f"{row['setting']} / {row['variant']}" for row in part.get("ablations", [])]}
-                             for part in parts]
+    merged["merged_from"] = [run for part in parts for run in _runs_of(part)]
+    walls = [run.get("wall_seconds") for run in merged["merged_from"]]
+    # An interrupted part never wrote its wall time: the total is then unknown, not the others' sum.
+    merged["wall_seconds"] = sum(walls) if all(w is not None for w in walls) else None
     merged["complete"] = len(merged["settings"]) == len(SETTINGS) and len(merged["ablations"]) == len(ABLATIONS)
     merged["partial"] = not merged["complete"]
     return merged
