@@ -581,7 +581,7 @@ def test_merging_keeps_every_runs_record_and_an_unknown_total_time():
     untimed = bm.merge_results([timed, interrupted])
     assert len(untimed["merged_from"]) == 3 and untimed["wall_seconds"] is None
     md = bm.render_markdown(untimed)
-    assert "total time not recorded (a part was stopped before its end)" in md
+    assert "total time not recorded (a part was stopped before its end, or merged without its time)" in md
     assert f"run {interrupted['date']}: `points-only`" in md  # its own line, without a time
     assert f"run {second['date']}, 2 min: `mixed`" in md
 

@@ -1139,10 +1139,10 @@ def render_markdown(results: dict, plot: str = PLOT_FILE) -> str:
                      f"{min(loads):.1f} to {max(loads):.1f} on {env.get('cpu_count')} cores; above the core count, "
                      "other work shared the CPU and the times are longer than on an idle machine.")
     commit = f" (commit {env['source_commit']})" if env.get("source_commit") else ""
+    runs = [part for part in results.get("merged_from") or [] if isinstance(part, dict)]
     notes.append(f"Device: {_device_line(results)}. napari-protoseg {results['napari_protoseg_version']}{commit}, "
                  f"PyTorch {env['torch']}, scikit-learn {env.get('sklearn')}, scikit-image {env.get('skimage')}; "
-                 f"{_run_time_text(results)}; seed {results['seed']}.")
-    runs = [part for part in results.get("merged_from") or [] if isinstance(part, dict)]
+                 f"{_run_time_text(results, runs)}; seed {results['seed']}.")
     if len({part.get("date") for part in runs}) > 1:
         notes.append("The merged parts ran at different times, possibly on machines of different speed: "
                      "compare train times and prediction throughput within one part only.")
@@ -1303,12 +1303,12 @@ def _runs_of(part: dict) -> list[dict]:
              "ablations": [f"{row['setting']} / {row['variant']}" for row in part.get("ablations", [])]}]
 
 
-def _run_time_text(results: dict) -> str:
+def _run_time_text(results: dict, runs: list[dict]) -> str:
+    """When the run was and how long it took; ``runs``: the runs a merged result comes from."""
     wall = results.get("wall_seconds")
-    runs = [part for part in results.get("merged_from") or [] if isinstance(part, dict)]
     when = f"merged from {len(runs)} runs (below)" if len(runs) > 1 else f"run {results['date']}"
     if wall is None:
-        return f"{when}, total time not recorded (a part was stopped before its end)"
+        return f"{when}, total time not recorded (a part was stopped before its end, or merged without its time)"
     return f"{when}, {wall / 60:.0f} min in all"
 
 
