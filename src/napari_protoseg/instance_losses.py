@@ -419,7 +419,9 @@ def _sample_per_group(groups: np.ndarray, limit: int, rng: np.random.Generator) 
     """Positions of at most ``limit`` randomly chosen entries of each group id in ``groups``."""
     if len(groups) == 0 or limit <= 0:
         return np.zeros(0, dtype=np.int64)
-    order = np.lexsort((rng.random(len(groups)), groups))
+    # Sort by group, then randomly within it: one argsort of group + U[0, 1) (the order of
+    # lexsort((random, groups)), several times faster).
+    order = np.argsort(groups + rng.random(len(groups)), kind="stable")
     sorted_groups = groups[order]
     starts = np.r_[0, np.flatnonzero(sorted_groups[1:] != sorted_groups[:-1]) + 1]
     rank = np.arange(len(groups)) - np.repeat(starts, np.diff(np.r_[starts, len(groups)]))
@@ -433,7 +435,7 @@ def _object_regions(t: CropTargets, idx: np.ndarray, lcfcn: LCFCNTargets, semant
     B, K, H, W = lcfcn.basins.shape
     pts = lcfcn.points
     sem = semantic_prob[:, torch.as_tensor(idx, device=semantic_prob.device)]
-    top = semantic_prob.argmax(dim=1)
+    top = semantic_prob.max(dim=1).indices  # as argmax (first maximum), several times faster on the CPU
     region = ((top[:, None] == torch.as_tensor(idx, device=top.device)[None, :, None, None])
               & (sem >= settings.region_threshold)).cpu().numpy()
     objects = np.zeros((B, K, H, W), dtype=np.int64)

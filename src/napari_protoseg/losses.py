@@ -313,7 +313,7 @@ def unpointed_region_negatives(logits: torch.Tensor, t: CropTargets) -> torch.Te
     exhaustive = t.points_exhaustive().cpu().numpy()
     if not exhaustive.any() or H < 3 or W < 3:
         return neg
-    pred = logits.detach().argmax(dim=1).cpu().numpy()
+    pred = logits.detach().max(dim=1).indices.cpu().numpy()  # argmax; faster on the CPU
     pred = np.where(exhaustive[np.arange(B)[:, None, None], pred], pred, -1)
     labels = _label_crops(pred, connectivity=1)
     keep = np.zeros(int(labels.max()) + 1, dtype=bool)  # regions that may be c
