@@ -180,6 +180,22 @@ def test_predict_reads_a_zarr_array_like_the_tiff(trained, small_sample, tmp_pat
         assert doc == tif_doc
 
 
+def test_predict_with_tta_writes_the_test_time_augmented_prediction(trained, tmp_path, capsys):
+    """--tta writes the classes of predict_volume(tta=True), which differ from the plain pass somewhere."""
+    from napari_protoseg.inference import predict_volume
+
+    assert main(["predict", str(trained["model"]), str(trained["image"]), "--out", str(tmp_path / "tta"),
+                 "--tta"]) == 0
+    assert "with test-time augmentation (8 passes)" in capsys.readouterr().err
+    semantic, confidence, _ = _read_prediction(tmp_path / "tta")
+    expected = predict_volume(load_model(trained["model"]), tifffile.imread(trained["image"]), tta=True)
+    np.testing.assert_array_equal(semantic, expected.classes)
+    np.testing.assert_allclose(confidence, expected.confidence, atol=1e-6)
+    assert main(["predict", str(trained["model"]), str(trained["image"]), "--out", str(tmp_path / "plain")]) == 0
+    plain_confidence = _read_prediction(tmp_path / "plain")[1]
+    assert np.abs(plain_confidence - confidence).max() > 1e-3
+
+
 def test_predict_accepts_a_project_folder_and_checks_its_classes(trained, tmp_path, capsys):
     assert main(["predict", str(trained["model"]), str(trained["project"]), "--out", str(tmp_path / "a")]) == 0
     other = write_project(tmp_path / "other", np.zeros((2, 96, 96), np.uint8),

@@ -575,3 +575,66 @@ def test_predict_instances_with_the_wise_decoder_gives_unique_ids_on_the_instanc
     assert predict_instances(model, image[0], tile=128, overlap=16).decoder == "components"
     with pytest.raises(ValueError, match="no instance heads"):
         inference.predict_instance_maps(make_model(), image, 0)
+
+
+# ----------------------------------------------------------------- test-time augmentation
+
+
+def _square_symmetry(array: np.ndarray, turns: int, mirror: bool) -> np.ndarray:
+    """``array`` (..., H, W) mirrored left-right, then turned ``turns`` quarter turns (as the TTA)."""
+    array = array[..., ::-1] if mirror else array
+    return np.ascontiguousarray(np.rot90(array, turns, axes=(-2, -1)))
+
+
+def _square_symmetry_undone(array: np.ndarray, turns: int, mirror: bool) -> np.ndarray:
+    array = np.rot90(array, -turns, axes=(-2, -1))
+    return np.ascontiguousarray(array[..., ::-1] if mirror else array)
+
+
+def test_test_time_augmentation_averages_the_eight_symmetries_of_the_square():
+    """tta=True is the mean of the softmax over the 8 rotated/mirrored inputs, each turned back:
+    tiled (BatchNorm, overlap / 4 >= receptive radius) it equals that mean of whole-image forwards."""
+    model = make_model(norm="batch")
+    image = smooth_image((200, 260), seed=3)
+    pred = predict_plane(model, image, tile=128, overlap=96, tta=True)
+    expected = np.mean([_square_symmetry_undone(direct_probabilities(model, _square_symmetry(image, t, m)[None]), t, m)
+                        for t, m in inference.TTA_TRANSFORMS], axis=0)
+    assert len(inference.TTA_TRANSFORMS) == 8
+    np.testing.assert_allclose(pred.probabilities, expected, atol=1e-5)
+    check_prediction(pred)
+    plain = predict_plane(model, image, tile=128, overlap=96)
+    assert np.abs(plain.probabilities - pred.probabilities).max() > 1e-3  # it is not the plain pass
+
+
+@pytest.mark.parametrize("turns,mirror", [(1, False), (2, False), (3, False), (0, True), (1, True)])
+def test_test_time_augmentation_makes_the_prediction_turn_with_the_image(turns, mirror):
+    """A rotated or mirrored image gets the rotated or mirrored prediction with tta (one tile, so the
+    tiling is symmetric too); the plain pass of an untrained network does not."""
+    model = make_model()
+    image = smooth_image((96, 64), seed=1)
+    moved = _square_symmetry(image, turns, mirror)
+    with_tta = predict_plane(model, moved, tta=True).probabilities
+    np.testing.assert_allclose(with_tta, _square_symmetry(predict_plane(model, image, tta=True).probabilities,
+                                                          turns, mirror), atol=1e-5)
+    plain = predict_plane(model, moved).probabilities
+    assert np.abs(plain - _square_symmetry(predict_plane(model, image).probabilities, turns, mirror)).max() > 1e-3
+
+
+def test_test_time_augmentation_reaches_volumes_regions_and_instance_maps():
+    """predict_volume, predict_region and predict_instance_maps pass tta on: their classes are the
+    tta classes of predict_plane; without tta every function keeps the plain pass."""
+    from napari_protoseg.inference import predict_instance_maps
+
+    model = make_instance_model()
+    image = smooth_image((2, 96, 128), seed=6)
+    planes = [predict_plane(model, image, z, tta=True) for z in range(2)]
+    volume = predict_volume(model, image, tta=True, keep_probabilities=True)
+    for z in range(2):
+        np.testing.assert_allclose(volume.probabilities[:, z], planes[z].probabilities, atol=1e-6)
+    region = predict_region(model, image, 1, 0, 0, 96, 128, tta=True)
+    np.testing.assert_allclose(region.probabilities, planes[1].probabilities, atol=1e-6)
+    maps = predict_instance_maps(model, image, 1, tta=True)
+    np.testing.assert_array_equal(maps.classes, planes[1].classes)
+    np.testing.assert_allclose(maps.confidence, planes[1].confidence, atol=1e-6)
+    plain = predict_volume(model, image, keep_probabilities=True)
+    assert np.abs(plain.probabilities - volume.probabilities).max() > 1e-3

@@ -405,7 +405,7 @@ def test_a_stopped_stack_prediction_ends_between_planes(sample, model):
 def test_every_prediction_gets_its_instances_from_the_one_decoding_function(sample, model, monkeypatch):
     calls = []
 
-    def fake_decoder(model, image, class_map, z, region, decoder):
+    def fake_decoder(model, image, class_map, z, region, decoder, tta=False):
         calls.append((z, region, decoder))
         return np.full(class_map.shape, 5, np.uint32)
 

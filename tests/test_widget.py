@@ -328,6 +328,30 @@ def test_a_loaded_model_predicts_and_says_what_it_was_trained_on(make_napari_vie
     assert saved.name == "again.protoseg.pt" and saved.is_file()
 
 
+def test_the_test_time_augmentation_box_makes_predictions_average_eight_passes(
+        make_napari_viewer, qtbot, sample_folder, small_sample, tmp_path, monkeypatch):
+    """Ticking the box predicts with tta=True (the prediction layer holds predict_plane's tta classes)."""
+    from napari_protoseg.inference import predict_plane
+
+    *_, last = session_module.training_run(small_sample.image, small_sample.annotations, TINY)
+    model = last.event.model
+    viewer, widget = open_panel(make_napari_viewer, sample_folder)
+    assert widget.load_model_from(save_model(tmp_path / "m.protoseg.pt", model))
+    assert not widget.tta_check.isChecked() and not widget.session.test_time_augmentation
+    widget.tta_check.setChecked(True)
+    assert widget.session.test_time_augmentation
+    asked = []
+    real_predict_plane = session_module.predict_plane
+    monkeypatch.setattr(session_module, "predict_plane",
+                        lambda *args, **kwargs: asked.append(kwargs.get("tta")) or real_predict_plane(*args, **kwargs))
+    qtbot.mouseClick(widget.predict_buttons["plane"], Qt.MouseButton.LeftButton)
+    wait_idle(qtbot, widget)
+    assert asked == [True]
+    z = widget.session.current_plane()
+    expected = predict_plane(widget.session.check_model(), small_sample.image, z, tta=True).classes
+    np.testing.assert_array_equal(viewer.layers[PREDICTION_SEMANTIC].data[z], expected)
+
+
 # --------------------------------------------------------------------- failures and closing
 
 

@@ -17,6 +17,13 @@ Memory: a plane is processed one row of tiles at a time; only ``C x tile x X`` a
 held, and finished rows are handed on (into NumPy arrays, or written into a zarr group for volumes
 larger than memory). Lazy inputs (dask, zarr, anything indexable with ``np.asarray(image[...])``)
 are read piece by piece, never as a whole volume.
+
+Test-time augmentation (``tta=True``): each tile is also predicted rotated by 90, 180 and 270
+degrees and mirrored (the 8 symmetries of the square the network was trained with), each output
+turned back, and the 8 softmax probabilities averaged. The result is then the same for a rotated
+or mirrored image (up to tiling), and isolated misclassified pixels become rarer; it takes 8 times
+the network's time. Only the semantic probabilities are averaged: the instance heads'
+localization and embedding maps come from the plain pass.
 """
 
 from __future__ import annotations
@@ -48,6 +55,8 @@ __all__ = [
 ]
 
 _MIN_WEIGHT = 1e-6
+# (quarter turns, mirror) of the 8 symmetries of the square; the first is the identity.
+TTA_TRANSFORMS = tuple((turns, mirror) for turns in range(4) for mirror in (False, True))
 # Lazy volumes whose planes (times the 2.5D window) fit in this many bytes are read whole plane
 # by plane, each plane once; larger planes are read band by band.
 _PLANE_CACHE_BYTES = 1 << 30
@@ -253,10 +262,23 @@ class _Stopped(Exception):
     pass
 
 
-class _Runner:
-    """The network ready for prediction: eval mode, device, inference mode; restores train mode."""
+def _transformed(x: torch.Tensor, turns: int, mirror: bool) -> torch.Tensor:
+    """``x`` (..., H, W) mirrored left-right (``mirror``), then rotated by ``turns`` quarter turns."""
+    x = x.flip(-1) if mirror else x
+    return torch.rot90(x, turns, dims=(-2, -1)) if turns else x
 
-    def __init__(self, model: TrainedModel, device):
+
+def _untransformed(x: torch.Tensor, turns: int, mirror: bool) -> torch.Tensor:
+    """The inverse of :func:`_transformed`."""
+    x = torch.rot90(x, -turns, dims=(-2, -1)) if turns else x
+    return x.flip(-1) if mirror else x
+
+
+class _Runner:
+    """The network ready for prediction: eval mode, device, inference mode; restores train mode.
+    ``tta``: average the semantic probabilities over :data:`TTA_TRANSFORMS`."""
+
+    def __init__(self, model: TrainedModel, device, tta: bool = False):
         self.model = model
         self.net = model.net
         if device is None:
@@ -267,6 +289,7 @@ class _Runner:
                 self.net.to(self.device)
         self.n_classes = model.net.config.n_classes
         self.multiple = self.net.backbone.multiple
+        self.transforms = TTA_TRANSFORMS if tta else TTA_TRANSFORMS[:1]
 
     def __enter__(self):
         self._was_training = self.net.training
@@ -276,12 +299,24 @@ class _Runner:
     def __exit__(self, *exc):
         self.net.train(self._was_training)
 
+    def _semantic(self, x: torch.Tensor, first: torch.Tensor | None = None) -> torch.Tensor:
+        """Softmax probabilities of the normalised batch ``x``, averaged over the transforms;
+        ``first``: the identity pass's logits, if already computed."""
+        total = None
+        for turns, mirror in self.transforms:
+            if first is not None and not turns and not mirror:
+                logits = first
+            else:
+                logits = self.net(_transformed(x, turns, mirror), instance_batch=0)["logits"]
+            probs = _untransformed(torch.softmax(logits.float(), dim=1), turns, mirror)
+            total = probs if total is None else total + probs
+        return total / len(self.transforms) if len(self.transforms) > 1 else total
+
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
         """(B, 2k+1, h, w) raw intensities -> (B, C, h, w) float32 softmax probabilities."""
         x = torch.from_numpy(self.model.normalization(batch)).to(self.device)
         with torch.inference_mode():
-            logits = self.net(x, instance_batch=0)["logits"]  # the instance heads are not needed
-            probs = torch.softmax(logits.float(), dim=1)
+            probs = self._semantic(x)  # the instance heads are not needed
         return probs.cpu().numpy()
 
     def instance_outputs(self, batch: np.ndarray) -> np.ndarray:
@@ -290,7 +325,7 @@ class _Runner:
         x = torch.from_numpy(self.model.normalization(batch)).to(self.device)
         with torch.inference_mode():
             out = self.net(x)
-            stacked = torch.cat([torch.softmax(out["logits"].float(), dim=1),
+            stacked = torch.cat([self._semantic(x, first=out["logits"]),
                                  torch.sigmoid(out["localization"].float()),
                                  out["instance_embedding"].float()], dim=1)
         return stacked.cpu().numpy()
@@ -383,27 +418,28 @@ def _check_batch(batch_size: int) -> int:
 
 
 def predict_plane(model: TrainedModel, volume_or_plane, z: int | None = None, tile: int = 512,
-                  overlap: int = 64, device=None, batch_size: int = 4) -> PlanePrediction:
+                  overlap: int = 64, device=None, batch_size: int = 4, *, tta: bool = False) -> PlanePrediction:
     """Predict one whole plane: a 2D image (``z`` None), or plane ``z`` of a (Z, Y, X) stack.
 
     The input may be a NumPy array or a lazy array (dask, zarr); only the planes ``z - context ..
     z + context`` are read. ``device`` None uses the device the network is on; another device
     moves the network there (in place). The network's train/eval mode is restored afterwards.
+    ``tta``: test-time augmentation (8 passes; see the module docstring).
     """
     h, w = _image_dims(volume_or_plane)[1]
     return predict_region(model, volume_or_plane, z, 0, 0, h, w, margin=0, tile=tile,
-                          overlap=overlap, device=device, batch_size=batch_size)
+                          overlap=overlap, device=device, batch_size=batch_size, tta=tta)
 
 
 def predict_region(model: TrainedModel, volume, z: int | None, y0: int, x0: int, y1: int, x1: int,
                    margin: int | None = None, tile: int = 512, overlap: int = 64, device=None,
-                   batch_size: int = 4) -> PlanePrediction:
+                   batch_size: int = 4, *, tta: bool = False) -> PlanePrediction:
     """Predict the region [y0, y1) x [x0, x1) of a plane (e.g. the part visible in the viewer).
 
     The region is clipped to the image (``origin`` of the result says where it starts). It is
     predicted with ``margin`` pixels of surrounding image (default: the network's receptive
     radius, at least ``overlap``) so that its borders closely match a whole-plane prediction.
-    Only the region plus margin is read from lazy inputs.
+    Only the region plus margin is read from lazy inputs. ``tta``: test-time augmentation.
     """
     _check_tiling(tile, overlap)
     batch_size = _check_batch(batch_size)
@@ -420,7 +456,7 @@ def predict_region(model: TrainedModel, volume, z: int | None, y0: int, x0: int,
     margin = max(0, int(margin))
     by0, bx0 = max(0, y0 - margin), max(0, x0 - margin)
     by1, bx1 = min(height, y1 + margin), min(width, x1 + margin)
-    with _Runner(model, device) as runner:
+    with _Runner(model, device, tta) as runner:
         probs = np.empty((runner.n_classes, by1 - by0, bx1 - bx0), np.float32)
         for r0, r1, band in _plane_bands(runner, source, z, (by0, bx0, by1, bx1), tile, overlap,
                                          batch_size):
@@ -452,12 +488,13 @@ class PlaneInstanceMaps:
 
 def predict_instance_maps_of_planes(model: TrainedModel, image, planes=None, *, tile: int = 512,
                                     overlap: int = 64, device=None, batch_size: int = 4, ring: int = 8,
-                                    stop: Callable[[], bool] | None = None
+                                    stop: Callable[[], bool] | None = None, tta: bool = False
                                     ) -> Iterator[tuple[int, PlaneInstanceMaps]]:
     """Yield ``(z, PlaneInstanceMaps)`` for the planes ``planes`` (default: all) of a plane or stack,
     tiled and blended as :func:`predict_volume` does (same windows for every output). Memory: one
     row of tiles of (C + K + E) accumulators, the plane's K localization maps and the embeddings
-    of the pixels kept (float16). ``stop()`` is checked before each plane and row of tiles."""
+    of the pixels kept (float16). ``stop()`` is checked before each plane and row of tiles.
+    ``tta``: the semantic classes by test-time augmentation (the other maps from the plain pass)."""
     if not model.has_instance_heads:
         raise ValueError("the model has no instance heads; train it on a project with a class flagged "
                          "'instances' to predict localization and embedding maps")
@@ -475,7 +512,7 @@ def predict_instance_maps_of_planes(model: TrainedModel, image, planes=None, *, 
     planes = range(source.n_planes) if planes is None else [_check_z(source, z) for z in planes]
     from scipy import ndimage as ndi
 
-    with _Runner(model, device) as runner:
+    with _Runner(model, device, tta) as runner:
         for z in planes:
             if stop is not None and stop():
                 return
@@ -509,14 +546,15 @@ def predict_instance_maps_of_planes(model: TrainedModel, image, planes=None, *, 
 
 
 def predict_instance_maps(model: TrainedModel, volume_or_plane, z: int | None = None, *, tile: int = 512,
-                          overlap: int = 64, device=None, batch_size: int = 4, ring: int = 8) -> PlaneInstanceMaps:
+                          overlap: int = 64, device=None, batch_size: int = 4, ring: int = 8,
+                          tta: bool = False) -> PlaneInstanceMaps:
     """Semantic classes, localization maps and instance embeddings of one whole plane (a 2D image
     with ``z`` None, or plane ``z`` of a stack), for :func:`~napari_protoseg.instances.wise_instances`.
     Needs a model with instance heads."""
     source = _Source(volume_or_plane, model.context)
     z = _check_z(source, z)
     for _, maps in predict_instance_maps_of_planes(model, volume_or_plane, [z], tile=tile, overlap=overlap,
-                                                   device=device, batch_size=batch_size, ring=ring):
+                                                   device=device, batch_size=batch_size, ring=ring, tta=tta):
         return maps
     raise RuntimeError("no plane was predicted")  # pragma: no cover
 
@@ -606,7 +644,8 @@ class _Sink:
 
 def predict_volume(model: TrainedModel, image, out=None, progress: Callable[[int, int], Any] | None = None,
                    stop: Callable[[], bool] | None = None, *, tile: int = 512, overlap: int = 64,
-                   device=None, batch_size: int = 4, keep_probabilities: bool = False) -> VolumePrediction:
+                   device=None, batch_size: int = 4, keep_probabilities: bool = False,
+                   tta: bool = False) -> VolumePrediction:
     """Predict a 2D plane or every plane of a (Z, Y, X) stack, plane by plane.
 
     ``image`` may be a NumPy array or a lazy array (dask, zarr); planes are read one at a time
@@ -617,7 +656,8 @@ def predict_volume(model: TrainedModel, image, out=None, progress: Callable[[int
     that zarr group (replacing arrays of those names), so a volume larger than memory is predicted
     block by block; the group's ``attrs["napari_protoseg"]`` records class table, completeness and
     planes done. ``progress(done, total)`` is called after each plane; ``stop()`` is checked before
-    each plane and each row of tiles and ends the run early (``stopped=True``).
+    each plane and each row of tiles and ends the run early (``stopped=True``). ``tta``: test-time
+    augmentation (8 passes per tile; see the module docstring).
     """
     _check_tiling(tile, overlap)
     batch_size = _check_batch(batch_size)
@@ -634,7 +674,7 @@ def predict_volume(model: TrainedModel, image, out=None, progress: Callable[[int
              "planes_total": n_planes}
     sink = _Sink(shape, len(ids), dtype, keep_probabilities, out, attrs)
     done, stopped = 0, False
-    with _Runner(model, device) as runner:
+    with _Runner(model, device, tta) as runner:
         for z in range(n_planes):
             if stop is not None and stop():
                 stopped = True

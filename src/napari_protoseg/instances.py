@@ -432,7 +432,7 @@ def predict_instances(model, image, *, decoder: str | None = None, link_3d: bool
                       class_map=None, min_size: int | dict[int, int] | None = None, min_overlap: float = 0.3,
                       split_depth: float = 2.0, tile: int = 512, overlap: int = 64, device=None, batch_size: int = 4,
                       progress: Callable[[int, int], Any] | None = None,
-                      stop: Callable[[], bool] | None = None) -> InstancePrediction:
+                      stop: Callable[[], bool] | None = None, tta: bool = False) -> InstancePrediction:
     """Instances of the model's classes flagged ``instances`` in a plane (Y, X) or stack (Z, Y, X).
 
     ``decoder``: ``"components"`` (the default), ``"watershed"`` or ``"wise"`` (needs instance heads).
@@ -443,6 +443,7 @@ def predict_instances(model, image, *, decoder: str | None = None, link_3d: bool
     the whole array either way. ``min_size``: smallest object kept, in pixels (one number or one per
     class id); by default :func:`min_object_sizes` of the model (half the small annotated
     objects). ``progress(done, total)`` is called after each plane, ``stop()`` before each.
+    ``tta``: the semantic prediction by test-time augmentation (see :mod:`~napari_protoseg.inference`).
     """
     from .inference import _class_dtype, _image_dims, predict_instance_maps_of_planes, predict_volume
 
@@ -469,7 +470,7 @@ def predict_instances(model, image, *, decoder: str | None = None, link_3d: bool
         confidence = np.zeros((n_planes, *shape[-2:]), dtype=np.float32)
         next_id = 0
         for z, maps in predict_instance_maps_of_planes(model, image, tile=tile, overlap=overlap, device=device,
-                                                       batch_size=batch_size, stop=stop):
+                                                       batch_size=batch_size, stop=stop, tta=tta):
             plane = wise_instances(maps.classes, maps.localization, maps.embedding, ids, min_size=min_size)
             labels[z] = np.where(plane > 0, plane + next_id, 0)
             next_id += int(plane.max(initial=0))
@@ -483,7 +484,7 @@ def predict_instances(model, image, *, decoder: str | None = None, link_3d: bool
     else:
         if class_map is None:
             prediction = predict_volume(model, image, tile=tile, overlap=overlap, device=device,
-                                        batch_size=batch_size, stop=stop)
+                                        batch_size=batch_size, stop=stop, tta=tta)
             class_map, classes, confidence = prediction.classes, prediction.classes, prediction.confidence
             done, stopped = prediction.planes_done, prediction.stopped
         else:

@@ -126,6 +126,7 @@ class Session:
         self.exhaustive = False  # new boxes and points mark every object of their class in the plane
         self.train_config = train_config if train_config is not None else default_train_config()
         self.decoder = DEFAULT_DECODER
+        self.test_time_augmentation = False  # predictions average 8 rotated/mirrored passes
         self.model: TrainedModel | None = None
         self.model_source = ""  # where the model came from, for the info text
         self.resumable_checkpoint: Path | None = None  # a stopped run that "Continue training" resumes
@@ -940,7 +941,7 @@ class PredictionPiece:
 
 
 def decode_instances(model: TrainedModel, image: np.ndarray, class_map: np.ndarray, z: int | None,
-                     region: Region, decoder: str = DEFAULT_DECODER) -> np.ndarray:
+                     region: Region, decoder: str = DEFAULT_DECODER, tta: bool = False) -> np.ndarray:
     """Instance labels (uint32, ids 1..n) of a predicted plane or region: THE place where the panel
     turns a prediction into instances (switch ``decoder`` here to use another decoder).
 
@@ -958,7 +959,7 @@ def decode_instances(model: TrainedModel, image: np.ndarray, class_map: np.ndarr
                            "instances (it learns where objects are from them). Flag the organelle classes in "
                            "the class table and train again, or choose 'watershed'.")
     # The learned maps of the whole plane (seeds may lie outside the region), cut to the region.
-    maps = predict_instance_maps(model, image, z)
+    maps = predict_instance_maps(model, image, z, tta=tta)
     labels = wise_instances(maps.classes, maps.localization, maps.embedding, model.instance_class_ids,
                             min_size=min_sizes)
     y0, x0, y1, x1 = region
@@ -969,9 +970,10 @@ def decode_instances(model: TrainedModel, image: np.ndarray, class_map: np.ndarr
 
 def prediction_run(model: TrainedModel, image: np.ndarray, scope: str, z: int | None = None,
                    region: Region | None = None, decoder: str = DEFAULT_DECODER,
-                   stop: Callable[[], bool] | None = None) -> Iterator[PredictionPiece]:
+                   stop: Callable[[], bool] | None = None, tta: bool = False) -> Iterator[PredictionPiece]:
     """Predict the plane ``z`` ("plane"), a region of it ("region") or every plane ("stack");
-    yields a :class:`PredictionPiece` per plane (runs on a worker thread)."""
+    yields a :class:`PredictionPiece` per plane (runs on a worker thread). ``tta``: test-time
+    augmentation (8 passes per tile, see :mod:`~napari_protoseg.inference`)."""
     is_stack = np.ndim(image) == 3
     plane_index = (lambda k: k) if is_stack else (lambda k: None)
     if scope == "stack":
@@ -987,12 +989,13 @@ def prediction_run(model: TrainedModel, image: np.ndarray, scope: str, z: int | 
         if stop is not None and stop():
             return
         if scope == "region":
-            result = predict_region(model, image, plane_index(plane), y0, x0, y1, x1)
+            result = predict_region(model, image, plane_index(plane), y0, x0, y1, x1, tta=tta)
         else:
-            result = predict_plane(model, image, plane_index(plane))
+            result = predict_plane(model, image, plane_index(plane), tta=tta)
         ry0, rx0 = result.origin
         h, w = result.classes.shape
-        instances = decode_instances(model, image, result.classes, plane, (ry0, rx0, ry0 + h, rx0 + w), decoder)
+        instances = decode_instances(model, image, result.classes, plane, (ry0, rx0, ry0 + h, rx0 + w), decoder,
+                                     tta=tta)
         if collected is not None:
             collected.append(instances)
         yield PredictionPiece(plane, (ry0, rx0), result.classes, instances, result.confidence, done, len(planes))
