@@ -405,7 +405,7 @@ def test_a_stopped_stack_prediction_ends_between_planes(sample, model):
 def test_every_prediction_gets_its_instances_from_the_one_decoding_function(sample, model, monkeypatch):
     calls = []
 
-    def fake_decoder(model, image, class_map, z, region, decoder, tta=False):
+    def fake_decoder(model, image, class_map, z, region, decoder, tta=False, maps=None):
         calls.append((z, region, decoder))
         return np.full(class_map.shape, 5, np.uint32)
 
@@ -429,6 +429,25 @@ def test_the_learned_wise_decoder_gives_instances_of_the_region_inside_instance_
     assert not np.any(piece.instances[~np.isin(piece.semantic, instance_ids)])
     ids = np.unique(piece.instances)
     assert list(ids[ids > 0]) == list(range(1, len(ids[ids > 0]) + 1))  # consecutive ids
+
+
+def test_the_wise_decoder_predicts_a_whole_plane_once(sample, model, monkeypatch):
+    """For a plane, the 'wise' decoder's instance maps also give the semantic prediction (the same
+    classes as predict_plane): the network runs over the plane once, not twice."""
+    from napari_protoseg.inference import predict_plane
+
+    expected = predict_plane(model, sample.image, 1)
+    passes = []
+    real_maps = session_module.predict_instance_maps
+    monkeypatch.setattr(session_module, "predict_plane", lambda *a, **k: passes.append("plane"))
+    monkeypatch.setattr(session_module, "predict_instance_maps",
+                        lambda *a, **k: passes.append("maps") or real_maps(*a, **k))
+    piece = next(prediction_run(model, sample.image, "plane", z=1, decoder="wise"))
+    assert passes == ["maps"]
+    np.testing.assert_array_equal(piece.semantic, expected.classes)
+    np.testing.assert_allclose(piece.confidence, expected.confidence, atol=1e-6)
+    instance_ids = [c.id for c in model.classes if c.instances]
+    assert not np.any(piece.instances[~np.isin(piece.semantic, instance_ids)])
 
 
 def test_the_wise_decoder_explains_that_it_needs_instance_heads(sample):

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ._text import format_ranges
-from .inference import predict_instance_maps, predict_plane, predict_region
+from .inference import PlaneInstanceMaps, predict_instance_maps, predict_plane, predict_region
 from .instances import (DEFAULT_DECODER, PLAIN_DECODERS, link_planes, min_object_sizes, plain_instances,
                         relabel_sequential, wise_instances)
 from .layers import (
@@ -941,12 +941,15 @@ class PredictionPiece:
 
 
 def decode_instances(model: TrainedModel, image: np.ndarray, class_map: np.ndarray, z: int | None,
-                     region: Region, decoder: str = DEFAULT_DECODER, tta: bool = False) -> np.ndarray:
+                     region: Region, decoder: str = DEFAULT_DECODER, tta: bool = False,
+                     maps: PlaneInstanceMaps | None = None) -> np.ndarray:
     """Instance labels (uint32, ids 1..n) of a predicted plane or region: THE place where the panel
     turns a prediction into instances (switch ``decoder`` here to use another decoder).
 
     ``class_map`` holds the class ids of ``region`` = (y0, x0, y1, x1) of plane ``z`` of ``image``;
-    the model and image are there for decoders that look at more than the class map.
+    the model and image are there for decoders that look at more than the class map. ``maps``: the
+    plane's :func:`~napari_protoseg.inference.predict_instance_maps`, if already predicted (else the
+    'wise' decoder predicts them, with ``tta``).
     """
     if decoder not in INSTANCE_DECODERS:
         raise SessionError(f"Unknown instance decoder '{decoder}'; choose one of {', '.join(INSTANCE_DECODERS)}.")
@@ -959,7 +962,8 @@ def decode_instances(model: TrainedModel, image: np.ndarray, class_map: np.ndarr
                            "instances (it learns where objects are from them). Flag the organelle classes in "
                            "the class table and train again, or choose 'watershed'.")
     # The learned maps of the whole plane (seeds may lie outside the region), cut to the region.
-    maps = predict_instance_maps(model, image, z, tta=tta)
+    if maps is None:
+        maps = predict_instance_maps(model, image, z, tta=tta)
     labels = wise_instances(maps.classes, maps.localization, maps.embedding, model.instance_class_ids,
                             min_size=min_sizes)
     y0, x0, y1, x1 = region
@@ -985,20 +989,27 @@ def prediction_run(model: TrainedModel, image: np.ndarray, scope: str, z: int | 
     height, width = np.shape(image)[-2:]
     y0, x0, y1, x1 = region if scope == "region" and region is not None else (0, 0, height, width)
     collected = [] if scope == "stack" and is_stack else None
+    # The 'wise' decoder needs the whole plane's instance maps, which hold its semantic prediction too.
+    whole_plane_maps = decoder == "wise" and scope != "region" and model.has_instance_heads
     for done, plane in enumerate(planes, start=1):
         if stop is not None and stop():
             return
-        if scope == "region":
-            result = predict_region(model, image, plane_index(plane), y0, x0, y1, x1, tta=tta)
+        maps = None
+        if whole_plane_maps:
+            maps = predict_instance_maps(model, image, plane_index(plane), tta=tta)
+            classes, confidence, (ry0, rx0) = maps.classes, maps.confidence, (0, 0)
         else:
-            result = predict_plane(model, image, plane_index(plane), tta=tta)
-        ry0, rx0 = result.origin
-        h, w = result.classes.shape
-        instances = decode_instances(model, image, result.classes, plane, (ry0, rx0, ry0 + h, rx0 + w), decoder,
-                                     tta=tta)
+            if scope == "region":
+                result = predict_region(model, image, plane_index(plane), y0, x0, y1, x1, tta=tta)
+            else:
+                result = predict_plane(model, image, plane_index(plane), tta=tta)
+            classes, confidence, (ry0, rx0) = result.classes, result.confidence, result.origin
+        h, w = classes.shape
+        instances = decode_instances(model, image, classes, plane, (ry0, rx0, ry0 + h, rx0 + w), decoder,
+                                     tta=tta, maps=maps)
         if collected is not None:
             collected.append(instances)
-        yield PredictionPiece(plane, (ry0, rx0), result.classes, instances, result.confidence, done, len(planes))
+        yield PredictionPiece(plane, (ry0, rx0), classes, instances, confidence, done, len(planes))
     if collected is not None:
         offsets = np.cumsum([0] + [int(p.max(initial=0)) for p in collected[:-1]])
         stacked = np.stack([np.where(p > 0, p + o, 0) for p, o in zip(collected, offsets)]).astype(np.uint32)
