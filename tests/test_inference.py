@@ -24,10 +24,10 @@ from napari_protoseg.project import ClassInfo
 CLASSES = [ClassInfo(1, "cytoplasm"), ClassInfo(3, "membrane"), ClassInfo(7, "mitochondrion")]
 
 
-def make_model(norm="group", context=0, depth=2, classes=CLASSES, seed=0) -> TrainedModel:
+def make_model(norm="group", context=0, depth=2, classes=CLASSES, seed=0, input_scale=1) -> TrainedModel:
     torch.manual_seed(seed)
     config = ModelConfig(n_classes=len(classes), in_channels=2 * context + 1, base_width=4, depth=depth,
-                         embed_dim=8, norm=norm)
+                         embed_dim=8, norm=norm, input_scale=input_scale)
     net = ProtoSegNet(config)
     with torch.no_grad():  # BatchNorm running statistics that are not the identity
         for module in net.modules():
@@ -83,6 +83,20 @@ def test_receptive_radius_matches_input_gradients(depth):
     assert receptive_radius(ModelConfig(n_classes=2, depth=4)) == 107
 
 
+@pytest.mark.parametrize("depth", [1, 2])
+def test_receptive_radius_of_a_half_resolution_network_matches_input_gradients(depth):
+    """At input_scale 2 the reach doubles, plus one network pixel for the bilinear upsampling."""
+    model = make_model(norm="batch", depth=depth, input_scale=2)
+    radius = 0
+    for offset in range(2 * 2 ** depth):  # pooling grid of the input scale and of the U-Net
+        x = torch.randn(1, 1, 160, 160, requires_grad=True)
+        c = 80 + offset
+        model.net(x)["logits"][0, :, c, c].sum().backward()
+        ys, xs = np.nonzero(x.grad[0, 0].numpy())
+        radius = max(radius, np.abs(ys - c).max(), np.abs(xs - c).max())
+    assert radius == receptive_radius(model.net.config) == 2 * (7 * 2 ** depth - 4)
+
+
 def test_tile_layout_covers_with_overlap():
     for length in list(range(1, 200, 7)) + [511, 512, 513, 1000, 1024, 1025, 4097]:
         for tile, overlap, multiple in [(512, 64, 8), (64, 16, 4), (100, 10, 4), (64, 60, 8), (32, 0, 8)]:
@@ -132,6 +146,23 @@ def test_tiled_equals_whole_image_prediction(shape, tile, overlap):
     reference = direct_probabilities(model, image[None])
     tolerance = 1e-5 if overlap >= 4 * 23 else 1e-3
     assert np.abs(pred.probabilities - reference).max() < tolerance
+    check_prediction(pred)
+
+
+@pytest.mark.parametrize("shape", [(300, 420), (303, 417)])
+def test_tiled_equals_whole_image_prediction_at_half_resolution(shape):
+    """A network at input_scale 2 places its tiles on its own grid (2 x 2 ** depth), so tiles with
+    overlap / 4 >= its receptive radius (2 x 24 px) give the whole-image forward."""
+    model = make_model(norm="batch", input_scale=2)
+    assert model.net.multiple == 8
+    overlap = 4 * receptive_radius(model.net.config)
+    image = smooth_image(shape)
+    ys, xs, _ = tile_layout(shape, 256, overlap, 8)
+    assert len(ys) > 1 and len(xs) > 2
+    pred = predict_plane(model, image, tile=256, overlap=overlap)
+    reference = direct_probabilities(model, image[None])
+    assert reference.shape[-2:] == shape
+    assert np.abs(pred.probabilities - reference).max() < 1e-5
     check_prediction(pred)
 
 
@@ -536,8 +567,7 @@ class _BlobNet(torch.nn.Module):
         super().__init__()
         self.config = ModelConfig(n_classes=3, base_width=4, depth=2, embed_dim=8, n_instance_classes=1,
                                   instance_embed_dim=2)
-        self.backbone = torch.nn.Module()
-        self.backbone.multiple = 4
+        self.multiple = 4
         self.unused = torch.nn.Parameter(torch.zeros(1))
 
     def forward(self, x, instance_batch=None):

@@ -195,11 +195,31 @@ def test_no_instance_classes_means_no_heads_and_the_same_network_as_before():
     assert set(plain(torch.randn(1, 1, 16, 16))) == {"embedding", "logits"}
 
 
+@pytest.mark.parametrize("shape", [(32, 48), (37, 53)])
+def test_a_half_resolution_network_gives_full_resolution_maps(shape):
+    """input_scale 2: the network works on the 2x average-pooled input (its embedding is at that
+    resolution), and logits and instance maps come back at the input's size, any size."""
+    net = tiny(input_scale=2, n_instance_classes=1, instance_embed_dim=4)
+    h, w = shape
+    x = torch.randn(2, 1, h, w)
+    out = net(x)
+    assert out["logits"].shape == (2, 3, h, w) and out["logits"].is_contiguous()
+    assert out["localization"].shape == (2, 1, h, w) and out["instance_embedding"].shape == (2, 4, h, w)
+    assert out["embedding"].shape == (2, 8, -(-h // 8) * 4, -(-w // 8) * 4)  # padded to the multiple, halved
+    assert net.multiple == 8 and tiny().multiple == 4
+    sampled = net(x, sampled_embedding=True)["instance_embedding"]
+    assert sampled.shape == (2, 4, h, w)
+    pixels = torch.tensor([0, 5, h * w + 7, 2 * h * w - 1])
+    full = out["instance_embedding"].permute(0, 2, 3, 1).reshape(-1, 4)[pixels]
+    torch.testing.assert_close(sampled.rows(pixels), full, rtol=1e-5, atol=1e-5)
+
+
 def test_configs_without_the_instance_fields_load_with_no_heads():
     old = {"n_classes": 3, "in_channels": 1, "base_width": 4, "depth": 2, "embed_dim": 8,
            "prototypes_per_class": 2, "temperature": 0.05, "norm": "group"}
     cfg = ModelConfig.from_dict(old)
     assert cfg.n_instance_classes == 0 and cfg.instance_embed_dim == 64 and not cfg.has_instance_heads
+    assert cfg.input_scale == 1  # files written before the field existed: full resolution
     for bad in (dict(n_classes=2, n_instance_classes=3), dict(n_classes=2, n_instance_classes=-1),
                 dict(n_classes=2, n_instance_classes=1, instance_embed_dim=0)):
         with pytest.raises(ValueError):

@@ -114,9 +114,15 @@ def receptive_radius(config: ModelConfig) -> int:
     convolutions up; the DSP head is 1x1. 9 for ``depth=1``, 23 for ``depth=2``, 51 for ``depth=3``,
     107 for ``depth=4`` (checked against input gradients). GroupNorm is ignored (it is global).
     A filter bank (``config.filter_sigmas``) adds its radius, ``ceil(4 * max sigma) + 1``.
+    With ``input_scale`` s > 1 the network's reach, counted in its own pixels, grows by one (the
+    bilinear upsampling) and each of its pixels is s input pixels: ``s * (7 * 2**depth - 4)``
+    (exact for s = 2, an upper bound above), plus the filter bank's radius.
     """
     filters = max((int(math.ceil(4 * s)) + 1 for s in config.filter_sigmas), default=0)
-    return 7 * 2 ** config.depth - 5 + filters
+    network = 7 * 2 ** config.depth - 5
+    if config.input_scale > 1:
+        network = config.input_scale * (network + 1)
+    return network + filters
 
 
 def _ceil_to(value: int, multiple: int) -> int:
@@ -124,7 +130,7 @@ def _ceil_to(value: int, multiple: int) -> int:
 
 
 def _tile_size(tile: int, multiple: int) -> int:
-    """The tile rounded down to a multiple of ``2 ** depth``, at least twice that."""
+    """The tile rounded down to a multiple of the network's ``multiple``, at least twice that."""
     return max(2 * multiple, int(tile) // multiple * multiple)
 
 
@@ -150,7 +156,7 @@ def _axis_tiles(length: int, tile: int, overlap: int, multiple: int) -> tuple[li
 def tile_layout(shape: tuple[int, int], tile: int = 512, overlap: int = 64,
                 multiple: int = 8) -> tuple[list[int], list[int], tuple[int, int]]:
     """Tile origins along y and x and the tile size (th, tw) used for a plane of ``shape``
-    (``multiple`` = ``2 ** depth`` of the network, 8 by default)."""
+    (``multiple``: ``ProtoSegNet.multiple``, ``input_scale * 2 ** depth``; 8 by default)."""
     _check_tiling(tile, overlap)
     tile = _tile_size(tile, multiple)
     ys, th, _, _ = _axis_tiles(int(shape[0]), tile, overlap, multiple)
@@ -288,7 +294,7 @@ class _Runner:
             if next(self.net.parameters()).device != self.device:
                 self.net.to(self.device)
         self.n_classes = model.net.config.n_classes
-        self.multiple = self.net.backbone.multiple
+        self.multiple = self.net.multiple
         self.transforms = TTA_TRANSFORMS if tta else TTA_TRANSFORMS[:1]
 
     def __enter__(self):
@@ -342,7 +348,7 @@ def _plane_bands(runner: _Runner, source: _Source, z: int, bounds: tuple[int, in
                  instance: bool = False) -> Iterator[tuple[int, int, np.ndarray]]:
     """Blended probabilities of the region ``bounds = (y0, x0, y1, x1)`` of plane ``z``, yielded as
     finished row bands ``(r0, r1, probs (C, r1 - r0, X))`` in region coordinates, top to bottom.
-    Tiles may reach past the region's bottom/right (to a multiple of ``2 ** depth``): they read the
+    Tiles may reach past the region's bottom/right (to a multiple of ``ProtoSegNet.multiple``): they read the
     image there, or its reflection beyond the image's edge. With ``instance`` the bands hold the
     stacked outputs of :meth:`_Runner.instance_outputs` (C + K + E channels), blended alike."""
     y_lo, x_lo, y_hi, x_hi = bounds

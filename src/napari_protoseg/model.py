@@ -63,6 +63,12 @@ class ModelConfig:
     on with sigmas (1, 2.5, 6.3, 16): on the benchmark's `masks` setting (8 crops of 128 x 128, plain
     cross-entropy, test sections 10, 13, 16, 19, before the validation split existed) 300 steps with
     it reached mIoU 0.437, 600 steps without it 0.399. The benchmark has an ablation without it.
+
+    ``input_scale`` s > 1 runs the U-Net and the heads at 1/s of the input resolution: the input
+    (and the filter responses, computed at full resolution) is average-pooled by s, and the logits
+    and the instance maps are upsampled bilinearly back to the input's size; the DSP embedding stays
+    at the low resolution. 1 (a bare ``ModelConfig``, and what older files load as) is the plain
+    full-resolution network; the training default (``TrainConfig.input_scale``) is 2.
     """
 
     n_classes: int
@@ -77,13 +83,14 @@ class ModelConfig:
     instance_embed_dim: int = 64
     filter_sigmas: tuple[float, ...] = ()
     localization_context: int = 0
+    input_scale: int = 1
 
     def __post_init__(self) -> None:
         self.filter_sigmas = tuple(float(s) for s in self.filter_sigmas)
         if any(not (math.isfinite(s) and s > 0) for s in self.filter_sigmas):
             raise ValueError(f"ModelConfig.filter_sigmas must be positive numbers, got {self.filter_sigmas!r}")
         for name in ("n_classes", "in_channels", "base_width", "embed_dim", "prototypes_per_class",
-                     "instance_embed_dim"):
+                     "instance_embed_dim", "input_scale"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
@@ -396,9 +403,11 @@ class FilterBank(nn.Module):
 class ProtoSegNet(nn.Module):
     """U-Net + DSP head + class prototypes (+ optional WISE-Net instance heads).
 
-    ``forward(x: (B, in_channels, H, W))`` returns ``{"embedding": (B, D, H, W) unit vectors,
-    "logits": (B, C, H, W)}`` with ``|logits| <= 1 / temperature``. The prototypes are stored
-    unnormalised in ``prototypes`` (C, K, D) and L2-normalised at every forward.
+    ``forward(x: (B, in_channels, H, W))`` returns ``{"embedding": (B, D, h, w) unit vectors,
+    "logits": (B, C, H, W)}`` with ``|logits| <= 1 / temperature``; ``h, w`` are the resolution
+    the network works at, ``H, W`` (padded to :attr:`multiple` where ``config.input_scale`` > 1)
+    divided by ``config.input_scale``. The prototypes are stored unnormalised in ``prototypes``
+    (C, K, D) and L2-normalised at every forward.
 
     With instance heads (``config.n_instance_classes = K > 0``) the dict also holds
     ``"localization"`` (B, K, H, W) **logits** (``sigmoid`` gives the blob probabilities) and
@@ -435,6 +444,18 @@ class ProtoSegNet(nn.Module):
         # converted in forward, and state dicts load into these parameters whatever their layout.
         self.to(memory_format=torch.channels_last)
 
+    @property
+    def multiple(self) -> int:
+        """Input sizes that need no padding: ``input_scale * 2 ** depth`` (tiles are placed on it)."""
+        return self.config.input_scale * self.backbone.multiple
+
+    def _to_input_size(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """A map at the network's resolution, upsampled bilinearly by ``input_scale`` and cropped
+        to ``height x width`` (contiguous)."""
+        if self.config.input_scale > 1:
+            x = F.interpolate(x, scale_factor=self.config.input_scale, mode="bilinear", align_corners=False)
+        return x[..., :height, :width].contiguous()
+
     def clipping_groups(self) -> list[list[nn.Parameter]]:
         """The parameters in groups whose gradient norms are clipped separately: the semantic model
         (backbone, DSP head, prototypes) and each instance head. One global norm let the instance
@@ -459,13 +480,24 @@ class ProtoSegNet(nn.Module):
             with torch.no_grad():
                 responses = self.filters(x[:, centre:centre + 1]).to(x.dtype)
             x = torch.cat([x, responses], dim=1)
+        height, width = x.shape[-2:]
+        input_scale = self.config.input_scale
+        if input_scale > 1:
+            # Padded at full resolution to the whole multiple, as the tiling of inference pads an
+            # image, so that tiles and a whole-image forward see the same border.
+            m = self.multiple
+            pad_h, pad_w = (-height) % m, (-width) % m
+            if pad_h or pad_w:
+                mode = "reflect" if pad_h < height and pad_w < width else "replicate"
+                x = F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
+            x = F.avg_pool2d(x, input_scale)
         x = x.contiguous(memory_format=torch.channels_last)
         features = self.backbone(x)
         e = self.head(features)
         # mean_j cos(e, p_c^j) = e . mean_j p_c^j, since |e| = 1 and each p_c^j is normalised.
         mean_proto = self.normalized_prototypes().mean(dim=1) / self.config.temperature  # (C, D)
-        logits = F.linear(e.permute(0, 2, 3, 1), mean_proto).permute(0, 3, 1, 2).contiguous()
-        out = {"embedding": e, "logits": logits}
+        logits = F.linear(e.permute(0, 2, 3, 1), mean_proto).permute(0, 3, 1, 2)
+        out = {"embedding": e, "logits": self._to_input_size(logits, height, width)}
         if self.config.has_instance_heads and instance_batch != 0:
             head_features = features if instance_batch is None else features[:instance_batch]
             scale = float(instance_backbone_grad)
@@ -476,12 +508,15 @@ class ProtoSegNet(nn.Module):
             # The backbone's output is cropped back to the input size; channels_last keeps the
             # heads' convolutions on the fast (oneDNN) path.
             head_features = head_features.contiguous(memory_format=torch.channels_last)
-            out["localization"] = self.localization_head(head_features).contiguous()
+            out["localization"] = self._to_input_size(self.localization_head(head_features), height, width)
             if sampled_embedding:
-                out["instance_embedding"] = SampledEmbedding(self.instance_embedding_head.hidden(head_features),
-                                                             self.instance_embedding_head.conv2)
+                hidden = self.instance_embedding_head.hidden(head_features)
+                if input_scale > 1:
+                    hidden = self._to_input_size(hidden, height, width).contiguous(memory_format=torch.channels_last)
+                out["instance_embedding"] = SampledEmbedding(hidden, self.instance_embedding_head.conv2)
             else:
-                out["instance_embedding"] = self.instance_embedding_head(head_features)
+                embedding = self.instance_embedding_head(head_features)
+                out["instance_embedding"] = self._to_input_size(embedding, height, width) if input_scale > 1 else embedding
         return out
 
 

@@ -50,9 +50,11 @@ class TrainConfig:
     (:class:`~napari_protoseg.data.CropSampler`).
     """
 
-    # 540 rather than 600: a default run on the benchmark's 10 x 1024 x 1024 sections took 316-325 s
-    # with 600 steps and the panel's live preview on the 2-core CPU; the budget is 5 minutes.
-    steps: int = 540
+    # With input_scale 2 a step costs about 0.4 of a full-resolution one (masks+points on the 2-core
+    # CPU: 107 vs 272 ms), so 1350 steps take about the time 540 took before (540 full-resolution
+    # steps: 316-325 s for 600 steps with the panel's live preview on the benchmark's 10 x 1024 x 1024
+    # sections; the budget is 5 minutes).
+    steps: int = 1350
     # 4 crops of 192 px rather than 8 of 128 (about the same pixels and time per step): the U-Net's
     # receptive field is about 190 px, and with that context mitochondria and glia are learnt. Chosen
     # from single runs on test sections 10-19, before the validation split existed (not to repeat):
@@ -128,6 +130,13 @@ class TrainConfig:
     checkpoint_every: int = 100
     instance_heads: bool = True
     instance_embed_dim: int = 64
+    # The network works at half the image's resolution (ModelConfig.input_scale): each step is about
+    # 2.5 x cheaper, its receptive field twice as wide, and the steps that fit the budget are what
+    # limits the model here. Validation split, CPU, seeds 0 / 1, mIoU: 1350 half-resolution steps
+    # (about the time of 540 at full resolution) vs 540 full-resolution steps: masks 0.549 / 0.573 vs
+    # 0.527 / 0.495, full 0.571 / 0.626 vs 0.519 / 0.502, mixed 0.547 vs 0.486 (seed 0); 540 steps
+    # at half resolution: masks 0.522 (seed 0). Membranes (about 6 px wide) keep their IoU.
+    input_scale: int = 2
     # The localization head's context branch works at 1/4 resolution (ModelConfig.localization_context).
     # Without it the head saw 3 x 3 feature pixels: with a frozen validation-trained `masks+points`
     # backbone, retraining the head alone for 300 steps left 3 of 43 training mitochondria with exactly
@@ -183,7 +192,7 @@ class TrainConfig:
                            prototypes_per_class=self.prototypes_per_class, temperature=self.temperature,
                            n_instance_classes=n_instance_classes if self.instance_heads else 0,
                            instance_embed_dim=self.instance_embed_dim, filter_sigmas=tuple(self.filter_sigmas),
-                           localization_context=self.localization_context)
+                           localization_context=self.localization_context, input_scale=self.input_scale)
 
 
 # Default steps with a CUDA GPU: the CPU's 540 are about a minute there (an H100 with 16 CPU cores,
@@ -192,7 +201,10 @@ class TrainConfig:
 # CPU), 1620 steps vs 540 gave masks 0.512 vs 0.467 mIoU and masks+points 0.529 vs 0.496
 # (mitochondrion AP50, WISE decoder, 0.18 vs 0.13). On the H100 itself (validation, seeds 0 / 1),
 # 1620 steps gave masks 0.551 / 0.567 and full 0.615 / 0.597 (540 on the CPU, seed 0: 0.509 and
-# 0.514). MPS is not measured: it keeps the CPU's default.
+# 0.514). These were full-resolution steps (input_scale 1); at half resolution (the default since)
+# the GPU's share of a step shrinks, and the crops and losses at full resolution stay, so 1620 steps
+# should take no longer there; not measured on a GPU yet. MPS is not measured: it keeps the CPU's
+# default.
 CUDA_STEPS = 1620
 
 
@@ -218,7 +230,8 @@ def warmup_for_steps(config: TrainConfig, steps: int) -> int:
 # What training did before each of these fields was added (see TrainConfig.from_dict).
 _BEFORE_FIELD_EXISTED = {"filter_sigmas": (), "mask_share": None, "balance_classes": 0.0,
                          "instance_heads": False, "instance_backbone_grad": True, "localization_context": 0,
-                         "unpointed_negatives": False, "point_spread": 0, "negative_only_weight": 1.0}
+                         "unpointed_negatives": False, "point_spread": 0, "negative_only_weight": 1.0,
+                         "input_scale": 1}
 
 
 @dataclass
