@@ -425,6 +425,25 @@ def test_a_point_spreads_over_the_look_alike_pixels_within_its_radius_only():
     assert np.nonzero(wide[0] == 1)[1].max() == 11
 
 
+def test_an_exhaustive_point_spreads_at_most_halfway_to_its_nearest_neighbour_of_its_class():
+    from napari_protoseg.data import point_radii, point_regions
+
+    points = _points([(0, 10, 10, 5, True), (0, 10, 16, 5, True),  # 6 px apart: radius 3 each
+                      (0, 30, 10, 5, True),                         # 20 px from the nearest: radius 5
+                      (0, 10, 13, 1, True),                         # another class: no neighbour of its own
+                      (0, 12, 10, 2, False), (0, 12, 12, 2, False), # not exhaustive: may be one object
+                      (1, 10, 12, 5, True)])                        # another plane: alone there
+    assert point_radii(points, 5).tolist() == [3, 3, 5, 5, 5, 5, 5]
+    assert point_radii(points, 5, halfway=False).tolist() == [5] * 7
+    assert point_radii(points, 2).tolist() == [2] * 7  # never wider than the radius
+    volume = np.ones((2, 40, 40), np.float32)
+    specks = _points([(0, 10, 10, 5, True), (0, 10, 12, 5, True)])  # 2 px apart: 1 px each
+    regions = point_regions(volume, specks, {5: 0}, radius=5, tolerance=0.1, smoothing=0)
+    assert (regions == 0).sum() == 9  # two disks of radius 1 (5 pixels each, 1 shared), not of 5
+    wide = point_regions(volume, specks, {5: 0}, radius=5, tolerance=0.1, smoothing=0, halfway=False)
+    assert (wide == 0).sum() > 80
+
+
 def test_pixels_claimed_by_points_of_two_classes_teach_nothing():
     from napari_protoseg.data import point_regions
 

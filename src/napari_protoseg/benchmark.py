@@ -428,7 +428,8 @@ ABLATIONS = (
     ("full", "class-balanced cross-entropy", {"balance_classes": 1.0}),
     ("full", "instance losses also train the backbone", {"instance_backbone_grad": True}),
     ("full", "without filter bank", {"filter_sigmas": []}),
-    ("points-only", "defaults (points spread 5 px, unpointed regions negative)", {}),
+    ("points-only", "defaults (points spread up to 5 px and halfway to their neighbours, unpointed regions negative)", {}),
+    ("points-only", "points spread 5 px whatever their neighbours (the previous default)", {"point_spread_halfway": False}),
     ("points-only", "each point teaches its pixel only (the previous default)",
      {"point_spread": 0, "unpointed_negatives": False}),
 )

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from scipy import ndimage as ndi
+from scipy.spatial import cKDTree
 from skimage.segmentation import flood
 
 from .losses import CropTargets
@@ -112,27 +113,55 @@ def _round_up(value: int, multiple: int) -> int:
     return -(-int(value) // multiple) * multiple
 
 
+def point_radii(points: np.ndarray, radius: int, halfway: bool = True) -> np.ndarray:
+    """The spread radius of each point: ``radius``, and with ``halfway`` at most half the distance
+    (rounded down) from an exhaustive point to the nearest other exhaustive point of its class in its
+    plane. Exhaustive points mark different objects, so a point's spread stops halfway to its
+    neighbour's: clustered points of small objects (specks) spread over little, lone ones fully."""
+    radii = np.full(len(points), max(int(radius), 0), dtype=np.int64)
+    if not halfway or len(points) < 2:
+        return radii
+    exhaustive = points["exhaustive"].astype(bool)
+    keys = np.stack([points["z"], points["class"]], axis=1)
+    for z, cid in np.unique(keys[exhaustive], axis=0):
+        members = np.nonzero(exhaustive & (points["z"] == z) & (points["class"] == cid))[0]
+        if len(members) < 2:
+            continue
+        yx = np.stack([points["y"][members], points["x"][members]], axis=1).astype(np.float64)
+        distance, _ = cKDTree(yx).query(yx, k=2)
+        radii[members] = np.minimum(radii[members], np.floor(distance[:, 1] / 2).astype(np.int64))
+    return radii
+
+
 def point_regions(volume: np.ndarray, points: np.ndarray, class_index: dict[int, int], radius: int,
-                  tolerance: float, smoothing: float = 1.0) -> np.ndarray:
+                  tolerance: float, smoothing: float = 1.0, halfway: bool = True) -> np.ndarray:
     """Each point spread over the pixels around it that look like it: the 4-connected pixels within
-    ``radius`` of the point whose intensity (Gaussian-smoothed by ``smoothing``) differs from the
-    point's by at most ``tolerance``. ``volume``: normalised (Z, Y, X). Returns the class index of
-    every spread pixel, -1 elsewhere (int8 for at most 127 classes, else int16) and where points of
-    different classes claim the same pixel."""
+    its radius (:func:`point_radii`: ``radius``, and with ``halfway`` at most half the way to the
+    nearest other exhaustive point of its class) whose intensity (Gaussian-smoothed by
+    ``smoothing``) differs from the point's by at most ``tolerance``. ``volume``: normalised
+    (Z, Y, X). Returns the class index of every spread pixel, -1 elsewhere (int8 for at most 127
+    classes, else int16) and where points of different classes claim the same pixel."""
     out = np.full(volume.shape, -1, dtype=np.int8 if len(class_index) < 128 else np.int16)
     if radius <= 0 or len(points) == 0:
         return out
+    radii = point_radii(points, radius, halfway)
+    disks = {}
     conflict = np.zeros(volume.shape, dtype=bool)
     h, w = volume.shape[1:]
-    yy, xx = np.mgrid[-radius:radius + 1, -radius:radius + 1]
-    disk = yy ** 2 + xx ** 2 <= radius ** 2
     for z in np.unique(points["z"]):
         plane = ndi.gaussian_filter(volume[z].astype(np.float32), smoothing) if smoothing else volume[z]
-        for p in points[points["z"] == z]:
+        for i in np.nonzero(points["z"] == z)[0]:
+            r = int(radii[i])
+            if r <= 0:  # the point teaches its own pixel (the point loss)
+                continue
+            if r not in disks:
+                yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
+                disks[r] = yy ** 2 + xx ** 2 <= r ** 2
+            p = points[i]
             y, x, cid = int(p["y"]), int(p["x"]), int(p["class"])
-            y0, x0, y1, x1 = max(y - radius, 0), max(x - radius, 0), min(y + radius + 1, h), min(x + radius + 1, w)
+            y0, x0, y1, x1 = max(y - r, 0), max(x - r, 0), min(y + r + 1, h), min(x + r + 1, w)
             region = flood(plane[y0:y1, x0:x1], (y - y0, x - x0), tolerance=tolerance)
-            region &= disk[y0 - y + radius:y1 - y + radius, x0 - x + radius:x1 - x + radius]
+            region &= disks[r][y0 - y + r:y1 - y + r, x0 - x + r:x1 - x + r]
             window, clash = out[z, y0:y1, x0:x1], conflict[z, y0:y1, x0:x1]
             c = class_index[cid]
             clash |= region & (window >= 0) & (window != c)
@@ -162,7 +191,8 @@ class CropSampler:
 
     def __init__(self, image: np.ndarray, annotations: AnnotationSet, normalization: Normalization,
                  crop_size: int = 256, context: int = 0, augment: bool = True, jitter: bool = True,
-                 mask_share: float | None = None, point_spread: int = 0, point_spread_tolerance: float = 0.1):
+                 mask_share: float | None = None, point_spread: int = 0, point_spread_tolerance: float = 0.1,
+                 point_spread_halfway: bool = True):
         if mask_share is not None and not 0.0 <= mask_share <= 1.0:
             raise ValueError(f"mask_share must be between 0 and 1, got {mask_share!r}")
         if point_spread < 0 or point_spread_tolerance < 0:
@@ -190,7 +220,7 @@ class CropSampler:
         self.spread_index = None
         if point_spread > 0 and len(annotations.points):
             self.spread_index = point_regions(self.volume, annotations.points, self.index_of, point_spread,
-                                              point_spread_tolerance)
+                                              point_spread_tolerance, halfway=point_spread_halfway)
         self.anchors = self._collect_anchors()
         self._tag_crop_anchors = {c: large for c, group in self.anchors.get("tag", {}).items()
                                   if (large := [a for a in group if self._needs_tag_crop(a)])}
