@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 WINDOW_SIZE = (1500, 950)
-TRAIN_STEPS = 2000  # the panel's default on the CPU
+TRAIN_STEPS = 1800  # the panel's default on the CPU
 
 
 def main() -> None:

@@ -410,13 +410,13 @@ QUICK_BATCH_SIZE = 8
 # setting reuses that run instead of training again.
 _EVERY_PAIR_ALIKE = "classes without a positive in a crop pushed down at full weight (the previous default)"
 ABLATIONS = (
-    ("masks", "defaults (half resolution, 2000 steps of 4 crops of 192 px)", {}),
-    ("masks", "full resolution, 800 steps (about the same time)", {"input_scale": 1, "steps": 800}),
+    ("masks", "defaults (half resolution, 1800 steps of 4 crops of 192 px)", {}),
+    ("masks", "full resolution, 720 steps (about the same time)", {"input_scale": 1, "steps": 720}),
     ("masks", "8 crops of 128 px per step (the previous default)", {"crop_size": 128, "batch_size": 8}),
     ("masks", _EVERY_PAIR_ALIKE, {"negative_only_weight": 1.0}),
-    ("mixed", "defaults (9 of 10 crops on masks, no pseudo-label term, 2000 steps)", {}),
+    ("mixed", "defaults (9 of 10 crops on masks, no pseudo-label term, 1800 steps)", {}),
     ("mixed", "3 of 4 crops on masks (the previous default)", {"mask_share": 0.75}),
-    ("mixed", "pseudo-label term, 1000 steps (about the same time)", {"weight_pseudo_label": 0.5, "steps": 1000}),
+    ("mixed", "pseudo-label term, 900 steps (about the same time)", {"weight_pseudo_label": 0.5, "steps": 900}),
     ("mixed", "without cross-entropy", {"weight_ce": 0.0}),
     ("mixed", "crop types drawn uniformly", {"mask_share": None}),
     ("masks+tags", "tag pooling: mean", {"tag_pooling": "mean"}),
@@ -424,7 +424,7 @@ ABLATIONS = (
     ("masks+tags", "tag pooling: smoothmax", {"tag_pooling": "smoothmax"}),
     ("masks+tags", _EVERY_PAIR_ALIKE, {"negative_only_weight": 1.0}),
     ("full", "defaults", {}),
-    ("full", "full resolution, 800 steps (about the same time)", {"input_scale": 1, "steps": 800}),
+    ("full", "full resolution, 720 steps (about the same time)", {"input_scale": 1, "steps": 720}),
     ("full", "class-balanced cross-entropy", {"balance_classes": 1.0}),
     ("full", "instance losses also train the backbone", {"instance_backbone_grad": True}),
     ("full", "without filter bank", {"filter_sigmas": []}),
@@ -446,7 +446,7 @@ DOCS_IMAGES = "images"  # the plot's folder next to docs/benchmarks.md
 def benchmark_config(quick: bool = False, config_overrides: dict | None = None, seed: int = 0):
     """The :class:`~napari_protoseg.training.TrainConfig` of a benchmark run.
 
-    Full runs use the plugin's defaults for the CPU on every device (2000 steps also where the plugin
+    Full runs use the plugin's defaults for the CPU on every device (1800 steps also where the plugin
     would train :data:`~napari_protoseg.training.CUDA_STEPS` on a CUDA GPU), so that runs compare
     across machines and the ablations' step counts keep their meaning. Quick runs train
     ``QUICK_STEPS`` steps on ``QUICK_BATCH_SIZE`` crops of ``QUICK_CROP_SIZE``. When the number of

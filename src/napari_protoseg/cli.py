@@ -26,7 +26,7 @@ from .project import ProjectError, read_annotations
 
 # TrainConfig.steps and training.CUDA_STEPS, restated so that --help need not import PyTorch (a test
 # keeps them equal).
-DEFAULT_STEPS = 2000
+DEFAULT_STEPS = 1800
 DEFAULT_CUDA_STEPS = 2400
 
 EXIT_OK = 0
