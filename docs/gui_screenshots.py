@@ -1,7 +1,8 @@
 """Render the screenshots of the user guide (docs/user_guide.md) by going through the workflow.
 
 Needs a display; headless: ``xvfb-run -a -s "-screen 0 1600x1000x24" python docs/gui_screenshots.py``.
-Trains with the panel's defaults on the CPU (about 4 minutes); ``--steps`` trades time for prediction quality.
+Trains with the panel's defaults on the CPU (about 7 minutes under Xvfb on 2 cores); ``--steps`` trades time for
+prediction quality.
 """
 
 from __future__ import annotations
