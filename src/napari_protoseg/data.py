@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
+from skimage.morphology import disk
 from skimage.segmentation import flood
 
 from .losses import CropTargets
@@ -145,7 +146,6 @@ def point_regions(volume: np.ndarray, points: np.ndarray, class_index: dict[int,
     if radius <= 0 or len(points) == 0:
         return out
     radii = point_radii(points, radius, halfway)
-    disks = {}
     conflict = np.zeros(volume.shape, dtype=bool)
     h, w = volume.shape[1:]
     for z in np.unique(points["z"]):
@@ -154,14 +154,11 @@ def point_regions(volume: np.ndarray, points: np.ndarray, class_index: dict[int,
             r = int(radii[i])
             if r <= 0:  # the point teaches its own pixel (the point loss)
                 continue
-            if r not in disks:
-                yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
-                disks[r] = yy ** 2 + xx ** 2 <= r ** 2
             p = points[i]
             y, x, cid = int(p["y"]), int(p["x"]), int(p["class"])
             y0, x0, y1, x1 = max(y - r, 0), max(x - r, 0), min(y + r + 1, h), min(x + r + 1, w)
             region = flood(plane[y0:y1, x0:x1], (y - y0, x - x0), tolerance=tolerance)
-            region &= disks[r][y0 - y + r:y1 - y + r, x0 - x + r:x1 - x + r]
+            region &= disk(r, dtype=bool)[y0 - y + r:y1 - y + r, x0 - x + r:x1 - x + r]
             window, clash = out[z, y0:y1, x0:x1], conflict[z, y0:y1, x0:x1]
             c = class_index[cid]
             clash |= region & (window >= 0) & (window != c)

@@ -53,8 +53,9 @@ class TrainConfig:
     # With input_scale 2 a step costs about 0.4 of a full-resolution one (masks+points on the 2-core
     # CPU: 107 vs 272 ms); the budget is 5 minutes for the benchmark's 10 x 1024 x 1024 sections with
     # the panel's live preview. On the benchmark (test sections, with previews) 1350 steps took 130-143
-    # s one day, and 2000 steps 238-318 s another (this machine's pace varies: 120-155 ms a step; the
-    # settings with points were the slowest), so 1800 steps, which leave room for a slow day.
+    # s one day, and on another, slower day 2000 steps took 238-318 s and 1800 steps 194-324 s (the
+    # pace varied from 120 to 180 ms a step within the day; 1800 steps went past 300 s twice, on its
+    # slowest stretch). At the first day's pace (96-106 ms a step) 1800 steps take about 190 s.
     # Validation split, CPU, seeds 0 / 1, mIoU, 2000 vs 1350 steps:
     # masks 0.571 / 0.582 vs 0.549 / 0.573, masks+tags 0.578 / 0.569 vs 0.536 / 0.549, masks+boxes
     # 0.586 / 0.564 vs 0.559 / 0.580, masks+points 0.561 / 0.605 vs 0.534 / 0.565, mixed 0.573 / 0.588
