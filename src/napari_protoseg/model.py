@@ -322,6 +322,20 @@ def _gaussian_kernel(sigma: float) -> torch.Tensor:
     return k / k.sum()
 
 
+def _smoothing_matrix(kernel: torch.Tensor, size: int) -> torch.Tensor:
+    """The (size, size) matrix ``M`` with ``rows @ M`` = the rows convolved with ``kernel`` after
+    the padding :meth:`FilterBank._padded` gives them (reflect, or replicate where the kernel is
+    longer than the row): the padding is applied to the pixels' indices, so it is the same one."""
+    r = (len(kernel) - 1) // 2
+    mode = "reflect" if r < size else "replicate"
+    source = F.pad(torch.arange(size, dtype=torch.float64).view(1, 1, size), (r, r), mode=mode)
+    taps = source.view(-1).long().unfold(0, 2 * r + 1, 1)  # (size, 2r + 1): the input of each tap
+    outputs = torch.arange(size).view(-1, 1).expand_as(taps)
+    matrix = torch.zeros(size, size, dtype=torch.float64)
+    matrix.index_put_((taps, outputs), kernel.double().view(1, -1).expand_as(taps), accumulate=True)
+    return matrix
+
+
 class FilterBank(nn.Module):
     """Fixed multiscale filters of one channel: for each ``sigma`` the Gaussian-smoothed image, its
     gradient magnitude (times sigma) and the two eigenvalues of its Hessian (times sigma^2), as
@@ -331,11 +345,17 @@ class FilterBank(nn.Module):
     ``forward(x: (B, 1, H, W)) -> (B, 4 * len(sigmas), H, W)``.
     """
 
+    # Up to this side length the smoothing runs as two matrix products with all scales at once
+    # (padding folded into the matrices): on 1 CPU thread 3-4 times faster than 1-D convolutions
+    # for 8 x 192 x 192 and 4 x 512 x 512 inputs, twice as fast at 1024 x 1024, even at 2048.
+    matrix_limit = 1024
+
     def __init__(self, sigmas: tuple[float, ...]) -> None:
         super().__init__()
         self.sigmas = tuple(float(s) for s in sigmas)
         for i, sigma in enumerate(self.sigmas):
             self.register_buffer(f"kernel{i}", _gaussian_kernel(sigma), persistent=False)
+        self._matrices: dict[tuple[int, str, torch.dtype], torch.Tensor] = {}
 
     @property
     def n_features(self) -> int:
@@ -345,6 +365,9 @@ class FilterBank(nn.Module):
     def radius(self) -> int:
         """How far (pixels) an input influences a response."""
         return max((int(math.ceil(4 * s)) + 1 for s in self.sigmas), default=0)
+
+    def _kernels(self) -> list[torch.Tensor]:
+        return [getattr(self, f"kernel{i}") for i in range(len(self.sigmas))]
 
     @staticmethod
     def _padded(x: torch.Tensor, r: int, axis: int) -> torch.Tensor:
@@ -362,6 +385,26 @@ class FilterBank(nn.Module):
         padded = cls._padded(x, r, -1)
         b, c, h, w = padded.shape
         return F.conv1d(padded.reshape(b * c * h, 1, w), kernel.view(1, 1, -1)).reshape(b, c, h, w - 2 * r)
+
+    def _smoothing_matrices(self, size: int, like: torch.Tensor) -> torch.Tensor:
+        """(S, size, size): :func:`_smoothing_matrix` of each scale, cached per size and device."""
+        key = (size, str(like.device), like.dtype)
+        matrices = self._matrices.get(key)
+        if matrices is None:
+            matrices = torch.stack([_smoothing_matrix(k.cpu(), size) for k in self._kernels()])
+            matrices = matrices.to(device=like.device, dtype=like.dtype)
+            if len(self._matrices) >= 8:
+                self._matrices.clear()
+            self._matrices[key] = matrices
+        return matrices
+
+    def smoothed(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 1, H, W) -> (B, S, H, W): the image smoothed at each scale (separable Gaussian)."""
+        h, w = x.shape[-2:]
+        if max(h, w) <= self.matrix_limit:
+            along_x = torch.matmul(x, self._smoothing_matrices(w, x))  # (B, S, H, W)
+            return torch.matmul(self._smoothing_matrices(h, x).transpose(-1, -2), along_x)
+        return torch.cat([self._smooth1d(self._smooth1d(x, k, -1), k, -2) for k in self._kernels()], dim=1)
 
     @classmethod
     def _neighbours(cls, x: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -386,18 +429,20 @@ class FilterBank(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float().contiguous()
-        out = []
-        for i, sigma in enumerate(self.sigmas):
-            kernel = getattr(self, f"kernel{i}")
-            smooth = self._smooth1d(self._smooth1d(x, kernel, -1), kernel, -2)
-            gy, hyy = self._differences(smooth, -2)
-            gx, hxx = self._differences(smooth, -1)
-            hxy = self._first_difference(gx, -2)
-            edges = torch.sqrt(gx * gx + gy * gy + 1e-12) * sigma
-            half_trace = (hxx + hyy) / 2
-            spread = torch.sqrt(((hxx - hyy) / 2) ** 2 + hxy * hxy + 1e-12)
-            out += [smooth, edges, (half_trace + spread) * sigma ** 2, (half_trace - spread) * sigma ** 2]
-        return torch.cat(out, dim=1)
+        b, _, h, w = x.shape
+        if not self.sigmas:
+            return x.new_zeros(b, 0, h, w)
+        sigma = torch.tensor(self.sigmas, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        smooth = self.smoothed(x)
+        gy, hyy = self._differences(smooth, -2)
+        gx, hxx = self._differences(smooth, -1)
+        hxy = self._first_difference(gx, -2)
+        edges = torch.sqrt(gx * gx + gy * gy + 1e-12) * sigma
+        half_trace = (hxx + hyy) / 2
+        spread = torch.sqrt(((hxx - hyy) / 2) ** 2 + hxy * hxy + 1e-12)
+        curvature = [(half_trace + spread) * sigma ** 2, (half_trace - spread) * sigma ** 2]
+        # Per scale: smoothed, edges, the two eigenvalues (the channel order models were trained on).
+        return torch.stack([smooth, edges, *curvature], dim=2).reshape(b, 4 * len(self.sigmas), h, w)
 
 
 class ProtoSegNet(nn.Module):
