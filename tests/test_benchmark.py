@@ -523,11 +523,11 @@ def test_partial_runs_merge_into_one_report(tmp_path):
 
     older = _part(results, ["masks"], [])
     del older["train_config"]["filter_sigmas"]  # written before that option existed: trained without filters
-    assert first["train_config"]["filter_sigmas"]
+    assert not first["train_config"]["filter_sigmas"]  # today's default: no filter bank, as before it existed
+    assert list(bm.merge_results([first, older])["settings"]) == ["full", "masks", "masks+tags"]
+    first_with_filters = {**first, "train_config": {**first["train_config"], "filter_sigmas": [1.0, 2.5]}}
     with pytest.raises(ValueError, match="differ in train_config"):
-        bm.merge_results([first, older])
-    first_without_filters = {**first, "train_config": {**first["train_config"], "filter_sigmas": []}}
-    assert list(bm.merge_results([first_without_filters, older])["settings"]) == ["full", "masks", "masks+tags"]
+        bm.merge_results([first_with_filters, older])
     other = _part(results, ["masks"], [])
     other["train_config"] = {**other["train_config"], "steps": 7}
     with pytest.raises(ValueError, match="differ in train_config"):

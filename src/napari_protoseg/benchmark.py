@@ -427,7 +427,7 @@ ABLATIONS = (
     ("full", "full resolution, 720 steps (about the same time)", {"input_scale": 1, "steps": 720}),
     ("full", "class-balanced cross-entropy", {"balance_classes": 1.0}),
     ("full", "instance losses also train the backbone", {"instance_backbone_grad": True}),
-    ("full", "without filter bank", {"filter_sigmas": []}),
+    ("full", "filter bank, sigmas 1 to 16 (the previous default)", {"filter_sigmas": [1.0, 2.5, 6.3, 16.0]}),
     ("points-only", "defaults (points spread up to 5 px and halfway to their neighbours, unpointed regions negative)", {}),
     ("points-only", "points spread 5 px whatever their neighbours (the previous default)", {"point_spread_halfway": False}),
     ("points-only", "each point teaches its pixel only (the previous default)",
