@@ -183,7 +183,13 @@ class TrainConfig:
     # mixed 0.462 / 0.480 vs 0.451 / 0.477.
     # With radius 5, spread pixels of the points-only simulation are 98 % right for cytoplasm, 96 % for
     # mitochondria, 87 % for membranes and synapses and 32 % for glia/extracellular, whose objects are
-    # mostly specks of a few pixels.
+    # mostly specks of a few pixels (median 8 px; their spread lands on membranes more than on glia).
+    # Growing each point's radius (5, 8, 12, 16, 24 px, within its halfway cap) while its look-alike
+    # region fills at least half of the disk triples the mitochondrion spread pixels (6 100 -> 36 000,
+    # 95 % right) but also glia's (25 000 -> 81 000, 34 % right); validation, points-only, 1800 steps,
+    # seeds 0 / 1 / 2 (0 / 1 on an H200): 0.429 / 0.398 / 0.394 vs 0.413 / 0.416 / 0.403 at radius 5;
+    # at a 0.7 fill 0.410 / 0.399 (seeds 0 / 1). Not adopted. Superpixels (SLIC, Felzenszwalb) were
+    # less pure than this flood at every size tried (membrane 0.34-0.73 right vs 0.87).
     point_spread: int = 5
     point_spread_tolerance: float = 0.1
     # An exhaustive point spreads at most halfway to the nearest other exhaustive point of its class in
@@ -228,9 +234,13 @@ class TrainConfig:
 # 1620 steps gave masks 0.551 / 0.567 and full 0.615 / 0.597 (540 on the CPU, seed 0: 0.509 and
 # 0.514). These were full-resolution steps (input_scale 1); at half resolution (the default since)
 # the GPU's share of a step shrinks, and the crops and losses at full resolution stay. Since the CPU
-# default became 1800 half-resolution steps, CUDA trains 2400: at the full-resolution pace measured
-# on the H100 (0.1 s a step) that is 240 s, within the budget; half-resolution steps on a GPU are
-# not measured yet. MPS is not measured: it keeps the CPU's default.
+# default became 1800 half-resolution steps, CUDA trains 2400. Measured on an H200 (torch 2.11, one
+# process, 2 threads, benchmark rows): a half-resolution step takes 67-74 ms (masks+points: crops 6,
+# forward 6, DSP loss 13, instance losses 35, backward 12, optimiser 2), so 2400 steps take about
+# 170 s plus previews; half of a step is the instance losses, whose targets the CPU computes. Test
+# sections (seed 0, 2400 steps, ten runs sharing the GPU: 339-359 s each): full 0.676, mixed 0.652,
+# masks+points 0.642, points-only 0.412 (1800 on the CPU: 0.679, 0.631, 0.643, 0.387). MPS is not
+# measured: it keeps the CPU's default.
 CUDA_STEPS = 2400
 
 
