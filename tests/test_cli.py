@@ -441,3 +441,31 @@ def test_every_command_prints_its_help(command, capsys):
         main([command, "--help"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.startswith(f"usage: protoseg {command}")
+
+
+def test_train_with_a_time_limit_says_how_many_of_the_steps_it_allowed(tmp_path, small_sample, monkeypatch, capsys):
+    from napari_protoseg import training
+
+    class OneSecondAStep:
+        now = 0.0
+
+        def perf_counter(self):
+            self.now += 1.0
+            return self.now
+
+    monkeypatch.setattr(training, "time", OneSecondAStep())
+    project = write_project(tmp_path / "project", small_sample.image, small_sample.annotations)
+    model_file = tmp_path / "model.protoseg.pt"
+    assert main(["train", str(project), "--out", str(model_file), "--steps", "200", "--time-limit", "0.5"]) == 0
+    captured = capsys.readouterr()
+    assert re.search(r"200 steps on \w+, at most 30 s", captured.err)
+    assert "the time limit of 30 s allowed 30 of the 200 steps asked" in captured.err
+    info = load_model(model_file).training_info
+    assert info["steps"] == 30 and info["train_config"]["time_limit"] == 30.0
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "soon", "nan"])
+def test_a_time_limit_must_be_a_positive_number_of_minutes(tmp_path, value, capsys):
+    with pytest.raises(SystemExit):
+        main(["train", str(tmp_path), "--out", str(tmp_path / "m.pt"), "--time-limit", value])
+    assert "--time-limit" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 their annotations aligned with the pixels."""
 
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -488,3 +489,62 @@ def test_the_negative_terms_eps_and_negative_only_weight_reach_the_loss(small_sa
     assert seen == [(0.5, 0.3), (0.5, 0.3)]
     assert TrainConfig.from_dict({}).negative_eps == TrainConfig().negative_eps == 1e-6  # older runs: as before
     assert TrainConfig.from_dict({}).negative_only_weight == 1.0  # older runs weighted every pair alike
+
+
+def test_planned_steps_fit_the_time_limit_at_the_pace_so_far():
+    from napari_protoseg.training import PACE_STEPS, planned_steps
+
+    # 40 steps in 20 s: 0.5 s a step, 280 s left of 300 -> 560 more
+    assert planned_steps(1800, 40, 40, 20.0, 300.0) == 600
+    assert planned_steps(500, 40, 40, 20.0, 300.0) == 500  # fits: never more than asked
+    assert planned_steps(1800, 5, 5, 20.0, 300.0) == 1800  # too few steps timed to judge the pace
+    assert planned_steps(1800, 5, 5, 300.0, 300.0) == 5  # time is up: stop where it is
+    assert planned_steps(1800, PACE_STEPS, PACE_STEPS, 299.9, 300.0) == PACE_STEPS  # never below the steps done
+
+
+class _FakeClock:
+    """time.perf_counter advancing ``tick`` seconds at every call."""
+
+    def __init__(self, tick):
+        self.now, self.tick = 0.0, tick
+
+    def perf_counter(self):
+        self.now += self.tick
+        return self.now
+
+
+def test_a_time_limit_ends_training_within_it_with_the_learning_rate_decayed(small_sample, tmp_path, monkeypatch):
+    """With a limit that the asked steps would overrun, training plans fewer steps, ends them within the
+    limit with a fully decayed learning rate and records what it did; without a limit nothing changes."""
+    from napari_protoseg import training as training_module
+
+    monkeypatch.setattr(training_module, "time", _FakeClock(1.0))  # one clock read a step: 1 s a step
+    config = TrainConfig(steps=200, device="cpu", time_limit=30.0, **FAST)
+    events = list(train(small_sample.image, small_sample.annotations, config, checkpoint_path=tmp_path / "c.ckpt"))
+    last = events[-1]
+    assert last.finished and last.time_limited and not last.stopped
+    assert last.step == last.total_steps == 30  # 30 s at 1 s a step
+    assert events[0].total_steps == 200  # the pace is measured first
+    assert last.model.training_info["train_config"]["steps"] == last.step
+    schedule = torch.load(tmp_path / "c.ckpt", weights_only=False)["scheduler"]
+    assert schedule["lr_lambdas"][0]["steps"] == 30
+    assert schedule["_last_lr"][0] == pytest.approx(0.05 * config.learning_rate)  # the end of the cosine
+
+    monkeypatch.setattr(training_module, "time", _FakeClock(0.01))
+    quick = last_event(train(small_sample.image, small_sample.annotations, replace(config, steps=25)))
+    assert quick.step == 25 and quick.finished and not quick.time_limited
+
+
+def test_a_time_limited_run_resumes_to_its_planned_steps(small_sample, tmp_path, monkeypatch):
+    from napari_protoseg import training as training_module
+
+    monkeypatch.setattr(training_module, "time", _FakeClock(0.5))
+    config = TrainConfig(steps=200, device="cpu", time_limit=20.0, **FAST)
+    calls = iter(range(1000))
+    stopped = last_event(train(small_sample.image, small_sample.annotations, config,
+                               checkpoint_path=tmp_path / "run.ckpt", stop=lambda: next(calls) >= 25))
+    assert stopped.stopped and stopped.step == 25 and stopped.total_steps < 200
+    state = torch.load(tmp_path / "run.ckpt", weights_only=False)
+    assert state["train_config"]["steps"] == stopped.total_steps
+    resumed = last_event(train(small_sample.image, small_sample.annotations, resume=tmp_path / "run.ckpt"))
+    assert resumed.finished and resumed.step == stopped.total_steps == 40  # 0.5 s a step: 20 + 10 s / 0.5

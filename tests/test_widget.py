@@ -1,6 +1,7 @@
 """The protoseg panel in a real napari viewer, used the way a biologist would (run with -p xvfb)."""
 
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -351,6 +352,40 @@ def test_the_test_time_augmentation_box_makes_predictions_average_eight_passes(
     expected = predict_plane(widget.session.check_model(), small_sample.image, z, tta=True).classes
     # (The worker thread's float sums may differ in the last bit: a near-tie pixel can flip.)
     assert np.mean(viewer.layers[PREDICTION_SEMANTIC].data[z] != expected) < 1e-3
+
+
+def test_the_panel_trains_within_five_minutes_by_default_and_the_limit_can_be_changed(
+        make_napari_viewer, qtbot, sample_folder, monkeypatch):
+    """A new panel limits training to PANEL_TIME_LIMIT (the box shows 5 min); the box edits the
+    session's limit (0: none); a run its limit ends says so."""
+    from napari_protoseg import training
+
+    viewer = make_napari_viewer()
+    viewer.open(str(sample_folder), plugin="napari-protoseg")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-protoseg", "protoseg")
+    assert widget.session.train_config.time_limit == session_module.PANEL_TIME_LIMIT == 300.0
+    assert widget.time_limit_spin.value() == 5 and widget.time_limit_spin.text() == "5 min"
+    widget.time_limit_spin.setValue(0)
+    assert widget.session.train_config.time_limit is None and widget.time_limit_spin.text() == "no limit"
+
+    widget.set_train_config(replace(TINY, steps=500, time_limit=20.0))
+    assert widget.time_limit_spin.value() == 1  # shown in whole minutes, at least 1
+
+    class OneSecondAStep:
+        now = 0.0
+
+        def perf_counter(self):
+            self.now += 1.0
+            return self.now
+
+    monkeypatch.setattr(training, "time", OneSecondAStep())
+    widget.preview_check.setChecked(False)
+    widget.confirm = lambda question: True
+    qtbot.mouseClick(widget.train_button, Qt.MouseButton.LeftButton)
+    wait_idle(qtbot, widget)
+    assert widget.last_event.finished and widget.last_event.step == 20
+    assert "Finished 20 steps" in widget.train_status.text()
+    assert "all the time limit allowed (500 asked)" in widget.train_status.text()
 
 
 # --------------------------------------------------------------------- failures and closing

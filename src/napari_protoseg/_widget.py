@@ -476,6 +476,16 @@ class ProtosegWidget(QWidget):
         self.steps_spin.setValue(self.session.train_config.steps)
         self.steps_spin.valueChanged.connect(self._steps_changed)
         form.addWidget(self.steps_spin)
+        form.addWidget(QLabel("at most"))
+        self.time_limit_spin = QSpinBox()
+        self.time_limit_spin.setRange(0, 24 * 60)
+        self.time_limit_spin.setSuffix(" min")
+        self.time_limit_spin.setSpecialValueText("no limit")
+        self.time_limit_spin.setToolTip("Training measures its pace and does fewer steps if these would take "
+                                        "longer, its learning rate still decaying to the end (0: no limit)")
+        self._show_time_limit(self.session.train_config.time_limit)
+        self.time_limit_spin.valueChanged.connect(self._time_limit_changed)
+        form.addWidget(self.time_limit_spin)
         self.preview_check = QCheckBox("live preview")
         self.preview_check.setChecked(True)
         self.preview_check.setToolTip(f"While training, predict the plane in view every {PREVIEW_SECONDS:.0f} s "
@@ -895,14 +905,25 @@ class ProtosegWidget(QWidget):
     # =========================================================================== train
 
     def set_train_config(self, config: TrainConfig) -> None:
-        """Use these training settings (the Steps box shows and edits ``config.steps``)."""
+        """Use these training settings (the Steps and time limit boxes show and edit ``config.steps``
+        and ``config.time_limit``)."""
         self.session.train_config = config
         self.steps_spin.blockSignals(True)
         self.steps_spin.setValue(config.steps)
         self.steps_spin.blockSignals(False)
+        self._show_time_limit(config.time_limit)
+
+    def _show_time_limit(self, seconds: float | None) -> None:
+        self.time_limit_spin.blockSignals(True)
+        self.time_limit_spin.setValue(0 if seconds is None else max(1, round(seconds / 60)))
+        self.time_limit_spin.blockSignals(False)
 
     def _steps_changed(self, value: int) -> None:
         self.session.train_config = replace(self.session.train_config, steps=int(value))
+
+    def _time_limit_changed(self, minutes: int) -> None:
+        self.session.train_config = replace(self.session.train_config,
+                                            time_limit=60.0 * minutes if minutes else None)
 
     def train_on_current_labels(self) -> None:
         """Train a new model on every annotation drawn so far."""
@@ -1057,9 +1078,13 @@ class ProtosegWidget(QWidget):
         if update.model_file is not None:
             source += f"; saved as {update.model_file}"
             self.session.model_source = source
+        finished = f"Finished {event.step} steps in {format_duration(event.elapsed)}"
+        if event.time_limited:
+            finished += (f", all the time limit allowed ({self.steps_spin.value()} asked); 'Continue training' "
+                         "trains more")
         self.train_status.setText(
             f"Stopped at step {event.step} of {event.total_steps}; 'Continue training' resumes from the "
-            "checkpoint." if stopped else f"Finished {event.step} steps in {format_duration(event.elapsed)}.")
+            "checkpoint." if stopped else finished + ".")
         self._refresh_model_info()
         self._predict_after_training = True
 

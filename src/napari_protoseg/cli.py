@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import sys
@@ -195,6 +196,7 @@ class _TrainOutcome:
     device: str
     losses: dict
     stopped: bool
+    time_limited: bool = False
 
 
 class _InterruptFlag:
@@ -231,6 +233,7 @@ class _InterruptFlag:
 def _on_train_event(event, bar) -> None:
     """Progress of one training step (a hook the tests use)."""
     bar.n = event.step
+    bar.total = event.total_steps  # a time limit may plan fewer steps than asked
     loss = event.losses.get("total")
     bar.set_postfix_str(f"loss {loss:.4f}, {event.device}" if loss is not None else event.device,
                         refresh=False)
@@ -262,7 +265,8 @@ def _run_training(image, annotations, config, checkpoint: Path, resume: Path | N
     finally:
         bar.close()
     return _TrainOutcome(event.model, event.step, event.total_steps, event.elapsed, event.device,
-                         event.losses, stopped=event.stopped or (interrupt.requested and not event.finished))
+                         event.losses, stopped=event.stopped or (interrupt.requested and not event.finished),
+                         time_limited=event.time_limited)
 
 
 def _interrupted(outcome: _TrainOutcome, checkpoint: Path, resume_hint: str) -> int:
@@ -307,6 +311,8 @@ def cmd_train(args) -> int:
         config.steps = args.steps
     if args.seed is not None:
         config.seed = args.seed
+    if args.time_limit is not None:
+        config.time_limit = args.time_limit * 60.0
     start_step = 0
     if resume is not None:
         state = _read_checkpoint(resume, project.annotations.classes)
@@ -316,7 +322,8 @@ def cmd_train(args) -> int:
         del state
         ignored = [f"--{name} {given}" for name, given, kept in
                    (("steps", args.steps, config.steps), ("seed", args.seed, config.seed),
-                    ("device", args.device, config.device))
+                    ("device", args.device, config.device),
+                    ("time-limit", args.time_limit, None if config.time_limit is None else config.time_limit / 60))
                    if given is not None and given != kept and not (name == "device" and given == "auto")]
         if ignored:
             print(f"protoseg: note: {', '.join(ignored)} ignored; a resumed run keeps the settings of "
@@ -325,12 +332,15 @@ def cmd_train(args) -> int:
         device = _pick_device(config.device)
         print(f"resuming {resume} at step {start_step} of {config.steps}", file=sys.stderr)
 
+    requested_steps = config.steps
     summary = project.annotations.summary()
     totals = summary["totals"]
     print(f"training on {folder}: image {' x '.join(map(str, project.image.shape))}, "
           f"{len(project.annotations.classes)} classes, {totals['mask_pixels']} mask pixels, "
           f"{totals['boxes']} boxes, {totals['points']} points, {totals['tags']} tags; "
-          f"{config.steps} steps on {device}", file=sys.stderr)
+          f"{config.steps} steps on {device}"
+          + (f", at most {format_duration(config.time_limit)}" if config.time_limit is not None else ""),
+          file=sys.stderr)
     hint_args = f"protoseg train {folder} --out {out} --resume {checkpoint}"
     outcome = _run_training(project.image, project.annotations, config, checkpoint, resume,
                             start_step=start_step, total_steps=config.steps)
@@ -341,6 +351,9 @@ def cmd_train(args) -> int:
     loss = outcome.losses.get("total")
     print(f"trained {outcome.steps_done} steps in {format_duration(outcome.elapsed, decimals=1)} on {outcome.device}"
           + (f" (final loss {loss:.4f})" if loss is not None else ""))
+    if outcome.time_limited:
+        print(f"protoseg: note: the time limit of {format_duration(config.time_limit)} allowed "
+              f"{outcome.steps_done} of the {requested_steps} steps asked.", file=sys.stderr)
     print(f"model written to {out}")
     return EXIT_OK
 
@@ -685,6 +698,16 @@ def _demo_headless(args) -> int:
 # ------------------------------------------------------------------------------------ parser
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a positive number, not {text}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -718,6 +741,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", choices=DEVICES, default="auto",
                        help="where to train (default: auto = CUDA, else MPS, else CPU)")
     train.add_argument("--seed", type=int, metavar="S", help="random seed (default: 0)")
+    train.add_argument("--time-limit", type=_positive_float, metavar="MIN",
+                       help="stop within MIN minutes: training measures its pace and plans fewer steps if the "
+                            "asked ones would take longer, its learning rate still decaying to the end "
+                            "(default: no limit, the same steps and result on every run)")
     train.add_argument("--resume", metavar="CKPT", help="continue from this checkpoint")
     train.set_defaults(func=cmd_train)
 

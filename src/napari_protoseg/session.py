@@ -75,6 +75,9 @@ def _is_layer_of_role(layer, role: str) -> bool:
     return isinstance(layer, getattr(napari.layers, ROLE_LAYER_TYPES[role]))
 
 AUTOSAVE_SECONDS = 60
+# "Train on current labels" ends within this many seconds by default (TrainConfig.time_limit): the
+# budget of a default run on a 2-core CPU, whatever the machine's pace that day.
+PANEL_TIME_LIMIT = 300.0
 CHECKPOINT_FILE = "training.ckpt"
 MODEL_FILE = "model.protoseg.pt"
 PROJECTS_DIR_ENV = "PROTOSEG_PROJECTS_DIR"
@@ -124,7 +127,8 @@ class Session:
         self.image_name: str | None = None  # None: the first suitable image layer
         self.drawing_class: int | None = None
         self.exhaustive = False  # new boxes and points mark every object of their class in the plane
-        self.train_config = train_config if train_config is not None else default_train_config()
+        self.train_config = (train_config if train_config is not None
+                             else default_train_config(time_limit=PANEL_TIME_LIMIT))
         self.decoder = DEFAULT_DECODER
         self.test_time_augmentation = False  # predictions average 8 rotated/mirrored passes
         self.model: TrainedModel | None = None

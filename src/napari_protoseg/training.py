@@ -203,6 +203,12 @@ class TrainConfig:
     # The benchmark's ablation on the test sections (seed 0, 1800 steps) went the other way: 0.404
     # with vs 0.423 without; defaults are chosen on the validation split only.
     point_spread_halfway: bool = True
+    # A wall-clock budget in seconds (None: none, and the run is deterministic). Training then measures
+    # its pace (previews included) and plans at most as many of ``steps`` as fit in the budget, so the
+    # learning rate still decays to its end in time on a slow machine; the steps done are recorded in
+    # the model. The panel trains with session.PANEL_TIME_LIMIT by default; the command line and the
+    # benchmark only when asked. A resumed run gets the budget anew.
+    time_limit: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -267,7 +273,7 @@ def warmup_for_steps(config: TrainConfig, steps: int) -> int:
 _BEFORE_FIELD_EXISTED = {"filter_sigmas": (), "mask_share": None, "balance_classes": 0.0,
                          "instance_heads": False, "instance_backbone_grad": True, "localization_context": 0,
                          "unpointed_negatives": False, "point_spread": 0, "negative_only_weight": 1.0,
-                         "input_scale": 1, "point_spread_halfway": False}
+                         "input_scale": 1, "point_spread_halfway": False, "time_limit": None}
 
 
 @dataclass
@@ -285,6 +291,7 @@ class TrainEvent:
     finished: bool = False
     stopped: bool = False
     model: TrainedModel | None = field(default=None, repr=False)  # the current model, on the last event
+    time_limited: bool = False  # the last event of a run that its time limit ended before the steps asked
 
 
 @dataclass
@@ -357,17 +364,37 @@ def _training_info(annotations: AnnotationSet, step: int, losses: dict, config: 
             "train_config": config.to_dict(), "object_areas": object_areas}
 
 
-def _warmup_cosine(steps: int) -> Callable[[int], float]:
-    """Learning-rate factor: linear warm-up over 5 % of the steps, then cosine decay to 5 %."""
-    warmup = max(1, steps // 20)
+class WarmupCosine:
+    """Learning-rate factor: linear warm-up over 5 % of ``steps``, then cosine decay to 5 %.
 
-    def factor(step: int) -> float:
+    ``steps`` may be lowered during training (a time limit); an object rather than a closure, so the
+    scheduler's state (and a checkpoint) keeps it."""
+
+    def __init__(self, steps: int):
+        self.steps = int(steps)
+
+    def __call__(self, step: int) -> float:
+        warmup = max(1, self.steps // 20)
         if step < warmup:
             return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+        progress = min(1.0, (step - warmup) / max(1, self.steps - warmup))
         return 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * progress))
 
-    return factor
+
+PACE_STEPS = 20  # steps measured before a time limit plans fewer steps than asked
+
+
+def planned_steps(requested: int, step: int, steps_timed: int, elapsed: float, time_limit: float) -> int:
+    """The steps a run limited to ``time_limit`` seconds plans: ``requested``, or fewer where the pace
+    so far (``steps_timed`` steps in ``elapsed`` s) would take it past the limit; never fewer than
+    ``step``, the steps done. The pace is trusted after :data:`PACE_STEPS` steps, or at once when the
+    time is up."""
+    if elapsed >= time_limit:
+        return min(requested, step)
+    if steps_timed < PACE_STEPS:
+        return requested
+    pace = elapsed / steps_timed
+    return max(step, min(requested, step + int((time_limit - elapsed) / pace)))
 
 
 def _with_instance_heads(net: ProtoSegNet, n_instance_classes: int, embed_dim: int,
@@ -445,7 +472,8 @@ def train(
                           point_spread_halfway=config.point_spread_halfway)
     optimizer = torch.optim.AdamW(net.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     clipping_groups = net.clipping_groups()
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(config.steps))
+    schedule = WarmupCosine(config.steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     step = 0
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
@@ -454,6 +482,7 @@ def train(
         rng.bit_generator.state = state["numpy_rng"]
         generator.set_state(state["torch_generator"].to(generator.get_state().device))
         torch.set_rng_state(state["torch_rng"])
+    requested_steps = config.steps
     weights = LossWeights(config.weight_contrastive, config.weight_ce, config.weight_pseudo_label)
     # A network whose heads do not fit the project's instance classes (e.g. an older model to
     # continue from) trains its semantic part only.
@@ -522,6 +551,11 @@ def train(
             losses = {k: float(v.detach()) for k, v in terms.items()}
 
             elapsed = time.perf_counter() - start
+            if config.time_limit is not None:
+                planned = planned_steps(requested_steps, step, step - first_step, elapsed, config.time_limit)
+                if planned != config.steps:
+                    config = replace(config, steps=planned)
+                    schedule.steps = planned
             eta = elapsed / (step - first_step) * (config.steps - step)
             checkpoint = None
             if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.steps:
@@ -543,4 +577,4 @@ def train(
     net.eval()
     yield TrainEvent(step, config.steps, losses, time.perf_counter() - start, 0.0, str(device), None, checkpoint,
                      finished=step >= config.steps, stopped=finished_cleanly and step < config.steps,
-                     model=current_model())
+                     model=current_model(), time_limited=step >= config.steps and config.steps < requested_steps)
