@@ -1,8 +1,8 @@
 """Render the screenshots of the user guide (docs/user_guide.md) by going through the workflow.
 
 Needs a display; headless: ``xvfb-run -a -s "-screen 0 1600x1000x24" python docs/gui_screenshots.py``.
-Trains with the panel's defaults on the CPU (about 7 minutes under Xvfb on 2 cores); ``--steps`` trades time for
-prediction quality.
+Trains with the panel's defaults on the CPU (1800 steps, at most 5 minutes: under Xvfb on 2 cores the limit ends
+the run); ``--steps`` trades time for prediction quality.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def main() -> None:
 
     from napari_protoseg.project import write_project
     from napari_protoseg.sample import generate_sample
-    from napari_protoseg.session import PREDICTION_INSTANCES, PREDICTION_SEMANTIC
+    from napari_protoseg.session import PANEL_TIME_LIMIT, PREDICTION_INSTANCES, PREDICTION_SEMANTIC
     from napari_protoseg.training import TrainConfig, warmup_for_steps
 
     app = QApplication.instance() or QApplication([])
@@ -53,8 +53,8 @@ def main() -> None:
     viewer.window._qt_window.resize(*WINDOW_SIZE)
     viewer.open(str(folder), plugin="napari-protoseg")
     _, panel = viewer.window.add_plugin_dock_widget("napari-protoseg", "protoseg")
-    # The panel's defaults (crops, losses) for the CPU; only the step count can be changed.
-    panel.set_train_config(TrainConfig(steps=args.steps, checkpoint_every=50,
+    # The panel's defaults (crops, losses, 5 min limit) for the CPU; only the step count can be changed.
+    panel.set_train_config(TrainConfig(steps=args.steps, checkpoint_every=50, time_limit=PANEL_TIME_LIMIT,
                                        pseudo_label_warmup=warmup_for_steps(TrainConfig(), args.steps)))
     panel.confirm = lambda question: True
     args.out.mkdir(parents=True, exist_ok=True)
@@ -91,7 +91,7 @@ def main() -> None:
     viewer.layers.selection.active = viewer.layers[folder.name]
     show_sections("Train")
     panel.train_button.click()
-    pump(until=lambda: panel.last_event is not None and panel.last_event.step >= args.steps // 2
+    pump(until=lambda: panel.last_event is not None and panel.last_event.step >= panel.last_event.total_steps // 2
          and panel.preview_view.shown is not None)
     shot("gui_training.png")
 
