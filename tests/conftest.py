@@ -1,3 +1,5 @@
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +14,24 @@ def restore_torch_threads():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def fake_training_clock(monkeypatch):
+    """``install(tick)`` makes the training engine's clock advance ``tick`` seconds at every reading
+    (one reading a step when no preview is asked for), so time limits are tested without waiting."""
+    from napari_protoseg import training
+
+    def install(tick: float) -> None:
+        clock = SimpleNamespace(now=0.0)
+
+        def perf_counter() -> float:
+            clock.now += tick
+            return clock.now
+
+        monkeypatch.setattr(training, "time", SimpleNamespace(perf_counter=perf_counter))
+
+    return install
 
 
 @pytest.fixture

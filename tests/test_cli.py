@@ -443,17 +443,9 @@ def test_every_command_prints_its_help(command, capsys):
     assert capsys.readouterr().out.startswith(f"usage: protoseg {command}")
 
 
-def test_train_with_a_time_limit_says_how_many_of_the_steps_it_allowed(tmp_path, small_sample, monkeypatch, capsys):
-    from napari_protoseg import training
-
-    class OneSecondAStep:
-        now = 0.0
-
-        def perf_counter(self):
-            self.now += 1.0
-            return self.now
-
-    monkeypatch.setattr(training, "time", OneSecondAStep())
+def test_train_with_a_time_limit_says_how_many_of_the_steps_it_allowed(tmp_path, small_sample, fake_training_clock,
+                                                                        capsys):
+    fake_training_clock(1.0)  # 1 s a step
     project = write_project(tmp_path / "project", small_sample.image, small_sample.annotations)
     model_file = tmp_path / "model.protoseg.pt"
     assert main(["train", str(project), "--out", str(model_file), "--steps", "200", "--time-limit", "0.5"]) == 0

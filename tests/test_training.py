@@ -502,23 +502,11 @@ def test_planned_steps_fit_the_time_limit_at_the_pace_so_far():
     assert planned_steps(1800, PACE_STEPS, PACE_STEPS, 299.9, 300.0) == PACE_STEPS  # never below the steps done
 
 
-class _FakeClock:
-    """time.perf_counter advancing ``tick`` seconds at every call."""
-
-    def __init__(self, tick):
-        self.now, self.tick = 0.0, tick
-
-    def perf_counter(self):
-        self.now += self.tick
-        return self.now
-
-
-def test_a_time_limit_ends_training_within_it_with_the_learning_rate_decayed(small_sample, tmp_path, monkeypatch):
+def test_a_time_limit_ends_training_within_it_with_the_learning_rate_decayed(small_sample, tmp_path,
+                                                                             fake_training_clock):
     """With a limit that the asked steps would overrun, training plans fewer steps, ends them within the
     limit with a fully decayed learning rate and records what it did; without a limit nothing changes."""
-    from napari_protoseg import training as training_module
-
-    monkeypatch.setattr(training_module, "time", _FakeClock(1.0))  # one clock read a step: 1 s a step
+    fake_training_clock(1.0)  # 1 s a step
     config = TrainConfig(steps=200, device="cpu", time_limit=30.0, **FAST)
     events = list(train(small_sample.image, small_sample.annotations, config, checkpoint_path=tmp_path / "c.ckpt"))
     last = events[-1]
@@ -530,15 +518,13 @@ def test_a_time_limit_ends_training_within_it_with_the_learning_rate_decayed(sma
     assert schedule["lr_lambdas"][0]["steps"] == 30
     assert schedule["_last_lr"][0] == pytest.approx(0.05 * config.learning_rate)  # the end of the cosine
 
-    monkeypatch.setattr(training_module, "time", _FakeClock(0.01))
+    fake_training_clock(0.01)
     quick = last_event(train(small_sample.image, small_sample.annotations, replace(config, steps=25)))
     assert quick.step == 25 and quick.finished and not quick.time_limited
 
 
-def test_a_time_limited_run_resumes_to_its_planned_steps(small_sample, tmp_path, monkeypatch):
-    from napari_protoseg import training as training_module
-
-    monkeypatch.setattr(training_module, "time", _FakeClock(0.5))
+def test_a_time_limited_run_resumes_to_its_planned_steps(small_sample, tmp_path, fake_training_clock):
+    fake_training_clock(0.5)
     config = TrainConfig(steps=200, device="cpu", time_limit=20.0, **FAST)
     calls = iter(range(1000))
     stopped = last_event(train(small_sample.image, small_sample.annotations, config,

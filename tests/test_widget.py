@@ -355,11 +355,9 @@ def test_the_test_time_augmentation_box_makes_predictions_average_eight_passes(
 
 
 def test_the_panel_trains_within_five_minutes_by_default_and_the_limit_can_be_changed(
-        make_napari_viewer, qtbot, sample_folder, monkeypatch):
+        make_napari_viewer, qtbot, sample_folder, fake_training_clock):
     """A new panel limits training to PANEL_TIME_LIMIT (the box shows 5 min); the box edits the
     session's limit (0: none); a run its limit ends says so."""
-    from napari_protoseg import training
-
     viewer = make_napari_viewer()
     viewer.open(str(sample_folder), plugin="napari-protoseg")
     _, widget = viewer.window.add_plugin_dock_widget("napari-protoseg", "protoseg")
@@ -371,14 +369,7 @@ def test_the_panel_trains_within_five_minutes_by_default_and_the_limit_can_be_ch
     widget.set_train_config(replace(TINY, steps=500, time_limit=20.0))
     assert widget.time_limit_spin.value() == 1  # shown in whole minutes, at least 1
 
-    class OneSecondAStep:
-        now = 0.0
-
-        def perf_counter(self):
-            self.now += 1.0
-            return self.now
-
-    monkeypatch.setattr(training, "time", OneSecondAStep())
+    fake_training_clock(1.0)  # 1 s a step
     widget.preview_check.setChecked(False)
     widget.confirm = lambda question: True
     qtbot.mouseClick(widget.train_button, Qt.MouseButton.LeftButton)
