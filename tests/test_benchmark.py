@@ -802,3 +802,32 @@ def test_the_plot_moves_a_label_below_its_marker_when_a_neighbours_label_is_abov
     assert bm._crowded(153.1, 0.516, [(137.1, 0.516)])
     assert not bm._crowded(213.0, 0.492, [(137.1, 0.516)])  # 0.19 decades away
     assert not bm._crowded(153.1, 0.45, [(137.1, 0.516)])  # 0.066 mIoU lower
+
+
+def test_the_peers_size_floor_follows_the_rule_of_the_decoders(monkeypatch):
+    """Outlined mitochondria set the peer's floor as they set protoseg's; where only points mark
+    them, the peer's own objects at the points do, as the model's do for protoseg."""
+    from types import SimpleNamespace
+
+    from napari_protoseg.instances import annotated_min_size
+    from napari_protoseg.project import empty_points
+
+    semantic = np.ones((3, 48, 48), np.uint8)
+    semantic[:, 10:30, 10:30] = 3  # one 400 px mitochondrion per section
+    points = np.array([(z, 20, 20, 3, True) for z in range(3)], dtype=empty_points().dtype)
+    points_only = AnnotationSet((3, 48, 48), bm.BENCHMARK_CLASSES, points=points)
+    predicted = []
+
+    def peer_map(forest, raw, rf):
+        predicted.append(len(raw))
+        out = np.ones(raw.shape, np.uint8)
+        out[:, 15:35, 15:40] = 3  # the peer's objects at the points: 500 px
+        return out
+
+    monkeypatch.setattr(bm, "predict_random_forest", peer_map)
+    assert bm.peer_min_size(None, SimpleNamespace(image=np.zeros((3, 48, 48), np.uint8), annotations=points_only)) == 250
+    assert predicted == [3]
+    masks = AnnotationSet((3, 48, 48), bm.BENCHMARK_CLASSES, masks=semantic, points=points)
+    assert bm.peer_min_size(None, SimpleNamespace(image=np.zeros((3, 48, 48), np.uint8), annotations=masks)) \
+        == annotated_min_size(masks, 3) == 200
+    assert predicted == [3]  # outlined: nothing to predict

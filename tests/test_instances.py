@@ -231,3 +231,76 @@ def test_decoders_drop_objects_far_smaller_than_the_annotated_ones():
     explicit = predict_instances(_ModelWithSizes(1000.0), np.zeros_like(classes), class_map=classes,
                                  decoder="components", min_size=50).labels
     assert explicit[0, 55, 55] > 0
+
+
+def _points(rows):
+    from napari_protoseg.project import empty_points
+
+    return np.array(rows, dtype=empty_points().dtype)
+
+
+def test_areas_at_points_are_the_class_components_holding_exactly_one_point():
+    from napari_protoseg.instances import areas_at_points
+
+    class_map = np.ones((2, 40, 40), np.uint8)
+    class_map[0, 2:12, 2:12] = 3  # 100 px, one point
+    class_map[0, 20:30, 20:35] = 3  # 150 px, two points: objects run together, or not an object
+    class_map[1, 5:9, 5:9] = 3  # 16 px, one point
+    points = _points([(0, 5, 5, 3, True), (0, 22, 22, 3, True), (0, 28, 33, 3, True), (1, 6, 6, 3, True),
+                      (1, 30, 30, 3, True),  # the map says cytoplasm here: marks nothing
+                      (0, 0, 39, 1, False)])  # another class
+    assert sorted(areas_at_points(class_map, points, 3)) == [16, 100]
+    assert sorted(areas_at_points(class_map[0], points[:3], 3)) == [100]  # a single plane
+    assert len(areas_at_points(class_map, points[:0], 3)) == 0
+
+
+def test_sizes_at_points_come_from_a_methods_own_objects_for_classes_only_points_mark():
+    from napari_protoseg.instances import sizes_at_points
+
+    classes = [ClassInfo(1, "cytoplasm"), ClassInfo(3, "mitochondrion", instances=True),
+               ClassInfo(4, "vesicle", instances=True)]
+    masks = np.zeros((12, 40, 40), np.uint8)
+    masks[0, 30:38, 30:38] = 4  # vesicles are outlined: their size comes from the mask
+    points = _points([(z, 10, 10, 3, True) for z in range(12)] + [(5, 12, 12, 3, True), (5, 1, 1, 4, True)])
+    ann = AnnotationSet((12, 40, 40), classes, masks=masks, points=points)
+    asked = []
+
+    def predict_planes(zs):
+        asked.append(list(zs))
+        maps = np.ones((len(zs), 40, 40), np.uint8)
+        for i, z in enumerate(zs):
+            maps[i, 5:11 + z, 5:15] = 3  # plane z: a (z + 6) x 10 object at the point
+        return maps
+
+    sizes = sizes_at_points(predict_planes, ann, max_planes=3)
+    assert asked == [[0, 1, 5]]  # plane 5 holds two points; then the first planes
+    assert set(sizes) == {"3"} and sizes["3"]["source"] == "predicted at points"
+    # plane 5's object holds both of its points, so it is no object's size: planes 0 and 1 give 60 and 70 px
+    assert sizes["3"]["count"] == 2 and sizes["3"]["median"] == 65.0
+    assert sizes_at_points(predict_planes, AnnotationSet((12, 40, 40), classes, masks=masks)) == {}
+
+
+def test_a_model_trained_on_points_only_records_the_size_of_its_objects_at_them(monkeypatch):
+    """The trainer learns the size floor of a class only points mark from the model's own objects at
+    the points, so its decoders drop specks far smaller than what it finds there."""
+    from napari_protoseg import training
+    from napari_protoseg.inference import PlanePrediction
+    from napari_protoseg.training import TrainConfig, train
+
+    sample_classes = [ClassInfo(1, "cytoplasm"), ClassInfo(3, "mitochondrion", instances=True)]
+    points = _points([(0, 10, 10, 3, True), (1, 40, 40, 3, True), (0, 50, 50, 1, False), (1, 5, 60, 1, False)])
+    ann = AnnotationSet((2, 64, 64), sample_classes, points=points)
+    image = np.random.default_rng(0).integers(0, 255, (2, 64, 64)).astype(np.uint8)
+
+    def object_of_400_px(model, volume, z, device=None):
+        classes = np.ones((64, 64), np.uint8)
+        classes[z * 30:z * 30 + 20, z * 30:z * 30 + 20] = 3
+        return PlanePrediction(np.zeros((2, 64, 64), np.float32), classes, np.ones((64, 64), np.float32), [1, 3])
+
+    monkeypatch.setattr(training, "predict_plane", object_of_400_px)
+    config = TrainConfig(steps=2, batch_size=2, crop_size=32, base_width=4, depth=2, embed_dim=8,
+                         checkpoint_every=0, device="cpu")
+    *_, last = train(image, ann, config)
+    areas = last.model.training_info["object_areas"]["3"]
+    assert areas["count"] == 2 and areas["p10"] == 400.0 and areas["source"] == "predicted at points"
+    assert min_object_sizes(last.model) == {3: 200}

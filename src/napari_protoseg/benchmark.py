@@ -29,7 +29,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 
-from .instances import DEFAULT_MIN_SIZE, MIN_SIZE_SHARE, annotated_min_size, plain_instances
+from .instances import (DEFAULT_MIN_SIZE, MIN_SIZE_SHARE, annotated_min_size, min_size_from_p10, plain_instances,
+                        sizes_at_points)
 from .project import AnnotationSet, ClassInfo, empty_boxes, empty_points, empty_tags, read_project, write_project
 
 CLASS_NAMES = {1: "cytoplasm", 2: "membrane", 3: "mitochondrion", 4: "synapse", 5: "glia/extracellular"}
@@ -673,9 +674,10 @@ def _run_peer(project, test: tuple, rf: RFConfig, seed: int, label: str, progres
     prediction = predict_random_forest(forest, raw_test, rf)
     predict_seconds = time.perf_counter() - start
     result = _scores(prediction, sem_test, inst_test)
-    # The peer's components with the size floor protoseg's decoders use (from the same annotations), so
-    # the instance table compares decoders, not whether specks are dropped; the main table's AP50 is raw.
-    min_size = annotated_min_size(project.annotations, MITOCHONDRION)
+    # The peer's components with the size floor protoseg's decoders use (from the same annotations, or
+    # where only points mark mitochondria from the method's own objects at them), so the instance table
+    # compares decoders, not whether specks are dropped; the main table's AP50 is raw.
+    min_size = peer_min_size(forest, project, rf)
     components = plain_instances(prediction, [MITOCHONDRION], method="components", min_size=min_size)
     result["instances"] = {"components": {**instance_figures(components, inst_test), "min_size": min_size}}
     result.update(train_seconds=train_seconds, predict_seconds=predict_seconds,
@@ -685,6 +687,15 @@ def _run_peer(project, test: tuple, rf: RFConfig, seed: int, label: str, progres
     progress(f"  {label}: mIoU {result['miou']:.3f}  mito AP50 {result['mito_ap50']:.3f}  "
              f"train {train_seconds:.0f} s  predict {result['throughput_mpx_s']:.2f} MPx/s")
     return result
+
+
+def peer_min_size(forest, project, rf: RFConfig = RFConfig()) -> int:
+    """The size floor of the peer's mitochondria by the rule of protoseg's decoders: from the
+    annotated objects, or, where only points mark them, from the peer's own objects at the points
+    (:func:`~napari_protoseg.instances.sizes_at_points`)."""
+    learnt = sizes_at_points(lambda zs: predict_random_forest(forest, project.image[zs], rf), project.annotations)
+    p10 = learnt.get(str(MITOCHONDRION), {}).get("p10")
+    return min_size_from_p10(p10) if p10 else annotated_min_size(project.annotations, MITOCHONDRION)
 
 
 def evaluate_targets(settings: dict) -> list[dict]:
@@ -1021,7 +1032,8 @@ def render_instance_markdown(results: dict) -> list[str]:
     peer_sizes = [entry.get("peer", {}).get("instances", {}).get("components", {}).get("min_size")
                   for entry in results["settings"].values() if entry.get("peer", {}).get("instances")]
     rule = (f"objects smaller than {MIN_SIZE_SHARE:g} of the annotated mitochondria's 10th-percentile area "
-            f"(at least {DEFAULT_MIN_SIZE} px)")
+            f"(at least {DEFAULT_MIN_SIZE} px; where only points mark them, of the method's own objects at the "
+            "training points that hold one point each)")
     if peer_sizes and all(size is not None for size in peer_sizes):
         size_rule = (f"Every decoder, the peer's included, drops {rule}; the main table's AP50 keeps every speck.")
     else:

@@ -30,8 +30,9 @@ from skimage.morphology import h_maxima
 from skimage.segmentation import watershed
 
 __all__ = ["DECODERS", "PLAIN_DECODERS", "InstancePrediction", "PixelEmbeddings", "annotated_min_size",
-           "annotated_object_areas", "default_decoder", "link_planes", "min_object_sizes", "min_size_from_p10",
-           "object_area_summary", "plain_instances", "predict_instances", "relabel_sequential", "wise_instances"]
+           "annotated_object_areas", "areas_at_points", "default_decoder", "link_planes", "min_object_sizes",
+           "min_size_from_p10", "object_area_summary", "plain_instances", "predict_instances", "relabel_sequential",
+           "sizes_at_points", "wise_instances"]
 
 PLAIN_DECODERS = ("components", "watershed")
 DECODERS = ("wise", *PLAIN_DECODERS)
@@ -72,6 +73,53 @@ def annotated_object_areas(annotations, class_id: int) -> np.ndarray:
     return np.concatenate(areas).astype(np.int64) if areas else np.zeros(0, dtype=np.int64)
 
 
+def areas_at_points(class_map: np.ndarray, points: np.ndarray, class_id: int) -> np.ndarray:
+    """Areas (pixels) of the objects that the points of ``class_id`` mark in a class map: per plane,
+    the 4-connected components of the class holding exactly one of its points (one holding several
+    is objects run together, or no object at all). Where the class map does not say the class at a
+    point, that point marks nothing."""
+    planes = class_map if class_map.ndim == 3 else class_map[None]
+    points = points[points["class"] == class_id]
+    areas = []
+    for z in np.unique(points["z"]):
+        labels = _components(planes[int(z)] == class_id)
+        here = points[points["z"] == z]
+        marked, hits = np.unique(labels[here["y"].astype(np.int64), here["x"].astype(np.int64)], return_counts=True)
+        marked = marked[(marked > 0) & (hits == 1)]
+        if len(marked):
+            areas.append(np.bincount(labels.ravel())[marked])
+    return np.concatenate(areas).astype(np.int64) if areas else np.zeros(0, dtype=np.int64)
+
+
+SIZE_PLANES = 8  # planes a method predicts to learn object sizes at points (those with the most points)
+
+
+def sizes_at_points(predict_planes: Callable[[list[int]], np.ndarray], annotations,
+                    max_planes: int = SIZE_PLANES) -> dict[str, dict[str, float]]:
+    """Object sizes for the classes flagged ``instances`` that points mark but nothing outlines
+    (no mask component, no box): the areas of the objects a method's own class map holds at those
+    points (:func:`areas_at_points`) on the ``max_planes`` planes with the most such points.
+    ``predict_planes(zs)`` returns the class maps (len(zs), Y, X) of planes ``zs``. The entries
+    are those of :func:`object_area_summary`, with ``"source": "predicted at points"``."""
+    outlined = object_area_summary(annotations)
+    wanted = [int(c.id) for c in annotations.classes if c.instances and str(int(c.id)) not in outlined]
+    points = annotations.points[np.isin(annotations.points["class"], wanted)]
+    if not len(points):
+        return {}
+    planes, counts = np.unique(points["z"], return_counts=True)
+    zs = sorted(int(z) for z in planes[np.argsort(-counts, kind="stable")[:max_planes]])
+    points = points[np.isin(points["z"], zs)].copy()
+    points["z"] = np.searchsorted(zs, points["z"])
+    class_maps = np.asarray(predict_planes(zs))
+    out = {}
+    for class_id in wanted:
+        areas = areas_at_points(class_maps, points, class_id)
+        if len(areas):
+            out[str(class_id)] = {"count": int(len(areas)), "p10": _p10(areas), "median": float(np.median(areas)),
+                                  "source": "predicted at points"}
+    return out
+
+
 def object_area_summary(annotations) -> dict[str, dict[str, float]]:
     """For each class flagged ``instances`` with outlined objects: their count and the 10th
     percentile and median of their areas (pixels), keyed by the class id as a string (JSON keys);
@@ -92,8 +140,9 @@ def _p10(areas: np.ndarray) -> float | None:
 
 def min_object_sizes(model, default: int = DEFAULT_MIN_SIZE, share: float = MIN_SIZE_SHARE) -> dict[int, int]:
     """Smallest object (pixels) the decoders keep for each instance class of ``model``: ``share``
-    of the 10th-percentile area of the objects annotated for training (``training_info``), never
-    below ``default``; ``default`` for a class without outlined objects (e.g. points only)."""
+    of the 10th-percentile area of the objects annotated for training (``training_info``; for a
+    class only points mark, of the objects the model found at them: :func:`sizes_at_points`), never
+    below ``default``; ``default`` for a class whose size nothing says."""
     summary = (getattr(model, "training_info", None) or {}).get("object_areas", {})
     return {int(cid): min_size_from_p10(summary.get(str(int(cid)), {}).get("p10"), default, share)
             for cid in model.instance_class_ids}

@@ -26,9 +26,9 @@ from .data import (
     present_tag_sides,
     tag_crop_limit,
 )
-from .inference import predict_region
+from .inference import predict_plane, predict_region
 from .instance_losses import instance_loss
-from .instances import object_area_summary
+from .instances import object_area_summary, sizes_at_points
 from .losses import LossWeights, negative_map, strong_augment, total_loss
 from .model import ModelConfig, ProtoSegNet, pick_device
 from .modelfile import TrainedModel
@@ -577,6 +577,10 @@ def train(
         # Also reached when the consumer closes the generator: keep the last state on disk.
         checkpoint = save_checkpoint()
     net.eval()
+    if step > 0:  # how large the objects that only points mark are, from the model's own objects at them
+        model = current_model()
+        object_areas.update(sizes_at_points(lambda zs: np.stack([predict_plane(
+            model, image, z if annotations.is_stack else None, device=device).classes for z in zs]), annotations))
     yield TrainEvent(step, config.steps, losses, time.perf_counter() - start, 0.0, str(device), None, checkpoint,
                      finished=step >= config.steps, stopped=finished_cleanly and step < config.steps,
                      model=current_model(), time_limited=step >= config.steps and config.steps < requested_steps)
