@@ -91,7 +91,11 @@ def areas_at_points(class_map: np.ndarray, points: np.ndarray, class_id: int) ->
     return np.concatenate(areas).astype(np.int64) if areas else np.zeros(0, dtype=np.int64)
 
 
-SIZE_PLANES = 8  # planes a method predicts to learn object sizes at points (those with the most points)
+# Planes a method predicts to learn object sizes at points (those with the most points). On the
+# validation split (points-only, 1800 steps, seeds 0 / 1) the floor learnt this way (286 and 756 px;
+# the true mitochondria's 10th-percentile area is 448 px) lifted components' mitochondrion AP50 from
+# 0.018 / 0.079 (16 px) to 0.052 / 0.243: false positives 432 / 303 -> 98 / 31, matches 9 / 30 -> 9 / 26.
+SIZE_PLANES = 8
 
 
 def sizes_at_points(predict_planes: Callable[[list[int]], np.ndarray], annotations,
