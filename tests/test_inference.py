@@ -515,21 +515,23 @@ def test_stop_before_start():
 # ------------------------------------------------------------------------- instance outputs
 
 
-def make_instance_model(seed=0, norm="batch") -> TrainedModel:
+def make_instance_model(seed=0, norm="batch", coordinates=0.0) -> TrainedModel:
     torch.manual_seed(seed)
     classes = [ClassInfo(1, "cytoplasm"), ClassInfo(3, "membrane"), ClassInfo(7, "mitochondrion", instances=True)]
     config = ModelConfig(n_classes=3, base_width=4, depth=2, embed_dim=8, norm=norm, n_instance_classes=1,
-                         instance_embed_dim=4)
+                         instance_embed_dim=4, instance_coordinates=coordinates)
     return TrainedModel(net=ProtoSegNet(config).eval(), classes=classes, normalization=Normalization(20.0, 220.0))
 
 
-def test_instance_maps_are_tiled_like_the_semantic_prediction_and_match_a_whole_plane_forward():
+@pytest.mark.parametrize("coordinates", [0.0, 0.25])
+def test_instance_maps_are_tiled_like_the_semantic_prediction_and_match_a_whole_plane_forward(coordinates):
     """predict_instance_maps blends localization and embedding with the semantic windows: its
     classes equal predict_plane's, and with BatchNorm and enough overlap every output equals a
-    forward pass over the whole plane; embeddings are kept on the instance class and a ring around it."""
+    forward pass over the whole plane; embeddings are kept on the instance class and a ring around it.
+    A spatial embedding's positions count from the plane's corner in every tile."""
     from napari_protoseg.inference import predict_instance_maps
 
-    model = make_instance_model()
+    model = make_instance_model(coordinates=coordinates)
     image = smooth_image((2, 150, 300), seed=4)
     with torch.no_grad():  # prototypes that split the plane between classes 1 and 7 (an untrained net says 1 class)
         e = model.net(torch.from_numpy(model.normalization(image[1][None, None])))["embedding"][0].reshape(8, -1)

@@ -123,6 +123,46 @@ def test_wise_decoding_with_background_seeds_drops_region_pixels_that_resemble_b
     assert labels[32, 30] > 0 and np.all(labels[b & ~a] == 0)
 
 
+def test_seeds_the_embedding_finds_alike_merge_into_one_object():
+    """merge_similarity: blobs of one part whose seeds are more similar than the threshold are one
+    object (fragments of the localization map); seeds the embedding tells apart stay two."""
+    classes, localization, embedding, a, b = _touching_discs()
+    apart = wise_instances(classes, localization, embedding, [3], merge_similarity=0.5)
+    assert apart[32, 30] != apart[32, 56] and apart[32, 30] > 0 and apart[32, 56] > 0
+    alike = embedding.copy()
+    alike[1][b & ~a] = 0.0
+    alike[0][a | b] = 3.0  # both discs embedded alike: one object
+    merged = wise_instances(classes, localization, alike, [3], merge_similarity=0.5)
+    assert set(np.unique(merged[a | b])) == {1} and merged.max() == 1
+    split = wise_instances(classes, localization, alike, [3])  # without merging: every blob is an object
+    assert len(np.unique(split[a | b])) == 2
+
+
+def test_shape_seeds_find_a_touching_object_no_blob_marked_where_the_embedding_tells_it_apart():
+    """shape_seeds: the distance transform's maxima propose seeds too (one per round part), so a
+    disc without a blob of its own is still found where the embedding tells it from its neighbour;
+    where the embedding says one object, merging keeps it whole."""
+    classes, localization, embedding, a, b = _touching_discs()
+    localization[0][_disc(classes.shape, 32, 56, 3)] = 0.05  # only the left disc has a blob
+    assert len(np.unique(wise_instances(classes, localization, embedding, [3])[a | b])) == 1
+    found = wise_instances(classes, localization, embedding, [3], shape_seeds=True, merge_similarity=0.5)
+    assert found[32, 30] != found[32, 56] and found[32, 30] > 0 and found[32, 56] > 0
+    alike = embedding.copy()
+    alike[1][b & ~a] = 0.0
+    alike[0][a | b] = 3.0
+    whole = wise_instances(classes, localization, alike, [3], shape_seeds=True, merge_similarity=0.5)
+    assert set(np.unique(whole[a | b])) == {1}
+
+
+def test_a_spatial_pixel_embedding_adds_the_positions_to_its_stored_offsets():
+    offsets = np.zeros((3, 2, 5), np.float32)
+    offsets[2] = 7.0
+    flat = np.array([0, 4, 6, 9])
+    embeddings = PixelEmbeddings((2, 5), flat, offsets.reshape(3, -1)[:, flat].T.astype(np.float16), coordinates=0.5)
+    np.testing.assert_allclose(embeddings.at(np.array([4, 9])), [[0.0, 2.0, 7.0], [0.5, 2.0, 7.0]])
+    assert embeddings.values.dtype == np.float16  # the offsets, small whatever the plane's size
+
+
 def test_sparse_pixel_embeddings_decode_like_the_dense_array():
     classes, localization, embedding, *_ = _touching_discs()
     kept = ndi.binary_dilation(classes == 3, iterations=8)

@@ -391,3 +391,68 @@ def test_group_norm_of_channels_last_input_equals_torchs_and_keeps_the_layout():
         predicted = ours(x)
     assert predicted.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(predicted, y_ref.detach())
+
+
+# ------------------------------------------------------------------------------ spatial embedding
+
+
+def test_add_coordinates_adds_scaled_positions_to_the_first_two_channels_only():
+    from napari_protoseg.model import add_coordinates
+
+    embedding = torch.zeros(2, 4, 3, 5)
+    out = add_coordinates(embedding, 0.5, origin=(10, 20))
+    torch.testing.assert_close(out[:, 0], (torch.arange(3.0)[:, None] + 10).expand(2, 3, 5) * 0.5)
+    torch.testing.assert_close(out[:, 1], (torch.arange(5.0)[None, :] + 20).expand(2, 3, 5) * 0.5)
+    assert not out[:, 2:].any()
+    assert add_coordinates(embedding, 0.0) is embedding
+
+
+def test_a_spatial_embedding_tells_alike_objects_apart_by_position_where_free_vectors_cannot():
+    """Two identical discs far apart: a translation-equivariant head gives their centres the same
+    vector; with instance_coordinates the head's offsets are added to the pixel positions, so the
+    two differ (similarity well under 0.5) while a constant offset keeps each object together."""
+    x = torch.zeros(1, 1, 64, 96)
+    yy, xx = torch.meshgrid(torch.arange(64.0), torch.arange(96.0), indexing="ij")
+    for cx in (24, 72):
+        x[0, 0][(yy - 32) ** 2 + (xx - cx) ** 2 <= 64] = 1.0
+    plain = tiny(n_instance_classes=1, instance_embed_dim=4, norm="batch").eval()
+    spatial = tiny(n_instance_classes=1, instance_embed_dim=4, norm="batch", instance_coordinates=1 / 16,
+                   embedding_context=2).eval()
+    with torch.no_grad():
+        free = plain(x)["instance_embedding"][0]
+        placed = spatial(x)["instance_embedding"][0]
+    torch.testing.assert_close(free[:, 32, 24], free[:, 32, 72])
+    d2 = ((placed[:, 32, 24] - placed[:, 32, 72]) ** 2).sum()
+    assert 2 / (1 + torch.exp(d2)) < 0.5
+    offsets = placed[:2] - torch.stack([yy, xx]) / 16
+    torch.testing.assert_close(offsets[:, 32, 24], offsets[:, 32, 72])  # the learnt part is still equivariant
+
+
+@pytest.mark.parametrize("input_scale", [1, 2])
+def test_sampled_rows_of_a_spatial_embedding_equal_the_full_map(input_scale):
+    net = tiny(input_scale=input_scale, n_instance_classes=1, instance_embed_dim=4, instance_coordinates=0.25,
+               embedding_context=2)
+    h, w = 24, 40
+    x = torch.randn(2, 1, h, w)
+    full = net(x)["instance_embedding"].permute(0, 2, 3, 1).reshape(-1, 4)
+    pixels = torch.tensor([0, 5, w + 3, h * w + 7, 2 * h * w - 1])
+    torch.testing.assert_close(net(x, sampled_embedding=True)["instance_embedding"].rows(pixels), full[pixels],
+                               rtol=1e-5, atol=1e-5)
+    assert full[h * w - 1, 0] > 5.0  # position (23, 39) / 4 is in it
+
+
+def test_the_spatial_embedding_fields_validate_and_older_configs_load_without_them():
+    from napari_protoseg.model import InstanceHead, LocalizationHead
+
+    assert isinstance(tiny(n_instance_classes=1, embedding_context=4).instance_embedding_head, LocalizationHead)
+    old = tiny(n_instance_classes=1).config.to_dict()
+    del old["embedding_context"], old["instance_coordinates"]
+    config = ModelConfig.from_dict(old)
+    assert config.embedding_context == 0 and config.instance_coordinates == 0.0
+    assert isinstance(ProtoSegNet(config).instance_embedding_head, InstanceHead)
+    for bad in (dict(instance_coordinates=-0.1), dict(instance_coordinates=float("nan")),
+                dict(embedding_context=-1), dict(instance_coordinates=0.5, instance_embed_dim=1)):
+        with pytest.raises(ValueError):
+            ModelConfig(n_classes=2, n_instance_classes=1, **bad)
+    no_heads = ModelConfig(n_classes=2, embedding_context=4, instance_coordinates=0.5)
+    assert no_heads.embedding_context == 0 and no_heads.instance_coordinates == 0.0

@@ -795,6 +795,12 @@ def build_parser() -> argparse.ArgumentParser:
                            "(see docs/benchmarks.md)")
     benchmark.add_arguments(bench)
     bench.set_defaults(func=lambda args: benchmark.run_from_args(args))
+    from . import benchmark_touching
+
+    touching = sub.add_parser("benchmark-touching", help="compare the instance decoders where mitochondria touch "
+                              "(synthetic sample, trained from points only; see docs/benchmark-touching.md)")
+    benchmark_touching.add_arguments(touching)
+    touching.set_defaults(func=lambda args: benchmark_touching.run_from_args(args))
     return parser
 
 

@@ -39,7 +39,7 @@ import torch
 
 from .instances import PixelEmbeddings
 from .modelfile import TrainedModel
-from .model import ModelConfig, pick_device
+from .model import ModelConfig, add_coordinates, pick_device
 
 __all__ = [
     "PlaneInstanceMaps",
@@ -327,13 +327,15 @@ class _Runner:
 
     def instance_outputs(self, batch: np.ndarray) -> np.ndarray:
         """(B, 2k+1, h, w) raw intensities -> (B, C + K + E, h, w) float32: softmax probabilities,
-        localization probabilities (sigmoid) and the instance embedding, stacked."""
+        localization probabilities (sigmoid) and the instance embedding, stacked. A spatial
+        embedding (``ModelConfig.instance_coordinates``) comes without its positions: the learnt
+        offsets, the same in every tile; :class:`PixelEmbeddings` adds the plane's positions."""
         x = torch.from_numpy(self.model.normalization(batch)).to(self.device)
         with torch.inference_mode():
             out = self.net(x)
+            offsets = add_coordinates(out["instance_embedding"].float(), -self.net.config.instance_coordinates)
             stacked = torch.cat([self._semantic(x, first=out["logits"]),
-                                 torch.sigmoid(out["localization"].float()),
-                                 out["instance_embedding"].float()], dim=1)
+                                 torch.sigmoid(out["localization"].float()), offsets], dim=1)
         return stacked.cpu().numpy()
 
     @property
@@ -545,7 +547,7 @@ def predict_instance_maps_of_planes(model: TrainedModel, image, planes=None, *, 
             except _Stopped:
                 return
             embedding = PixelEmbeddings((height, width), np.concatenate(kept_index),
-                                        np.concatenate(kept_values))
+                                        np.concatenate(kept_values), model.net.config.instance_coordinates)
             yield z, PlaneInstanceMaps(classes=classes, confidence=confidence, localization=localization,
                                        embedding=embedding, class_ids=ids,
                                        instance_class_ids=model.instance_class_ids)

@@ -69,6 +69,14 @@ class ModelConfig:
     and the instance maps are upsampled bilinearly back to the input's size; the DSP embedding stays
     at the low resolution. 1 (a bare ``ModelConfig``, and what older files load as) is the plain
     full-resolution network; the training default (``TrainConfig.input_scale``) is 2.
+
+    ``embedding_context`` > 0 gives the instance embedding head the same context branch as the
+    localization head, and ``instance_coordinates`` c > 0 makes the embedding *spatial*: c times the
+    pixel's (y, x) position in the image is added to its first two channels, so the head learns
+    offsets that bring an object's pixels to one place (Novotny et al., ECCV 2018: a translation-
+    equivariant network alone gives two identical touching objects identical embeddings; Neven et
+    al., CVPR 2019). 0 for both (a bare ``ModelConfig``, and what older files load as) is the plain
+    3 x 3 head of free vectors.
     """
 
     n_classes: int
@@ -84,6 +92,8 @@ class ModelConfig:
     filter_sigmas: tuple[float, ...] = ()
     localization_context: int = 0
     input_scale: int = 1
+    embedding_context: int = 0
+    instance_coordinates: float = 0.0
 
     def __post_init__(self) -> None:
         self.filter_sigmas = tuple(float(s) for s in self.filter_sigmas)
@@ -94,7 +104,7 @@ class ModelConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
-        for name in ("depth", "localization_context"):
+        for name in ("depth", "localization_context", "embedding_context"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"ModelConfig.{name} must be a non-negative integer, got {value!r}")
@@ -102,8 +112,16 @@ class ModelConfig:
         if isinstance(n_inst, bool) or not isinstance(n_inst, int) or not 0 <= n_inst <= self.n_classes:
             raise ValueError(f"ModelConfig.n_instance_classes must be an integer from 0 to n_classes "
                              f"({self.n_classes}), got {n_inst!r}")
-        if n_inst == 0:
-            self.localization_context = 0  # a setting of the localization head: nothing without heads
+        coordinates = self.instance_coordinates
+        if isinstance(coordinates, bool) or not isinstance(coordinates, (int, float)) or not (
+                math.isfinite(coordinates) and coordinates >= 0):
+            raise ValueError(f"ModelConfig.instance_coordinates must be a number >= 0, got {coordinates!r}")
+        self.instance_coordinates = float(coordinates)
+        if coordinates and self.instance_embed_dim < 2:
+            raise ValueError("ModelConfig.instance_coordinates needs an instance embedding of 2 or more dimensions")
+        if n_inst == 0:  # settings of the instance heads: nothing without heads
+            self.localization_context = self.embedding_context = 0
+            self.instance_coordinates = 0.0
         if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
                 and self.temperature > 0):
             raise ValueError(f"ModelConfig.temperature must be a positive number, got {self.temperature!r}")
@@ -260,9 +278,10 @@ class SampledEmbedding:
     and its last 1x1 convolution. The embedding loss reads a few thousand pixels of a batch; the
     full (B, 64, H, W) map and its gradient cost about 7 % of a training step on the CPU."""
 
-    def __init__(self, hidden: torch.Tensor, conv: nn.Conv2d) -> None:
+    def __init__(self, hidden: torch.Tensor, conv: nn.Conv2d, coordinates: float = 0.0) -> None:
         self.hidden = hidden
         self.conv = conv
+        self.coordinates = float(coordinates)
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -274,7 +293,25 @@ class SampledEmbedding:
         """(N, E) embeddings at ``flat_pixels``, indices into the (B, H, W) pixels."""
         pixels = self.hidden.permute(0, 2, 3, 1).reshape(-1, self.hidden.shape[1])
         # index_select: its backward adds repeated indices in a fixed order (deterministic).
-        return _pointwise_rows(self.conv, pixels.index_select(0, flat_pixels))
+        rows = _pointwise_rows(self.conv, pixels.index_select(0, flat_pixels))
+        if self.coordinates:
+            h, w = self.hidden.shape[-2:]
+            within = flat_pixels % (h * w)
+            position = torch.stack([within // w, within % w], dim=1).to(rows.dtype) * self.coordinates
+            rows = torch.cat([rows[:, :2] + position, rows[:, 2:]], dim=1)
+        return rows
+
+
+def add_coordinates(embedding: torch.Tensor, scale: float, origin: tuple[int, int] = (0, 0)) -> torch.Tensor:
+    """``embedding`` (B, E, H, W) with ``scale`` times each pixel's (y, x) position, counted from
+    ``origin`` (the map's top-left pixel in the image), added to its first two channels."""
+    if not scale:
+        return embedding
+    h, w = embedding.shape[-2:]
+    ys = (torch.arange(h, device=embedding.device, dtype=embedding.dtype) + origin[0]) * scale
+    xs = (torch.arange(w, device=embedding.device, dtype=embedding.dtype) + origin[1]) * scale
+    grid = torch.stack([ys[:, None].expand(h, w), xs[None, :].expand(h, w)])
+    return torch.cat([embedding[:, :2] + grid, embedding[:, 2:]], dim=1)
 
 
 def _pointwise_rows(conv: nn.Conv2d, rows: torch.Tensor) -> torch.Tensor:
@@ -308,11 +345,15 @@ class LocalizationHead(nn.Module):
         self.context = nn.Sequential(*layers)
         self.conv2 = nn.Conv2d(2 * hidden, out_channels, 1)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    def hidden(self, features: torch.Tensor) -> torch.Tensor:
+        """Both branches' features before the last 1x1 convolution, (B, 2 * hidden, H, W)."""
         h, w = features.shape[-2:]
         low = F.avg_pool2d(features, self.scale, ceil_mode=True)
         context = F.interpolate(self.context(low), size=(h, w), mode="bilinear", align_corners=False)
-        return _pointwise(self.conv2, torch.cat([self.local(features), context], dim=1))
+        return torch.cat([self.local(features), context], dim=1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return _pointwise(self.conv2, self.hidden(features))
 
 
 def _gaussian_kernel(sigma: float) -> torch.Tensor:
@@ -481,8 +522,12 @@ class ProtoSegNet(nn.Module):
                                                           config.localization_context, config.norm)
             else:
                 self.localization_head = InstanceHead(config.embed_dim, width, config.n_instance_classes, config.norm)
-            self.instance_embedding_head = InstanceHead(config.embed_dim, width, config.instance_embed_dim,
-                                                        config.norm)
+            if config.embedding_context:
+                self.instance_embedding_head = LocalizationHead(config.embed_dim, width, config.instance_embed_dim,
+                                                                config.embedding_context, config.norm)
+            else:
+                self.instance_embedding_head = InstanceHead(config.embed_dim, width, config.instance_embed_dim,
+                                                            config.norm)
             with torch.no_grad():  # start with few blobs (p ~ 0.1), as LCFCN's initial background bias
                 self.localization_head.conv2.bias.fill_(-2.0)
         # NHWC convolutions are markedly faster on CPU (oneDNN) and fine on CUDA; the input is
@@ -558,10 +603,13 @@ class ProtoSegNet(nn.Module):
                 hidden = self.instance_embedding_head.hidden(head_features)
                 if input_scale > 1:
                     hidden = self._to_input_size(hidden, height, width).contiguous(memory_format=torch.channels_last)
-                out["instance_embedding"] = SampledEmbedding(hidden, self.instance_embedding_head.conv2)
+                out["instance_embedding"] = SampledEmbedding(hidden, self.instance_embedding_head.conv2,
+                                                             self.config.instance_coordinates)
             else:
                 embedding = self.instance_embedding_head(head_features)
-                out["instance_embedding"] = self._to_input_size(embedding, height, width) if input_scale > 1 else embedding
+                if input_scale > 1:
+                    embedding = self._to_input_size(embedding, height, width)
+                out["instance_embedding"] = add_coordinates(embedding, self.config.instance_coordinates)
         return out
 
 
