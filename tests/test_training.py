@@ -306,7 +306,8 @@ def test_a_config_written_before_a_field_existed_keeps_the_behaviour_of_then():
     old = {k: v for k, v in today.items() if k not in ("filter_sigmas", "mask_share", "balance_classes",
                                                        "instance_heads", "instance_backbone_grad",
                                                        "localization_context", "unpointed_negatives",
-                                                       "point_spread", "input_scale")}
+                                                       "point_spread", "input_scale", "embedding_context",
+                                                       "instance_coordinates")}
     config = TrainConfig.from_dict(old)
     assert config.input_scale == 1 and config.model_config(3).input_scale == 1  # full resolution, as then
     assert TrainConfig().model_config(3).input_scale == 2
@@ -315,6 +316,9 @@ def test_a_config_written_before_a_field_existed_keeps_the_behaviour_of_then():
     assert not config.instance_heads and config.instance_backbone_grad and config.localization_context == 0
     assert TrainConfig().model_config(3, 1).localization_context == 4  # new models get the context head
     assert TrainConfig(instance_heads=False).model_config(3, 1).localization_context == 0
+    assert config.embedding_context == 0 and config.instance_coordinates == 0.0  # the plain embedding head
+    spatial = TrainConfig().model_config(3, 1)  # new models get the spatial embedding with context
+    assert spatial.embedding_context == 4 and spatial.instance_coordinates == 1 / 16
     assert TrainConfig.from_dict(today) == TrainConfig()
 
 

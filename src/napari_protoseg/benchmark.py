@@ -998,7 +998,8 @@ def evaluate_instance_targets(settings: dict) -> list[dict]:
         measured = None if a is None or b is None or not (math.isfinite(a) and math.isfinite(b)) else a - b
         out.append({"target": f"`{name}`: WISE decoder beats the plain decoder where mitochondria touch",
                     "measured": measured,
-                    "measured_text": "no touching mitochondria in the test sections" if measured is None else
+                    "measured_text": "no touching mitochondria in the test sections (on the synthetic sample: "
+                                     "benchmark-touching.md)" if measured is None else
                     f"{measured:+.3f} (recall of touching objects {a:.3f} vs {b:.3f})",
                     "threshold_text": "> 0", "met": None if measured is None else bool(measured > 0)})
     return out
@@ -1011,7 +1012,8 @@ def _touching_count_text(results: dict) -> str:
     if len(counts) != 1:
         return "the number of such objects differs between runs."
     count = counts.pop()
-    return ("the test sections hold none, so no decoder can be compared there." if count == 0 else
+    return ("the test sections hold none, so no decoder can be compared there; `protoseg benchmark-touching` "
+            "compares them on the synthetic sample, where many touch (benchmark-touching.md)." if count == 0 else
             f"the test sections hold {count}.")
 
 
@@ -1042,7 +1044,8 @@ def render_instance_markdown(results: dict) -> list[str]:
     return ["## Mitochondrion instances", "",
             "Per test section, a predicted instance matches a true one at IoU >= 0.5; AP50 = TP / (TP + FP + FN); "
             "matched IoU = mean IoU of the matches. Decoders: `wise` (the class map's connected parts, each split by "
-            "embedding similarity where two or more blobs of the localization map fall in it), `watershed` (distance-transform split of the "
+            "embedding similarity where two or more blobs of the localization map fall in it, blobs whose pixels embed alike "
+            "kept as one object), `watershed` (distance-transform split of the "
             "class map), `components` (4-connected components; the peer's only option). " + size_rule + " Touching recall: share of "
             f"true mitochondria within {TOUCHING_GAP} px of another that are matched (objects under {TOUCHING_MIN_AREA} px, "
             f"which no decoder keeps, are label specks and do not count); " + _touching_count_text(results), "",

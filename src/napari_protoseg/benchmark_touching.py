@@ -157,7 +157,7 @@ def render_touching_markdown(results: dict) -> str:
         f"{results['steps_done']} steps in {results['train_seconds']:.0f} s, and scored on the independent stack of "
         f"sample seed {results['test_sample_seed']}: {objects} mitochondria, {first['touching_objects']} of them "
         f"within {TOUCHING_GAP} px of another. The sample's mitochondria are the 4-connected components of their "
-        "class, so touching ones are separated by a pixel or two of membrane, or meet only diagonally; a decoder "
+        "class, so touching ones are separated by a single pixel, or meet only diagonally; a decoder "
         "that merges a pair loses both. Scoring as in docs/benchmarks.md (AP50 at IoU >= 0.5, objects under the "
         "size floor dropped).", "",
         f"Run {results['date']}, napari-protoseg {results['napari_protoseg_version']}, {env.get('device', 'cpu')}, "
@@ -168,7 +168,7 @@ def render_touching_markdown(results: dict) -> str:
     for name, f in figures.items():
         lines.append(f"| `{name}` | {_f(f['ap50'])} | {_f(f['matched_iou'])} | {_f(f['touching_recall'])} | "
                      f"{f['tp']} / {f['fp']} / {f['fn']} |")
-    lines += ["", f"Target (issue 4): the WISE decoder beats the plain decoders where objects touch: "
+    lines += ["", "Target: the WISE decoder beats the plain decoders where objects touch: "
               f"{target['text'].replace(' -> met', '').replace(' -> NOT met', '')}: {verdict}.", ""]
     return "\n".join(lines)
 
