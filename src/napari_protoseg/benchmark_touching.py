@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .benchmark import (STUFF_POINTS, TOUCHING_GAP, _environment, _f, benchmark_config, protoseg_instance_figures,
-                        save_json)
+                        save_json, source_commit)
 from .project import AnnotationSet, empty_points
 from .sample import CYTOPLASM, MEMBRANE, MITOCHONDRION, VESICLE, generate_sample
 
@@ -101,7 +101,7 @@ def run_touching_benchmark(out_dir, *, shape=SHAPE, train_sample_seed: int = TRA
                  f"({f['touching_objects']} touching)")
     results = {
         "benchmark": "napari-protoseg touching-mitochondria benchmark (synthetic sample, points only)",
-        "napari_protoseg_version": __version__,
+        "napari_protoseg_version": __version__, "commit": source_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": command, "seed": seed, "shape": list(shape), "train_sample_seed": train_sample_seed,
         "test_sample_seed": test_sample_seed, "points": int(len(points)),
@@ -160,7 +160,8 @@ def render_touching_markdown(results: dict) -> str:
         "class, so touching ones are separated by a single pixel, or meet only diagonally; a decoder "
         "that merges a pair loses both. Scoring as in docs/benchmarks.md (AP50 at IoU >= 0.5, objects under the "
         "size floor dropped).", "",
-        f"Run {results['date']}, napari-protoseg {results['napari_protoseg_version']}, {env.get('device', 'cpu')}, "
+        f"Run {results['date']}, napari-protoseg {results['napari_protoseg_version']}"
+        + (f" (commit {results['commit'][:7]})" if results.get("commit") else "") + f", {env.get('device', 'cpu')}, "
         f"torch {env.get('torch')} ({env.get('torch_threads')} threads).", "",
         "| decoder | AP50 | matched IoU | touching recall | TP / FP / FN |",
         "| --- | --- | --- | --- | --- |",
