@@ -180,6 +180,8 @@ def test_wise_decoding_checks_its_inputs():
         wise_instances(classes, localization, embedding, [3, 4])
     with pytest.raises(ValueError, match="one plane"):
         wise_instances(classes[None], localization, embedding, [3])
+    with pytest.raises(ValueError, match="merge_similarity"):
+        wise_instances(classes, localization, embedding, [3], merge_similarity=1.0)
 
 
 class _ModelWithoutHeads:

@@ -450,6 +450,8 @@ def wise_instances(class_map: np.ndarray, localization: np.ndarray, embedding, i
     emb = embedding if isinstance(embedding, PixelEmbeddings) else PixelEmbeddings.dense(embedding)
     if emb.shape != class_map.shape:
         raise ValueError(f"the embedding covers a {emb.shape} plane, the class map is {class_map.shape}")
+    if merge_similarity is not None and not 0.0 < merge_similarity < 1.0:
+        raise ValueError(f"merge_similarity must be between 0 and 1 (a similarity), or None; got {merge_similarity!r}")
     rng = np.random.default_rng(seed)
     available = emb.available() if len(emb.index) < class_map.size else None
     out = np.zeros(class_map.shape, dtype=np.uint32)
