@@ -516,6 +516,7 @@ def test_a_time_limit_ends_training_within_it_with_the_learning_rate_decayed(sma
     last = events[-1]
     assert last.finished and last.time_limited and not last.stopped
     assert last.step == last.total_steps == 30  # 30 s at 1 s a step
+    assert last.requested_steps == 200  # what was asked, for the message that the limit cut the run
     assert events[0].total_steps == 200  # the pace is measured first
     assert last.model.training_info["train_config"]["steps"] == last.step
     schedule = torch.load(tmp_path / "c.ckpt", weights_only=False)["scheduler"]
@@ -524,7 +525,7 @@ def test_a_time_limit_ends_training_within_it_with_the_learning_rate_decayed(sma
 
     fake_training_clock(0.01)
     quick = last_event(train(small_sample.image, small_sample.annotations, replace(config, steps=25)))
-    assert quick.step == 25 and quick.finished and not quick.time_limited
+    assert quick.step == 25 and quick.finished and not quick.time_limited and quick.requested_steps == 25
 
 
 def test_a_time_limited_run_resumes_to_its_planned_steps(small_sample, tmp_path, fake_training_clock):

@@ -377,6 +377,7 @@ def test_the_panel_trains_within_five_minutes_by_default_and_the_limit_can_be_ch
     assert widget.last_event.finished and widget.last_event.step == 20
     assert "Finished 20 steps" in widget.train_status.text()
     assert "all the time limit allowed (500 asked)" in widget.train_status.text()
+    assert widget.last_event.requested_steps == 500  # what the run was asked, whatever the box says by then
 
 
 # --------------------------------------------------------------------- failures and closing

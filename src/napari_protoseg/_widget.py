@@ -1080,7 +1080,7 @@ class ProtosegWidget(QWidget):
             self.session.model_source = source
         finished = f"Finished {event.step} steps in {format_duration(event.elapsed)}"
         if event.time_limited:
-            finished += (f", all the time limit allowed ({self.steps_spin.value()} asked); 'Continue training' "
+            finished += (f", all the time limit allowed ({event.requested_steps} asked); 'Continue training' "
                          "trains more")
         self.train_status.setText(
             f"Stopped at step {event.step} of {event.total_steps}; 'Continue training' resumes from the "

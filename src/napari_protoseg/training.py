@@ -312,6 +312,7 @@ class TrainEvent:
     stopped: bool = False
     model: TrainedModel | None = field(default=None, repr=False)  # the current model, on the last event
     time_limited: bool = False  # the last event of a run that its time limit ended before the steps asked
+    requested_steps: int | None = None  # the steps asked for, on the last event (total_steps may be fewer)
 
 
 @dataclass
@@ -601,4 +602,5 @@ def train(
             model, image, z if annotations.is_stack else None, device=device).classes for z in zs]), annotations))
     yield TrainEvent(step, config.steps, losses, time.perf_counter() - start, 0.0, str(device), None, checkpoint,
                      finished=step >= config.steps, stopped=finished_cleanly and step < config.steps,
-                     model=current_model(), time_limited=step >= config.steps and config.steps < requested_steps)
+                     model=current_model(), time_limited=step >= config.steps and config.steps < requested_steps,
+                     requested_steps=requested_steps)
