@@ -165,7 +165,8 @@ class TrainConfig:
     # With these two, 0.0-0.43 (the same objects' own pixels 0.46-0.92), and WISE's AP50 / touching
     # recall there 0.471 / 0.429 without merging seeds (0.469 / 0.143 with the plain head; the same
     # semantic model at the same thread count). Test sections (benchmark-instances.md vs benchmarks.md), WISE AP50: full 0.723
-    # (0.648), mixed 0.587 (0.473), masks+points 0.615 (0.616), points-only 0.042 (0.048).
+    # (0.648), mixed 0.587 (0.473), masks+points 0.615 (0.616), points-only 0.042 (0.048). Cost: a
+    # training step on the demo sample takes 169-175 ms instead of 147-157 (2 threads, this CPU).
     embedding_context: int = 4
     instance_coordinates: float = 1 / 16
     # With instance_backbone_grad 0 the two heads share no parameter with each other or with the
