@@ -400,9 +400,9 @@ def test_add_coordinates_adds_scaled_positions_to_the_first_two_channels_only():
     from napari_protoseg.model import add_coordinates
 
     embedding = torch.zeros(2, 4, 3, 5)
-    out = add_coordinates(embedding, 0.5, origin=(10, 20))
-    torch.testing.assert_close(out[:, 0], (torch.arange(3.0)[:, None] + 10).expand(2, 3, 5) * 0.5)
-    torch.testing.assert_close(out[:, 1], (torch.arange(5.0)[None, :] + 20).expand(2, 3, 5) * 0.5)
+    out = add_coordinates(embedding, 0.5)
+    torch.testing.assert_close(out[:, 0], torch.arange(3.0)[:, None].expand(2, 3, 5) * 0.5)
+    torch.testing.assert_close(out[:, 1], torch.arange(5.0)[None, :].expand(2, 3, 5) * 0.5)
     assert not out[:, 2:].any()
     assert add_coordinates(embedding, 0.0) is embedding
 

@@ -83,11 +83,13 @@ def simulate_boxes(semantic: np.ndarray, sections) -> np.ndarray:
     return np.array(rows, dtype=empty_boxes().dtype) if rows else empty_boxes()
 
 
-def simulate_points(semantic: np.ndarray, sections, rng: np.random.Generator) -> np.ndarray:
-    """One point at a random pixel of every object (exhaustive) and 20 random points per stuff class."""
+def simulate_points(semantic: np.ndarray, sections, rng: np.random.Generator, object_classes=OBJECT_CLASSES,
+                    stuff_classes=STUFF_CLASSES, stuff_points: int = STUFF_POINTS) -> np.ndarray:
+    """One point at a random pixel of every object (4-connected component of an object class) of
+    each section, exhaustive, and ``stuff_points`` random points per stuff class and section."""
     rows = []
     for z in sections:
-        for cid in OBJECT_CLASSES:
+        for cid in object_classes:
             labels, n = _objects(semantic[z], cid)
             if n == 0:
                 continue
@@ -98,10 +100,10 @@ def simulate_points(semantic: np.ndarray, sections, rng: np.random.Generator) ->
             picks = order[starts + (rng.random(n) * (ends - starts)).astype(np.int64)]
             ys, xs = np.unravel_index(picks, labels.shape)
             rows += [(z, int(y), int(x), cid, True) for y, x in zip(ys, xs)]
-        for cid in STUFF_CLASSES:
+        for cid in stuff_classes:
             ys, xs = np.nonzero(semantic[z] == cid)
             if len(ys):
-                pick = rng.choice(len(ys), size=min(STUFF_POINTS, len(ys)), replace=False)
+                pick = rng.choice(len(ys), size=min(stuff_points, len(ys)), replace=False)
                 rows += [(z, int(ys[i]), int(xs[i]), cid, False) for i in pick]
     return np.array(rows, dtype=empty_points().dtype) if rows else empty_points()
 

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from .benchmark import (STUFF_POINTS, TOUCHING_GAP, _environment, _f, benchmark_config, protoseg_instance_figures,
-                        save_json, source_commit)
-from .project import AnnotationSet, empty_points
+                        save_json, simulate_points, source_commit)
+from .project import AnnotationSet
 from .sample import CYTOPLASM, MEMBRANE, MITOCHONDRION, VESICLE, generate_sample
 
 OBJECT_CLASSES = (MITOCHONDRION, VESICLE)
@@ -36,26 +36,12 @@ DOCS_FILE = "benchmark-touching.md"
 
 
 def sample_points(semantic: np.ndarray, seed: int = 0, stuff_points: int = STUFF_POINTS) -> np.ndarray:
-    """Points as in BENCHMARK.md's ``points-only``, on a synthetic stack: one exhaustive point at a
-    random pixel of every 4-connected object of the object classes (mitochondrion, vesicle) in each
-    plane, and ``stuff_points`` random, non-exhaustive points of each stuff class per plane."""
-    from scipy import ndimage as ndi
-
-    rng = np.random.default_rng(seed)
-    four = ndi.generate_binary_structure(2, 1)
-    rows = []
-    for z, plane in enumerate(semantic):
-        for cid in OBJECT_CLASSES:
-            labels, n = ndi.label(plane == cid, structure=four)
-            for i in range(1, n + 1):
-                ys, xs = np.nonzero(labels == i)
-                j = rng.integers(len(ys))
-                rows.append((z, int(ys[j]), int(xs[j]), cid, True))
-        for cid in STUFF_CLASSES:
-            ys, xs = np.nonzero(plane == cid)
-            for j in rng.choice(len(ys), size=min(stuff_points, len(ys)), replace=False):
-                rows.append((z, int(ys[j]), int(xs[j]), cid, False))
-    return np.array(rows, dtype=empty_points().dtype) if rows else empty_points()
+    """Points as in BENCHMARK.md's ``points-only``, on a synthetic stack (the benchmark's
+    :func:`~napari_protoseg.benchmark.simulate_points` with the sample's classes): one exhaustive
+    point in every 4-connected mitochondrion and vesicle of each plane, and ``stuff_points`` random,
+    non-exhaustive points of each stuff class per plane."""
+    return simulate_points(semantic, range(semantic.shape[0]), np.random.default_rng(seed), OBJECT_CLASSES,
+                           STUFF_CLASSES, stuff_points)
 
 
 def run_touching_benchmark(out_dir, *, shape=SHAPE, train_sample_seed: int = TRAIN_SAMPLE_SEED,
@@ -71,7 +57,7 @@ def run_touching_benchmark(out_dir, *, shape=SHAPE, train_sample_seed: int = TRA
     from .modelfile import save_model
     from .training import train
 
-    if tuple(shape) == () or len(shape) != 3:
+    if len(tuple(shape)) != 3:
         raise ValueError(f"shape must be (Z, Y, X), not {shape!r}")
     if train_sample_seed == test_sample_seed:
         raise ValueError("the training and test stacks must differ (give two different sample seeds)")

@@ -302,14 +302,14 @@ class SampledEmbedding:
         return rows
 
 
-def add_coordinates(embedding: torch.Tensor, scale: float, origin: tuple[int, int] = (0, 0)) -> torch.Tensor:
-    """``embedding`` (B, E, H, W) with ``scale`` times each pixel's (y, x) position, counted from
-    ``origin`` (the map's top-left pixel in the image), added to its first two channels."""
+def add_coordinates(embedding: torch.Tensor, scale: float) -> torch.Tensor:
+    """``embedding`` (B, E, H, W) with ``scale`` times each pixel's (y, x) position in the map added
+    to its first two channels."""
     if not scale:
         return embedding
     h, w = embedding.shape[-2:]
-    ys = (torch.arange(h, device=embedding.device, dtype=embedding.dtype) + origin[0]) * scale
-    xs = (torch.arange(w, device=embedding.device, dtype=embedding.dtype) + origin[1]) * scale
+    ys = torch.arange(h, device=embedding.device, dtype=embedding.dtype) * scale
+    xs = torch.arange(w, device=embedding.device, dtype=embedding.dtype) * scale
     grid = torch.stack([ys[:, None].expand(h, w), xs[None, :].expand(h, w)])
     return torch.cat([embedding[:, :2] + grid, embedding[:, 2:]], dim=1)
 
