@@ -29,10 +29,10 @@ def main() -> None:
     import numpy as np
     from qtpy.QtWidgets import QApplication
 
-    from napari_protoseg.project import write_project
-    from napari_protoseg.sample import generate_sample
-    from napari_protoseg.session import PANEL_TIME_LIMIT, PREDICTION_INSTANCES, PREDICTION_SEMANTIC
-    from napari_protoseg.training import TrainConfig, warmup_for_steps
+    from napari_protoseg.annotations.project import write_project
+    from napari_protoseg.annotations.synthetic import generate_sample
+    from napari_protoseg.plugin.session import PANEL_TIME_LIMIT, PREDICTION_INSTANCES, PREDICTION_SEMANTIC
+    from napari_protoseg.training.engine import TrainConfig, warmup_for_steps
 
     app = QApplication.instance() or QApplication([])
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from napari_protoseg.project import AnnotationSet, ClassInfo
+from napari_protoseg.annotations.project import AnnotationSet, ClassInfo
 
 
 @pytest.fixture(autouse=True)
@@ -20,7 +20,7 @@ def restore_torch_threads():
 def fake_training_clock(monkeypatch):
     """``install(tick)`` makes the training engine's clock advance ``tick`` seconds at every reading
     (one reading a step when no preview is asked for), so time limits are tested without waiting."""
-    from napari_protoseg import training
+    from napari_protoseg.training import engine as training
 
     def install(tick: float) -> None:
         clock = SimpleNamespace(now=0.0)

@@ -9,8 +9,9 @@ import pytest
 import torch
 from scipy import ndimage as ndi
 
-from napari_protoseg import benchmark as bm
-from napari_protoseg.benchmark import (
+from napari_protoseg.benchmark import budget as bm
+from napari_protoseg.benchmark import command as bm_command
+from napari_protoseg.benchmark.budget import (
     SETTINGS,
     annotation_seconds,
     class_iou,
@@ -18,8 +19,8 @@ from napari_protoseg.benchmark import (
     instance_scores,
     simulate_setting,
 )
-from napari_protoseg.project import AnnotationSet, read_project
-from napari_protoseg.training import TrainConfig
+from napari_protoseg.annotations.project import AnnotationSet, read_project
+from napari_protoseg.training.engine import TrainConfig
 
 DATA = Path(__file__).parents[1].parent / "shared" / "data" / "vnc"
 FOUR = ndi.generate_binary_structure(2, 1)
@@ -481,7 +482,7 @@ def test_validation_reports_are_marked_and_never_the_docs(tmp_path):
         bm.merge_results([results, validation])
     with pytest.raises(ValueError, match="docs"):
         bm.run_benchmark(tmp_path / "nowhere", tmp_path / "out", validation=True, docs_path=tmp_path / "docs.md")
-    assert bm.main([str(tmp_path / "nowhere"), "--validation", "--docs", str(tmp_path / "docs.md")]) == 2
+    assert bm_command.main([str(tmp_path / "nowhere"), "--validation", "--docs", str(tmp_path / "docs.md")]) == 2
     assert not (tmp_path / "docs.md").exists()
 
 
@@ -542,7 +543,7 @@ def test_partial_runs_merge_into_one_report(tmp_path):
         files.append(tmp_path / f"part{i}.json")
         bm.save_json(files[-1], part)
     docs = tmp_path / "docs.md"
-    assert bm.main(["unused", "--merge", *map(str, files), "--out", str(tmp_path / "out"), "--docs", str(docs)]) == 0
+    assert bm_command.main(["unused", "--merge", *map(str, files), "--out", str(tmp_path / "out"), "--docs", str(docs)]) == 0
     assert json.loads((tmp_path / "out" / "results.json").read_text())["complete"]
     # The report says which version ran which part.
     report = (tmp_path / "out" / "benchmarks.md").read_text()
@@ -555,9 +556,9 @@ def test_partial_runs_merge_into_one_report(tmp_path):
             == json.loads((tmp_path / "out" / "results.json").read_text()))
     assert ((tmp_path / "images" / "miou_vs_time.png").read_bytes()
             == (tmp_path / "out" / "miou_vs_time.png").read_bytes())
-    assert bm.main(["unused", "--merge", str(tmp_path / "missing.json"), "--out", str(tmp_path / "o2")]) == 1
+    assert bm_command.main(["unused", "--merge", str(tmp_path / "missing.json"), "--out", str(tmp_path / "o2")]) == 1
     partial_docs = tmp_path / "partial.md"
-    assert bm.main(["unused", "--merge", str(files[0]), "--out", str(tmp_path / "o3"), "--docs", str(partial_docs)]) == 0
+    assert bm_command.main(["unused", "--merge", str(files[0]), "--out", str(tmp_path / "o3"), "--docs", str(partial_docs)]) == 0
     assert "Partial results" in partial_docs.read_text()  # asked for explicitly: written, and marked partial
 
 
@@ -590,12 +591,12 @@ def test_merging_keeps_every_runs_record_and_an_unknown_total_time():
 
 
 def test_command_line_options(tmp_path):
-    args = bm.build_parser().parse_args(["data", "--quick", "--settings", "masks", "mixed", "--no-ablations",
+    args = bm_command.build_parser().parse_args(["data", "--quick", "--settings", "masks", "mixed", "--no-ablations",
                                          "--steps", "5", "--seed", "2", "--out", str(tmp_path)])
     assert args.quick and args.settings == ["masks", "mixed"] and args.no_ablations
     assert args.steps == 5 and args.seed == 2 and args.out == tmp_path
     with pytest.raises(SystemExit):
-        bm.build_parser().parse_args(["data", "--settings", "boxes-only"])
+        bm_command.build_parser().parse_args(["data", "--settings", "boxes-only"])
 
 
 # ------------------------------------------------------------------ quick run on the real data
@@ -661,22 +662,22 @@ def test_preview_summary_reads_the_timeline():
 
 def test_only_a_complete_full_run_rewrites_the_docs(monkeypatch, tmp_path):
     calls = []
-    monkeypatch.setattr(bm, "run_benchmark", lambda *a, **k: calls.append(k))
+    monkeypatch.setattr(bm_command, "run_benchmark", lambda *a, **k: calls.append(k))
     docs = bm._repository_docs()
     assert docs is None or docs.name == "benchmarks.md"
     for argv, expect_docs in (([], docs), (["--quick"], None), (["--settings", "masks"], None),
                               (["--no-ablations"], None), (["--steps", "10"], None),
                               (["--quick", "--docs", str(tmp_path / "b.md")], tmp_path / "b.md")):
-        assert bm.main(["data", "--out", str(tmp_path), *argv]) == 0
+        assert bm_command.main(["data", "--out", str(tmp_path), *argv]) == 0
         assert calls[-1]["docs_path"] == expect_docs, argv
     assert calls[-1]["command"].startswith("protoseg benchmark data")
-    assert bm.main(["data", "--out", str(tmp_path), "--ablations-only"]) == 0
+    assert bm_command.main(["data", "--out", str(tmp_path), "--ablations-only"]) == 0
     assert calls[-1]["settings"] == [] and calls[-1]["ablations"] is True and calls[-1]["docs_path"] is None
     assert calls[-1]["ablation_settings"] is None  # every setting's ablations
-    assert bm.main(["data", "--out", str(tmp_path), "--ablations-only", "--settings", "mixed", "masks+tags"]) == 0
+    assert bm_command.main(["data", "--out", str(tmp_path), "--ablations-only", "--settings", "mixed", "masks+tags"]) == 0
     assert calls[-1]["settings"] == [] and calls[-1]["ablation_settings"] == ["mixed", "masks+tags"]
     with pytest.raises(SystemExit):
-        bm.build_parser().parse_args(["data", "--ablations-only", "--no-ablations"])
+        bm_command.build_parser().parse_args(["data", "--ablations-only", "--no-ablations"])
 
 
 # ------------------------------------------------------------------ mitochondrion instances
@@ -727,7 +728,7 @@ def test_instance_figures_score_only_the_objects_of_the_class_asked_for(monkeypa
     """With two instance classes, the other class's objects are not false positives of this one."""
     import types
 
-    import napari_protoseg.instances as instances
+    import napari_protoseg.prediction.pipeline as pipeline
 
     classes = np.zeros((1, 20, 40), np.uint8)
     classes[0, 5:15, 2:10] = 3
@@ -737,9 +738,9 @@ def test_instance_figures_score_only_the_objects_of_the_class_asked_for(monkeypa
     def fake_predict(model, image, decoder=None, class_map=None, **kwargs):
         labels = np.zeros(classes.shape, np.uint32)
         labels[classes == 3], labels[classes == 4] = 1, 2
-        return instances.InstancePrediction(labels, None, None, decoder, False, 1, 1)
+        return pipeline.InstancePrediction(labels, None, None, decoder, False, 1, 1)
 
-    monkeypatch.setattr(instances, "predict_instances", fake_predict)
+    monkeypatch.setattr(pipeline, "predict_instances", fake_predict)
     model = types.SimpleNamespace(instance_class_ids=[3, 4], has_instance_heads=False)
     figures = bm.protoseg_instance_figures(model, np.zeros(classes.shape, np.float32), classes, truth, class_id=3)
     assert set(figures) == {"watershed", "components"}
@@ -809,8 +810,8 @@ def test_the_peers_size_floor_follows_the_rule_of_the_decoders(monkeypatch):
     them, the peer's own objects at the points do, as the model's do for protoseg."""
     from types import SimpleNamespace
 
-    from napari_protoseg.instances import annotated_min_size
-    from napari_protoseg.project import empty_points
+    from napari_protoseg.prediction.decoders import annotated_min_size
+    from napari_protoseg.annotations.project import empty_points
 
     semantic = np.ones((3, 48, 48), np.uint8)
     semantic[:, 10:30, 10:30] = 3  # one 400 px mitochondrion per section

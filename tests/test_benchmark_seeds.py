@@ -5,8 +5,9 @@ import math
 
 import pytest
 
-from napari_protoseg import benchmark as bm
-from napari_protoseg.benchmark_seeds import render_seed_markdown, summarize_seeds
+from napari_protoseg.benchmark import budget as bm
+from napari_protoseg.benchmark import command as bm_command
+from napari_protoseg.benchmark.seeds import render_seed_markdown, summarize_seeds
 
 from test_benchmark import fake_results
 
@@ -81,14 +82,14 @@ def test_summarize_seeds_from_the_command_line(tmp_path, capsys):
         path.write_text(json.dumps(seeded(seed, shift)))
         files.append(str(path))
     out, docs = tmp_path / "out", tmp_path / "seeds-doc.md"
-    assert bm.main(["unused", "--summarize-seeds", *files, "--out", str(out), "--docs", str(docs)]) == 0
+    assert bm_command.main(["unused", "--summarize-seeds", *files, "--out", str(out), "--docs", str(docs)]) == 0
     written = json.loads((out / "seeds.json").read_text())
     assert written["seeds"] == [0, 1]
     assert math.isclose(written["settings"]["mixed"]["protoseg"]["miou"]["mean"], 0.73)
     assert (out / "seeds.md").read_text() == docs.read_text()
-    assert bm.main(["unused", "--summarize-seeds", str(tmp_path / "missing.json"), "--out", str(out)]) == 1
+    assert bm_command.main(["unused", "--summarize-seeds", str(tmp_path / "missing.json"), "--out", str(out)]) == 1
     assert "missing.json" in capsys.readouterr().err
-    args = bm.build_parser().parse_args(["data", "--seeds", "0", "1", "2", "--quick"])
+    args = bm_command.build_parser().parse_args(["data", "--seeds", "0", "1", "2", "--quick"])
     assert args.seeds == [0, 1, 2]
 
 
@@ -100,8 +101,8 @@ def test_seeds_option_runs_each_seed_into_its_folder_then_summarizes(tmp_path, m
         out_dir.mkdir(parents=True)
         (out_dir / "results.json").write_text(json.dumps(seeded(seed, 0.01 * seed)))
 
-    monkeypatch.setattr(bm, "run_benchmark", fake_run)
-    assert bm.main(["data", "--seeds", "0", "2", "2", "--out", str(tmp_path)]) == 0
+    monkeypatch.setattr(bm_command, "run_benchmark", fake_run)
+    assert bm_command.main(["data", "--seeds", "0", "2", "2", "--out", str(tmp_path)]) == 0
     assert calls == [(0, None), (2, None)]  # a complete multi-seed run never rewrites docs/benchmarks.md
     assert (tmp_path / "seed-2" / "results.json").is_file()
     summary = json.loads((tmp_path / "seeds.json").read_text())

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from napari_protoseg import benchmark_touching as bt
+from napari_protoseg.benchmark import touching as bt
 from napari_protoseg.cli import main
-from napari_protoseg.sample import MITOCHONDRION, VESICLE, generate_sample
+from napari_protoseg.annotations.synthetic import MITOCHONDRION, VESICLE, generate_sample
 
 
 @pytest.fixture(scope="module")

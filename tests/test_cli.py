@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from napari_protoseg.cli import main
-from napari_protoseg.project import write_project
+from napari_protoseg.annotations.project import write_project
 
 
 @pytest.fixture
@@ -68,9 +68,9 @@ import tifffile  # noqa: E402
 import torch  # noqa: E402
 
 from napari_protoseg import cli  # noqa: E402
-from napari_protoseg.modelfile import load_model  # noqa: E402
-from napari_protoseg.project import AnnotationSet, ClassInfo, read_classes  # noqa: E402
-from napari_protoseg.sample import SAMPLE_CLASSES, generate_sample  # noqa: E402
+from napari_protoseg.model.file import load_model  # noqa: E402
+from napari_protoseg.annotations.project import AnnotationSet, ClassInfo, read_classes  # noqa: E402
+from napari_protoseg.annotations.synthetic import SAMPLE_CLASSES, generate_sample  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -182,7 +182,7 @@ def test_predict_reads_a_zarr_array_like_the_tiff(trained, small_sample, tmp_pat
 
 def test_predict_with_tta_writes_the_test_time_augmented_prediction(trained, tmp_path, capsys):
     """--tta writes the classes of predict_volume(tta=True), which differ from the plain pass somewhere."""
-    from napari_protoseg.inference import predict_volume
+    from napari_protoseg.prediction.tiling import predict_volume
 
     assert main(["predict", str(trained["model"]), str(trained["image"]), "--out", str(tmp_path / "tta"),
                  "--tta"]) == 0
@@ -365,7 +365,7 @@ def test_headless_options_without_headless_are_a_message(tmp_path, capsys):
 
 
 def test_predict_writes_instances_per_plane_or_linked_in_3d(trained, tmp_path, capsys):
-    from napari_protoseg.instances import link_planes, min_object_sizes, plain_instances
+    from napari_protoseg.prediction.decoders import link_planes, min_object_sizes, plain_instances
 
     assert load_model(trained["model"]).has_instance_heads  # the sample flags mitochondria as instances
     out = tmp_path / "wise"
@@ -390,9 +390,9 @@ def test_predict_writes_instances_per_plane_or_linked_in_3d(trained, tmp_path, c
 
 
 def test_predict_without_instance_classes_writes_no_instances(tmp_path, capsys):
-    from napari_protoseg.data import Normalization
-    from napari_protoseg.model import ModelConfig, ProtoSegNet
-    from napari_protoseg.modelfile import TrainedModel, save_model
+    from napari_protoseg.model.inputs import Normalization
+    from napari_protoseg.model.network import ModelConfig, ProtoSegNet
+    from napari_protoseg.model.file import TrainedModel, save_model
 
     classes = [ClassInfo(c.id, c.name, False, c.color) for c in SAMPLE_CLASSES]
     net = ProtoSegNet(ModelConfig(n_classes=len(classes), base_width=4, depth=2, embed_dim=8))
@@ -410,7 +410,7 @@ def test_predict_without_instance_classes_writes_no_instances(tmp_path, capsys):
 def test_train_notes_present_tags_it_cannot_use(tmp_path, capsys):
     """A 'present' tag on a whole 1024 x 1024 plane is more than any training crop holds: the user
     is told before training (here the run stops right after, at the bad --out)."""
-    from napari_protoseg.project import AnnotationSet, ClassInfo
+    from napari_protoseg.annotations.project import AnnotationSet, ClassInfo
 
     masks = np.zeros((1, 1024, 1024), np.uint8)
     masks[0, :8, :8] = 1
@@ -425,9 +425,9 @@ def test_train_notes_present_tags_it_cannot_use(tmp_path, capsys):
 
 
 def test_help_states_the_default_number_of_training_steps(capsys):
-    from napari_protoseg.training import TrainConfig
+    from napari_protoseg.training.engine import TrainConfig
 
-    from napari_protoseg.training import CUDA_STEPS
+    from napari_protoseg.training.engine import CUDA_STEPS
 
     assert cli.DEFAULT_STEPS == TrainConfig().steps and cli.DEFAULT_CUDA_STEPS == CUDA_STEPS
     with pytest.raises(SystemExit):

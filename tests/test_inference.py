@@ -1,4 +1,4 @@
-"""Tests of tiled prediction (napari_protoseg.inference); tiny networks, pure NumPy/PyTorch, no Qt."""
+"""Tests of tiled prediction (napari_protoseg.prediction.tiling); tiny networks, pure NumPy/PyTorch, no Qt."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import pytest
 import torch
 from scipy import ndimage as ndi
 
-from napari_protoseg import inference
-from napari_protoseg.data import Normalization, plane_with_context
-from napari_protoseg.inference import (
+from napari_protoseg.prediction import tiling as inference
+from napari_protoseg.model.inputs import Normalization, plane_with_context
+from napari_protoseg.prediction.tiling import (
     PlanePrediction,
     predict_plane,
     predict_region,
@@ -17,9 +17,9 @@ from napari_protoseg.inference import (
     receptive_radius,
     tile_layout,
 )
-from napari_protoseg.model import ModelConfig, ProtoSegNet
-from napari_protoseg.modelfile import TrainedModel
-from napari_protoseg.project import ClassInfo
+from napari_protoseg.model.network import ModelConfig, ProtoSegNet
+from napari_protoseg.model.file import TrainedModel
+from napari_protoseg.annotations.project import ClassInfo
 
 CLASSES = [ClassInfo(1, "cytoplasm"), ClassInfo(3, "membrane"), ClassInfo(7, "mitochondrion")]
 
@@ -529,7 +529,7 @@ def test_instance_maps_are_tiled_like_the_semantic_prediction_and_match_a_whole_
     classes equal predict_plane's, and with BatchNorm and enough overlap every output equals a
     forward pass over the whole plane; embeddings are kept on the instance class and a ring around it.
     A spatial embedding's positions count from the plane's corner in every tile."""
-    from napari_protoseg.inference import predict_instance_maps
+    from napari_protoseg.prediction.tiling import predict_instance_maps
 
     model = make_instance_model(coordinates=coordinates)
     image = smooth_image((2, 150, 300), seed=4)
@@ -582,7 +582,7 @@ class _BlobNet(torch.nn.Module):
 
 
 def test_predict_instances_with_the_wise_decoder_gives_unique_ids_on_the_instance_class_only():
-    from napari_protoseg.instances import predict_instances
+    from napari_protoseg.prediction.pipeline import predict_instances
 
     classes = [ClassInfo(1, "cytoplasm"), ClassInfo(3, "membrane"), ClassInfo(7, "mitochondrion", instances=True)]
     model = TrainedModel(net=_BlobNet(), classes=classes, normalization=Normalization(0.0, 255.0))
@@ -655,7 +655,7 @@ def test_test_time_augmentation_makes_the_prediction_turn_with_the_image(turns, 
 def test_test_time_augmentation_reaches_volumes_regions_and_instance_maps():
     """predict_volume, predict_region and predict_instance_maps pass tta on: their classes are the
     tta classes of predict_plane; without tta every function keeps the plain pass."""
-    from napari_protoseg.inference import predict_instance_maps
+    from napari_protoseg.prediction.tiling import predict_instance_maps
 
     model = make_instance_model()
     image = smooth_image((2, 96, 128), seed=6)

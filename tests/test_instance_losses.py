@@ -7,7 +7,7 @@ import pytest
 import torch
 from skimage.segmentation import watershed
 
-from napari_protoseg.instance_losses import (
+from napari_protoseg.training.instance_losses import (
     InstanceLossWeights,
     embedding_loss,
     instance_loss,
@@ -16,7 +16,7 @@ from napari_protoseg.instance_losses import (
     object_points,
     similarity,
 )
-from napari_protoseg.losses import CropTargets
+from napari_protoseg.training.losses import CropTargets
 
 H = W = 24
 C = 3  # class 2 is the instance class
@@ -280,7 +280,7 @@ def test_point_regions_come_from_the_semantic_prediction_split_between_touching_
     semantic[0, 2, 6:18, 2:22] = 10.0  # ... but one region of the instance class
     t = targets(points=[(0, 2, 12, 5), (0, 2, 12, 18)])
     loc = localization([(10, 3, 14, 8), (10, 16, 14, 21)])
-    from napari_protoseg.instance_losses import InstanceLossSettings, _object_regions
+    from napari_protoseg.training.instance_losses import InstanceLossSettings, _object_regions
 
     tg = lcfcn_targets(loc, t, INSTANCE)
     objects, anchors = _object_regions(t, np.array(INSTANCE), tg, torch.softmax(semantic, 1), InstanceLossSettings())
@@ -320,8 +320,9 @@ def test_bad_instance_indices_are_refused():
 
 
 def test_crop_sampler_reports_which_classes_points_are_exhaustive():
-    from napari_protoseg.data import CropSampler, Normalization
-    from napari_protoseg.project import AnnotationSet, ClassInfo
+    from napari_protoseg.training.crops import CropSampler
+    from napari_protoseg.model.inputs import Normalization
+    from napari_protoseg.annotations.project import AnnotationSet, ClassInfo
 
     points = [(0, 5, 5, 2, True), (0, 20, 20, 2, True), (0, 10, 10, 1, False), (1, 7, 7, 2, False)]
     annotations = AnnotationSet((2, 32, 32), [ClassInfo(1, "a"), ClassInfo(2, "b", instances=True)],
@@ -380,7 +381,7 @@ def test_instance_losses_backpropagate_without_unordered_atomic_adds():
 def test_the_embedding_loss_of_a_sampled_embedding_equals_that_of_the_full_map():
     """Training evaluates the instance embedding only at the pixels the loss samples
     (SampledEmbedding); the loss and the gradients into the head equal those of the full map."""
-    from napari_protoseg.model import InstanceHead, SampledEmbedding
+    from napari_protoseg.model.network import InstanceHead, SampledEmbedding
 
     t, _ = _two_objects()
     semantic = torch.zeros(1, C, H, W)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from napari_protoseg.instances import link_planes, plain_instances
+from napari_protoseg.prediction.decoders import link_planes, plain_instances
 
 
 def _disc(shape, cy, cx, r):
@@ -69,7 +69,8 @@ def test_link_planes_continues_an_object_into_one_object_only():
 
 # ------------------------------------------------------------------------------ WISE decoder
 
-from napari_protoseg.instances import PixelEmbeddings, predict_instances, wise_instances  # noqa: E402
+from napari_protoseg.prediction.decoders import PixelEmbeddings, wise_instances  # noqa: E402
+from napari_protoseg.prediction.pipeline import predict_instances  # noqa: E402
 
 
 def _touching_discs(shape=(64, 96)):
@@ -216,9 +217,9 @@ def test_watershed_keeps_an_elongated_unevenly_wide_object_whole():
     assert len(np.unique(labels)) == 2
 
 
-from napari_protoseg.instances import (annotated_min_size, annotated_object_areas, min_object_sizes,  # noqa: E402
+from napari_protoseg.prediction.decoders import (annotated_min_size, annotated_object_areas, min_object_sizes,  # noqa: E402
                                        object_area_summary, min_size_from_p10)
-from napari_protoseg.project import AnnotationSet, ClassInfo  # noqa: E402
+from napari_protoseg.annotations.project import AnnotationSet, ClassInfo  # noqa: E402
 
 
 def _annotations_with_objects():
@@ -276,13 +277,13 @@ def test_decoders_drop_objects_far_smaller_than_the_annotated_ones():
 
 
 def _points(rows):
-    from napari_protoseg.project import empty_points
+    from napari_protoseg.annotations.project import empty_points
 
     return np.array(rows, dtype=empty_points().dtype)
 
 
 def test_areas_at_points_are_the_class_components_holding_exactly_one_point():
-    from napari_protoseg.instances import areas_at_points
+    from napari_protoseg.prediction.decoders import areas_at_points
 
     class_map = np.ones((2, 40, 40), np.uint8)
     class_map[0, 2:12, 2:12] = 3  # 100 px, one point
@@ -297,7 +298,7 @@ def test_areas_at_points_are_the_class_components_holding_exactly_one_point():
 
 
 def test_sizes_at_points_come_from_a_methods_own_objects_for_classes_only_points_mark():
-    from napari_protoseg.instances import sizes_at_points
+    from napari_protoseg.prediction.decoders import sizes_at_points
 
     classes = [ClassInfo(1, "cytoplasm"), ClassInfo(3, "mitochondrion", instances=True),
                ClassInfo(4, "vesicle", instances=True)]
@@ -325,9 +326,9 @@ def test_sizes_at_points_come_from_a_methods_own_objects_for_classes_only_points
 def test_a_model_trained_on_points_only_records_the_size_of_its_objects_at_them(monkeypatch):
     """The trainer learns the size floor of a class only points mark from the model's own objects at
     the points, so its decoders drop specks far smaller than what it finds there."""
-    from napari_protoseg import training
-    from napari_protoseg.inference import PlanePrediction
-    from napari_protoseg.training import TrainConfig, train
+    from napari_protoseg.training import engine as training
+    from napari_protoseg.prediction.tiling import PlanePrediction
+    from napari_protoseg.training.engine import TrainConfig, train
 
     sample_classes = [ClassInfo(1, "cytoplasm"), ClassInfo(3, "mitochondrion", instances=True)]
     points = _points([(0, 10, 10, 3, True), (1, 40, 40, 3, True), (0, 50, 50, 1, False), (1, 5, 60, 1, False)])

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from napari_protoseg.layers import (
+from napari_protoseg.plugin.layers import (
     annotation_layers,
     annotations_from_layers,
     boxes_to_shapes,
@@ -12,7 +12,7 @@ from napari_protoseg.layers import (
     table_to_tags,
     tags_to_table,
 )
-from napari_protoseg.project import ProjectError
+from napari_protoseg.annotations.project import ProjectError
 
 
 def from_layer_tuples(annotations, layers):

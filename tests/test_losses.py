@@ -1,4 +1,4 @@
-"""Tests of the DSP targets and losses (napari_protoseg.losses); pure PyTorch, no Qt."""
+"""Tests of the DSP targets and losses (napari_protoseg.training.losses); pure PyTorch, no Qt."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from napari_protoseg.losses import (
+from napari_protoseg.training.losses import (
     TAG_POOLINGS,
     CropTargets,
     LossWeights,
@@ -338,7 +338,7 @@ def test_box_and_tag_chunking_gives_the_same_loss():
 def test_many_boxes_on_a_large_crop_are_gathered_in_memory_bounded_chunks(monkeypatch):
     """200 boxes on 4 crops of 256 x 256 are pooled in chunks of at most ``_CHUNK_ELEMENTS`` gathered
     values (a few chunks, not one per box), and the loss stays finite. (Speed is a benchmark's figure.)"""
-    import napari_protoseg.losses as losses_module
+    import napari_protoseg.training.losses as losses_module
 
     gathered: list[int] = []
     original = losses_module._rect_chunks

@@ -1,4 +1,4 @@
-"""Tests of the DSP network (napari_protoseg.model); pure PyTorch, no Qt."""
+"""Tests of the DSP network (napari_protoseg.model.network); pure PyTorch, no Qt."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from napari_protoseg.model import DSPHead, FilterBank, ModelConfig, ProtoSegNet, UNet2D, pick_device
+from napari_protoseg.model.network import DSPHead, FilterBank, ModelConfig, ProtoSegNet, UNet2D, pick_device
 
 
 def tiny(**kw) -> ProtoSegNet:
@@ -230,7 +230,7 @@ def test_localization_head_with_context_sees_whole_objects_and_old_configs_keep_
     """localization_context > 0: the localization at a pixel depends on features up to ~15 x scale
     pixels away (the plain head: 1 pixel); a config without the field builds the plain head, so
     older model files load into the same parameters."""
-    from napari_protoseg.model import InstanceHead, LocalizationHead
+    from napari_protoseg.model.network import InstanceHead, LocalizationHead
 
     # BatchNorm in eval mode is per pixel (GroupNorm would couple every pixel of the crop).
     head = LocalizationHead(channels=6, hidden=4, out_channels=2, scale=4, norm="batch").eval()
@@ -301,7 +301,7 @@ def test_filter_bank_gives_the_same_responses_by_matrices_and_by_convolutions():
 
 
 def test_a_network_with_a_filter_bank_takes_the_raw_channels_and_reaches_farther():
-    from napari_protoseg.inference import receptive_radius
+    from napari_protoseg.prediction.tiling import receptive_radius
 
     plain = ModelConfig(n_classes=3, base_width=4, depth=2, embed_dim=8)
     config = ModelConfig(n_classes=3, base_width=4, depth=2, embed_dim=8, filter_sigmas=[1.0, 4.0])
@@ -369,7 +369,7 @@ def test_group_norm_of_channels_last_input_equals_torchs_and_keeps_the_layout():
     """While training, the backbone's GroupNorm normalises channels-last input through the standard
     layout on the CPU (faster there); values, gradients and the state dict are nn.GroupNorm's, and
     its output stays channels-last for the next convolution, with and without autograd."""
-    from napari_protoseg.model import _norm_layer
+    from napari_protoseg.model.network import _norm_layer
 
     torch.manual_seed(0)
     ours = _norm_layer("group", 16)
@@ -397,7 +397,7 @@ def test_group_norm_of_channels_last_input_equals_torchs_and_keeps_the_layout():
 
 
 def test_add_coordinates_adds_scaled_positions_to_the_first_two_channels_only():
-    from napari_protoseg.model import add_coordinates
+    from napari_protoseg.model.network import add_coordinates
 
     embedding = torch.zeros(2, 4, 3, 5)
     out = add_coordinates(embedding, 0.5)
@@ -442,7 +442,7 @@ def test_sampled_rows_of_a_spatial_embedding_equal_the_full_map(input_scale):
 
 
 def test_the_spatial_embedding_fields_validate_and_older_configs_load_without_them():
-    from napari_protoseg.model import InstanceHead, LocalizationHead
+    from napari_protoseg.model.network import InstanceHead, LocalizationHead
 
     assert isinstance(tiny(n_instance_classes=1, embedding_context=4).instance_embedding_head, LocalizationHead)
     old = tiny(n_instance_classes=1).config.to_dict()

@@ -1,4 +1,4 @@
-"""Tests of model files (napari_protoseg.modelfile): round trip and every bad-file case; no Qt."""
+"""Tests of model files (napari_protoseg.model.file): round trip and every bad-file case; no Qt."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from napari_protoseg import __version__
-from napari_protoseg.data import Normalization
-from napari_protoseg.model import ModelConfig, ProtoSegNet
-from napari_protoseg.modelfile import (
+from napari_protoseg.model.inputs import Normalization
+from napari_protoseg.model.network import ModelConfig, ProtoSegNet
+from napari_protoseg.model.file import (
     FORMAT,
     FORMAT_VERSION,
     ModelFileError,
@@ -23,7 +23,7 @@ from napari_protoseg.modelfile import (
     load_model,
     save_model,
 )
-from napari_protoseg.project import ClassInfo
+from napari_protoseg.annotations.project import ClassInfo
 
 CLASSES = [ClassInfo(1, "cytoplasm"), ClassInfo(3, "membrane", color="#dd8452"),
            ClassInfo(7, "mitochondrion", instances=True, color="#55a868")]

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from napari_protoseg.project import AnnotationSet, ClassInfo, read_annotations, read_project, write_project
+from napari_protoseg.annotations.project import AnnotationSet, ClassInfo, read_annotations, read_project, write_project
 
 
 @pytest.fixture
@@ -43,7 +43,7 @@ def test_a_dropped_project_folder_is_offered_to_protoseg_and_remembered_choice_o
 
 
 def test_the_reader_ignores_folders_that_are_not_projects(tmp_path):
-    from napari_protoseg._napari_io import get_reader
+    from napari_protoseg.plugin.io import get_reader
 
     (tmp_path / "image.tif").write_bytes(b"")
     assert get_reader(str(tmp_path)) is None

@@ -9,8 +9,8 @@ import tifffile
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from napari_protoseg import project as proj
-from napari_protoseg.project import (
+from napari_protoseg.annotations import project as proj
+from napari_protoseg.annotations.project import (
     AnnotationSet,
     ClassInfo,
     ProjectError,

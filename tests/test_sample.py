@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from napari_protoseg import sample
-from napari_protoseg.project import NO_REGION, read_project, write_project
-from napari_protoseg.sample import (
+from napari_protoseg.annotations import synthetic as sample
+from napari_protoseg.annotations.project import NO_REGION, read_project, write_project
+from napari_protoseg.plugin.sample_data import napari_sample
+from napari_protoseg.annotations.synthetic import (
     SAMPLE_CLASSES,
     SyntheticSample,
     generate_sample,
-    napari_sample,
     sparse_annotations,
 )
 

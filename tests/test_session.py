@@ -8,11 +8,11 @@ import pytest
 from napari.components import ViewerModel
 from napari.layers import Layer
 
-from napari_protoseg import session as session_module
-from napari_protoseg.layers import annotation_layers
-from napari_protoseg.project import ClassInfo, read_project
-from napari_protoseg.sample import SAMPLE_CLASSES, generate_sample
-from napari_protoseg.session import (
+from napari_protoseg.plugin import session as session_module
+from napari_protoseg.plugin.layers import annotation_layers
+from napari_protoseg.annotations.project import ClassInfo, read_project
+from napari_protoseg.annotations.synthetic import SAMPLE_CLASSES, generate_sample
+from napari_protoseg.plugin.session import (
     CHECKPOINT_FILE,
     MODEL_FILE,
     PREDICTION_CONFIDENCE,
@@ -26,7 +26,7 @@ from napari_protoseg.session import (
     prediction_run,
     training_run,
 )
-from napari_protoseg.training import TrainConfig
+from napari_protoseg.training.engine import TrainConfig
 
 TINY = TrainConfig(steps=6, batch_size=2, crop_size=64, base_width=4, depth=2, embed_dim=8,
                    prototypes_per_class=2, pseudo_label_warmup=1000, checkpoint_every=0)
@@ -434,7 +434,7 @@ def test_the_learned_wise_decoder_gives_instances_of_the_region_inside_instance_
 def test_the_wise_decoder_predicts_a_whole_plane_once(sample, model, monkeypatch):
     """For a plane, the 'wise' decoder's instance maps also give the semantic prediction (the same
     classes as predict_plane): the network runs over the plane once, not twice."""
-    from napari_protoseg.inference import predict_plane
+    from napari_protoseg.prediction.tiling import predict_plane
 
     expected = predict_plane(model, sample.image, 1)
     passes = []

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from napari_protoseg.data import CropSampler, Normalization
-from napari_protoseg.inference import predict_volume
-from napari_protoseg.project import AnnotationSet, ClassInfo, ProjectError
-from napari_protoseg.sample import generate_sample
-from napari_protoseg.training import CUDA_STEPS, TrainConfig, check_training_input, default_train_config, train
+from napari_protoseg.training.crops import CropSampler
+from napari_protoseg.model.inputs import Normalization
+from napari_protoseg.prediction.tiling import predict_volume
+from napari_protoseg.annotations.project import AnnotationSet, ClassInfo, ProjectError
+from napari_protoseg.annotations.synthetic import generate_sample
+from napari_protoseg.training.engine import CUDA_STEPS, TrainConfig, check_training_input, default_train_config, train
 
 FAST = dict(batch_size=4, crop_size=64, base_width=4, depth=2, embed_dim=8, checkpoint_every=0)
 
@@ -100,7 +101,7 @@ def test_closing_the_generator_keeps_the_last_checkpoint(small_sample, tmp_path)
 
 
 def test_progress_events_report_eta_losses_and_a_preview(small_sample):
-    from napari_protoseg.training import PreviewRequest
+    from napari_protoseg.training.engine import PreviewRequest
 
     config = TrainConfig(steps=3, **FAST)
     events = list(train(small_sample.image, small_sample.annotations, config,
@@ -114,7 +115,7 @@ def test_progress_events_report_eta_losses_and_a_preview(small_sample):
 
 
 def test_preview_interval_caps_the_time_previews_take():
-    from napari_protoseg.training import preview_interval
+    from napari_protoseg.training.engine import preview_interval
 
     assert preview_interval(5.0, 0.2, 0.1) == 5.0  # cheap previews: as often as asked
     assert preview_interval(5.0, 1.2, 0.1) == pytest.approx(10.8)  # 1.2 s of every 12 s
@@ -125,8 +126,8 @@ def test_preview_interval_caps_the_time_previews_take():
 
 def test_slow_previews_come_less_often(small_sample, monkeypatch):
     """A preview that takes long does not slow training down by more than its time share."""
-    from napari_protoseg import training as training_module
-    from napari_protoseg.training import PreviewRequest
+    from napari_protoseg.training import engine as training_module
+    from napari_protoseg.training.engine import PreviewRequest
 
     real = training_module.predict_region
 
@@ -201,7 +202,7 @@ def test_any_step_count_trains(small_sample, steps):
 def points_only(sample, stuff_points=10, seed=0):
     """One exhaustive point at a random pixel of every mitochondrion, ``stuff_points`` random points
     of every other class per plane (the benchmark's points-only setting, on the synthetic sample)."""
-    from napari_protoseg.project import POINT_DTYPE
+    from napari_protoseg.annotations.project import POINT_DTYPE
 
     rng = np.random.default_rng(seed)
     rows = []
@@ -235,9 +236,9 @@ SEED_AP50_FLOOR = 0.15
 
 
 def seed_ap50(model, sample):
-    from napari_protoseg.benchmark import instance_scores
-    from napari_protoseg.inference import predict_instance_maps
-    from napari_protoseg.instances import wise_instances
+    from napari_protoseg.benchmark.budget import instance_scores
+    from napari_protoseg.prediction.tiling import predict_instance_maps
+    from napari_protoseg.prediction.decoders import wise_instances
 
     labels = []
     for z in range(sample.image.shape[0]):
@@ -341,7 +342,7 @@ def _sampler(annotations, crop=128, mask_share=0.5):
 
 
 def test_present_tags_wider_than_a_crop_get_larger_crops_in_steps_of_about_the_same_pixels():
-    from napari_protoseg.data import present_tag_sides
+    from napari_protoseg.training.crops import present_tag_sides
 
     no_tags = AnnotationSet((2, 1024, 1024), [ClassInfo(1, "a"), ClassInfo(2, "b")], masks=_tile_tags().masks)
     assert _sampler(no_tags).tag_crop_size == 128 and _sampler(no_tags).tag_step_plan(8) == (8, 0.0)
@@ -396,7 +397,7 @@ def test_present_tags_reach_the_loss_when_their_regions_are_larger_than_the_crop
 
 
 def test_present_tags_too_large_for_any_crop_are_named_in_a_note():
-    from napari_protoseg.training import training_notes
+    from napari_protoseg.training.engine import training_notes
 
     assert training_notes(_tile_tags()) == []  # 256-px tiles fit a crop
     notes = training_notes(_tile_tags(whole_plane=True))  # a whole 1024 x 1024 plane does not
@@ -405,13 +406,13 @@ def test_present_tags_too_large_for_any_crop_are_named_in_a_note():
 
 
 def _points(rows):
-    from napari_protoseg.project import empty_points
+    from napari_protoseg.annotations.project import empty_points
 
     return np.array(rows, dtype=empty_points().dtype)
 
 
 def test_a_point_spreads_over_the_look_alike_pixels_within_its_radius_only():
-    from napari_protoseg.data import point_regions
+    from napari_protoseg.training.crops import point_regions
 
     volume = np.zeros((1, 30, 30), np.float32)
     volume[0, 5:25, 5:15] = 1.0  # the clicked object: bright, 20 x 10
@@ -431,7 +432,7 @@ def test_a_point_spreads_over_the_look_alike_pixels_within_its_radius_only():
 
 
 def test_an_exhaustive_point_spreads_at_most_halfway_to_its_nearest_neighbour_of_its_class():
-    from napari_protoseg.data import point_radii, point_regions
+    from napari_protoseg.training.crops import point_radii, point_regions
 
     points = _points([(0, 10, 10, 5, True), (0, 10, 16, 5, True),  # 6 px apart: radius 3 each
                       (0, 30, 10, 5, True),                         # 20 px from the nearest: radius 5
@@ -450,7 +451,7 @@ def test_an_exhaustive_point_spreads_at_most_halfway_to_its_nearest_neighbour_of
 
 
 def test_pixels_claimed_by_points_of_two_classes_teach_nothing():
-    from napari_protoseg.data import point_regions
+    from napari_protoseg.training.crops import point_regions
 
     volume = np.ones((1, 20, 20), np.float32)
     points = _points([(0, 10, 6, 1, False), (0, 10, 12, 2, False)])
@@ -478,7 +479,7 @@ def test_spread_points_reach_the_crops_as_mask_pixels_but_never_over_a_mask():
 
 
 def test_the_negative_terms_eps_and_negative_only_weight_reach_the_loss(small_sample, monkeypatch):
-    import napari_protoseg.training as training_module
+    import napari_protoseg.training.engine as training_module
 
     seen = []
     original = training_module.total_loss
@@ -496,7 +497,7 @@ def test_the_negative_terms_eps_and_negative_only_weight_reach_the_loss(small_sa
 
 
 def test_planned_steps_fit_the_time_limit_at_the_pace_so_far():
-    from napari_protoseg.training import PACE_STEPS, planned_steps
+    from napari_protoseg.training.engine import PACE_STEPS, planned_steps
 
     # 40 steps in 20 s: 0.5 s a step, 280 s left of 300 -> 560 more
     assert planned_steps(1800, 40, 40, 20.0, 300.0) == 600

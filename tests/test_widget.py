@@ -9,18 +9,18 @@ from napari.utils.notifications import notification_manager
 from qtpy.QtCore import Qt, QTimer
 from qtpy.QtGui import QColor
 
-from napari_protoseg import session as session_module
-from napari_protoseg._widget import TRAIN_BUTTON_TEXT, ProtosegWidget
-from napari_protoseg.modelfile import save_model
-from napari_protoseg.project import read_project, write_project
-from napari_protoseg.sample import generate_sample
-from napari_protoseg.session import (
+from napari_protoseg.plugin import session as session_module
+from napari_protoseg.plugin.panel import TRAIN_BUTTON_TEXT, ProtosegWidget
+from napari_protoseg.model.file import save_model
+from napari_protoseg.annotations.project import read_project, write_project
+from napari_protoseg.annotations.synthetic import generate_sample
+from napari_protoseg.plugin.session import (
     CHECKPOINT_FILE,
     PREDICTION_CONFIDENCE,
     PREDICTION_INSTANCES,
     PREDICTION_SEMANTIC,
 )
-from napari_protoseg.training import TrainConfig
+from napari_protoseg.training.engine import TrainConfig
 
 TINY = TrainConfig(steps=12, batch_size=2, crop_size=64, base_width=4, depth=2, embed_dim=8,
                    prototypes_per_class=2, pseudo_label_warmup=1000, checkpoint_every=0)
@@ -202,7 +202,7 @@ def test_autosave_writes_every_layer_and_the_class_table_and_reopening_restores_
         make_napari_viewer, qtbot, small_sample, projects_dir, monkeypatch):
     viewer, widget = open_panel(make_napari_viewer)
     from napari.layers import Layer
-    from napari_protoseg.layers import annotation_layers
+    from napari_protoseg.plugin.layers import annotation_layers
 
     viewer.add_image(small_sample.image, name="my stack")
     for data, meta, kind in annotation_layers(small_sample.annotations):
@@ -215,7 +215,7 @@ def test_autosave_writes_every_layer_and_the_class_table_and_reopening_restores_
     widget.class_table.item(new_row, 1).setText("synapse")
     widget.class_table.item(new_row, 2).setCheckState(Qt.CheckState.Checked)
     qtbot.wait(10)
-    monkeypatch.setattr("napari_protoseg._widget.QColorDialog.getColor", lambda *a, **k: QColor("#123456"))
+    monkeypatch.setattr("napari_protoseg.plugin.panel.QColorDialog.getColor", lambda *a, **k: QColor("#123456"))
     widget.class_table.cellWidget(new_row, 0).click()
     synapse = widget.session.classes[-1]
     assert (synapse.name, synapse.instances, synapse.color) == ("synapse", True, "#123456")
@@ -332,7 +332,7 @@ def test_a_loaded_model_predicts_and_says_what_it_was_trained_on(make_napari_vie
 def test_the_test_time_augmentation_box_makes_predictions_average_eight_passes(
         make_napari_viewer, qtbot, sample_folder, small_sample, tmp_path, monkeypatch):
     """Ticking the box predicts with tta=True: the prediction layer holds predict_plane's tta classes."""
-    from napari_protoseg.inference import predict_plane
+    from napari_protoseg.prediction.tiling import predict_plane
 
     *_, last = session_module.training_run(small_sample.image, small_sample.annotations, TINY)
     model = last.event.model
@@ -441,7 +441,7 @@ def test_closing_napari_during_training_stops_the_worker_and_keeps_the_checkpoin
 def test_protoseg_demo_opens_the_sample_with_the_panel(qtbot, tmp_path, monkeypatch):
     from napari._qt.qt_main_window import Window
 
-    from napari_protoseg import sample as sample_module
+    from napari_protoseg.annotations import synthetic as sample_module
     from napari_protoseg.cli import main
 
     small = sample_module.generate_sample

@@ -1,11 +1,11 @@
 """napari-protoseg: organelle segmentation trained from any mix of masks, boxes, points and tags."""
 
 try:
-    from ._version import version as __version__
+    from napari_protoseg._version import version as __version__
 except ImportError:  # running from a source tree without an installed build
     __version__ = "0.0.0+unknown"
 
-from .project import AnnotationSet, ClassInfo, Problem, Project, ProjectError, read_project, write_project
+from napari_protoseg.annotations.project import AnnotationSet, ClassInfo, Problem, Project, ProjectError, read_project, write_project
 
 __all__ = [
     "AnnotationSet",

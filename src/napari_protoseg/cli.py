@@ -22,8 +22,8 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-from ._text import format_duration, format_ranges
-from .project import ProjectError, read_annotations
+from napari_protoseg._text import format_duration, format_ranges
+from napari_protoseg.annotations.project import ProjectError, read_annotations
 
 # TrainConfig.steps and training.CUDA_STEPS, restated so that --help need not import PyTorch (a test
 # keeps them equal).
@@ -40,6 +40,11 @@ DEMO_FOLDER = "protoseg-demo"  # where 'demo --headless' writes without --out
 SAMPLE_PIXEL_NM = 5.0  # the synthetic sample's pixel size (see sample.py)
 CHECKPOINT_SUFFIX = ".ckpt"
 DEBUG_ENV = "PROTOSEG_DEBUG"
+BENCHMARK_COMMANDS = {
+    "benchmark": "run the annotation-budget benchmark on the VNC data (see docs/benchmarks.md)",
+    "benchmark-touching": "compare the instance decoders where mitochondria touch (synthetic sample, trained "
+                          "from points only; see docs/benchmark-touching.md)",
+}
 
 
 class CliError(Exception):
@@ -97,7 +102,7 @@ def cmd_validate(args) -> int:
 
 
 def _pick_device(name: str):
-    from .model import pick_device
+    from napari_protoseg.model.network import pick_device
 
     try:
         return pick_device(name)
@@ -107,7 +112,7 @@ def _pick_device(name: str):
 
 def _read_project(folder: Path):
     """The project's image and annotations; a CliError listing every problem otherwise."""
-    from .project import read_project
+    from napari_protoseg.annotations.project import read_project
 
     try:
         return read_project(folder)
@@ -158,9 +163,9 @@ def _read_checkpoint(path: Path, project_classes) -> dict:
 
     import torch
 
-    from .modelfile import check_model_classes
-    from .project import ClassInfo
-    from .training import CHECKPOINT_FORMAT
+    from napari_protoseg.model.file import check_model_classes
+    from napari_protoseg.annotations.project import ClassInfo
+    from napari_protoseg.training.engine import CHECKPOINT_FORMAT
 
     hint = "Give the .ckpt file written by 'protoseg train' for this project."
     if not path.is_file():
@@ -243,7 +248,7 @@ def _on_train_event(event, bar) -> None:
 def _run_training(image, annotations, config, checkpoint: Path, resume: Path | None = None,
                   start_step: int = 0, total_steps: int | None = None) -> _TrainOutcome:
     """Train with a progress bar on stderr; Ctrl-C stops cleanly (see :class:`_InterruptFlag`)."""
-    from .training import train
+    from napari_protoseg.training.engine import train
 
     total = config.steps if total_steps is None else total_steps
     bar = _progress_bar(total, start_step, "training", "step")
@@ -279,7 +284,7 @@ def _interrupted(outcome: _TrainOutcome, checkpoint: Path, resume_hint: str) -> 
 
 
 def _training_problems(image, annotations, folder: Path) -> None:
-    from .training import check_training_input
+    from napari_protoseg.training.engine import check_training_input
 
     problems = check_training_input(image, annotations)
     if problems:
@@ -287,15 +292,15 @@ def _training_problems(image, annotations, folder: Path) -> None:
 
 
 def _print_training_notes(annotations) -> None:
-    from .training import training_notes
+    from napari_protoseg.training.engine import training_notes
 
     for note in training_notes(annotations):
         print(f"protoseg: note: {note}", file=sys.stderr)
 
 
 def cmd_train(args) -> int:
-    from .modelfile import save_model
-    from .training import TrainConfig, default_train_config
+    from napari_protoseg.model.file import save_model
+    from napari_protoseg.training.engine import TrainConfig, default_train_config
 
     folder = Path(args.project)
     device = _pick_device(args.device)
@@ -362,7 +367,7 @@ def cmd_train(args) -> int:
 
 
 def _load_model(path: Path, device):
-    from .modelfile import ModelFileError, load_model
+    from napari_protoseg.model.file import ModelFileError, load_model
 
     try:
         return load_model(path, device=device)
@@ -394,7 +399,7 @@ def _read_input_image(path: Path):
     """(image, project classes or None): a TIFF file, a zarr array (lazy) or a project folder."""
     import tifffile
 
-    from .project import CLASSES_FILE, IMAGE_FILE, check_image, is_project_folder, read_classes
+    from napari_protoseg.annotations.project import CLASSES_FILE, IMAGE_FILE, check_image, is_project_folder, read_classes
 
     project_classes = None
     if not path.exists():
@@ -423,7 +428,7 @@ def _write_prediction(folder: Path, prediction, model, instances=None) -> dict[s
     ``folder``; returns their paths."""
     import numpy as np
 
-    from .project import write_text, write_tiff
+    from napari_protoseg.annotations.project import write_text, write_tiff
 
     paths = {"semantic": folder / "semantic.tif", "confidence": folder / "confidence.tif",
              "classes": folder / "classes.json"}
@@ -443,8 +448,8 @@ def _predict_with_progress(model, image, device, decoder: str | None = None, lin
     test-time augmentation."""
     import numpy as np
 
-    from .inference import predict_volume
-    from .instances import predict_instances
+    from napari_protoseg.prediction.tiling import predict_volume
+    from napari_protoseg.prediction.pipeline import predict_instances
 
     n_planes = int(image.shape[0]) if len(image.shape) == 3 else 1
     bar = _progress_bar(n_planes, 0, "predicting", "plane")
@@ -473,7 +478,7 @@ def _predict_with_progress(model, image, device, decoder: str | None = None, lin
 def _instance_decoder(model, requested: str | None) -> str | None:
     """The decoder 'protoseg predict' uses: the one asked for, else the default (connected
     components); None when the model has no class flagged 'instances'."""
-    from .instances import default_decoder
+    from napari_protoseg.prediction.pipeline import default_decoder
 
     if not model.instance_class_ids:
         if requested is not None:
@@ -504,7 +509,7 @@ def _instance_summary(instances, model, decoder: str) -> str:
 
 
 def cmd_predict(args) -> int:
-    from .modelfile import check_model_classes
+    from napari_protoseg.model.file import check_model_classes
 
     device = _pick_device(args.device)
     model = _load_model(Path(args.model), device)
@@ -580,7 +585,7 @@ def demo_report(png_path: Path, sample, annotations, predicted, classes, steps: 
 
     import numpy as np
 
-    from .overview import pick_annotated_plane, summarize_annotations, write_overview
+    from napari_protoseg.evaluation.overview import pick_annotated_plane, summarize_annotations, write_overview
 
     class_ids = [int(c.id) for c in classes]
     annotated = annotations.summary()["planes_annotated"]
@@ -625,7 +630,7 @@ def demo_instance_lines(model, image, classes, truth, class_id: int) -> list[str
     AP50, matched IoU and the recall of objects that touch another (where the decoders differ)."""
     import numpy as np
 
-    from .benchmark import TOUCHING_GAP, protoseg_instance_figures
+    from napari_protoseg.benchmark.budget import TOUCHING_GAP, protoseg_instance_figures
 
     figures = protoseg_instance_figures(model, image, np.asarray(classes), truth, class_id)
     if not figures:
@@ -644,10 +649,10 @@ def demo_instance_lines(model, image, classes, truth, class_id: int) -> list[str
 def _demo_headless(args) -> int:
     import numpy as np
 
-    from .modelfile import save_model
-    from .project import write_project
-    from .sample import MITOCHONDRION, generate_sample
-    from .training import default_train_config
+    from napari_protoseg.model.file import save_model
+    from napari_protoseg.annotations.project import write_project
+    from napari_protoseg.annotations.synthetic import MITOCHONDRION, generate_sample
+    from napari_protoseg.training.engine import default_train_config
 
     wall_start = time.perf_counter()
     out = _prepare_output_folder(Path(args.out or DEMO_FOLDER), "output folder")
@@ -789,18 +794,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", choices=DEVICES, default="auto",
                       help="where --headless trains and predicts (default: auto)")
     demo.set_defaults(func=cmd_demo)
-    from . import benchmark
-
-    bench = sub.add_parser("benchmark", help="run the annotation-budget benchmark on the VNC data "
-                           "(see docs/benchmarks.md)")
-    benchmark.add_arguments(bench)
-    bench.set_defaults(func=lambda args: benchmark.run_from_args(args))
-    from . import benchmark_touching
-
-    touching = sub.add_parser("benchmark-touching", help="compare the instance decoders where mitochondria touch "
-                              "(synthetic sample, trained from points only; see docs/benchmark-touching.md)")
-    benchmark_touching.add_arguments(touching)
-    touching.set_defaults(func=lambda args: benchmark_touching.run_from_args(args))
+    # The benchmark harness is loaded by its own subcommands only (see main): these entries just list them.
+    for name, text in BENCHMARK_COMMANDS.items():
+        sub.add_parser(name, help=text, add_help=False)
     return parser
 
 
@@ -826,7 +822,27 @@ def _unexpected(err: BaseException) -> int:
     return EXIT_INVALID
 
 
+def _benchmark_main(name: str, argv: list[str]) -> int:
+    """Run a benchmark subcommand with its own parser (the harness is imported only here)."""
+    if name == "benchmark":
+        from napari_protoseg.benchmark import command
+
+        parser = command.build_parser(prog="protoseg benchmark")
+        return command.run_from_args(parser.parse_args(argv), argv)
+    from napari_protoseg.benchmark import touching
+
+    parser = touching.build_parser(prog="protoseg benchmark-touching")
+    return touching.run_from_args(parser.parse_args(argv), argv)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in BENCHMARK_COMMANDS:
+        try:
+            return _benchmark_main(argv[0], argv[1:])
+        except KeyboardInterrupt:
+            print("\nprotoseg: interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

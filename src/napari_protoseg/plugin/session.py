@@ -2,7 +2,7 @@
 
 A :class:`Session` works on a napari viewer model (``napari.Viewer`` or the Qt-free
 ``napari.components.ViewerModel``): it keeps the class table, finds or creates the annotation
-layers, gathers them into an :class:`~napari_protoseg.project.AnnotationSet`, checks the input
+layers, gathers them into an :class:`~napari_protoseg.annotations.project.AnnotationSet`, checks the input
 before training and says what to fix, autosaves the project folder, writes predictions into the
 review layers, tracks whether the user edited them, and copies corrected predictions back into the
 "Masks" annotation. The long-running parts are plain generators (:func:`training_run`,
@@ -24,11 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ._text import format_ranges
-from .inference import PlaneInstanceMaps, predict_instance_maps, predict_plane, predict_region
-from .instances import (DEFAULT_DECODER, PLAIN_DECODERS, link_planes, min_object_sizes, plain_instances,
+from napari_protoseg._text import format_ranges
+from napari_protoseg.prediction.tiling import PlaneInstanceMaps, predict_instance_maps, predict_plane, predict_region
+from napari_protoseg.prediction.decoders import (DEFAULT_DECODER, PLAIN_DECODERS, link_planes, min_object_sizes, plain_instances,
                         relabel_sequential, wise_instances)
-from .layers import (
+from napari_protoseg.plugin.layers import (
     BOXES_LAYER,
     MASKS_LAYER,
     METADATA_KEY,
@@ -44,8 +44,8 @@ from .layers import (
     shapes_to_tags,
     tags_to_shapes,
 )
-from .modelfile import TrainedModel, check_model_classes, save_model
-from .project import (
+from napari_protoseg.model.file import TrainedModel, check_model_classes, save_model
+from napari_protoseg.annotations.project import (
     DEFAULT_COLORS,
     IMAGE_FILE,
     NO_REGION,
@@ -59,7 +59,7 @@ from .project import (
     find_class,
     write_project,
 )
-from .training import PreviewRequest, TrainConfig, TrainEvent, check_training_input, default_train_config, train
+from napari_protoseg.training.engine import PreviewRequest, TrainConfig, TrainEvent, check_training_input, default_train_config, train
 
 PREDICTION_SEMANTIC = "Prediction: semantic"
 PREDICTION_INSTANCES = "Prediction: instances"
@@ -952,7 +952,7 @@ def decode_instances(model: TrainedModel, image: np.ndarray, class_map: np.ndarr
 
     ``class_map`` holds the class ids of ``region`` = (y0, x0, y1, x1) of plane ``z`` of ``image``;
     the model and image are there for decoders that look at more than the class map. ``maps``: the
-    plane's :func:`~napari_protoseg.inference.predict_instance_maps`, if already predicted (else the
+    plane's :func:`~napari_protoseg.prediction.tiling.predict_instance_maps`, if already predicted (else the
     'wise' decoder predicts them, with ``tta``).
     """
     if decoder not in INSTANCE_DECODERS:
@@ -981,7 +981,7 @@ def prediction_run(model: TrainedModel, image: np.ndarray, scope: str, z: int | 
                    stop: Callable[[], bool] | None = None, tta: bool = False) -> Iterator[PredictionPiece]:
     """Predict the plane ``z`` ("plane"), a region of it ("region") or every plane ("stack");
     yields a :class:`PredictionPiece` per plane (runs on a worker thread). ``tta``: test-time
-    augmentation (8 passes per tile, see :mod:`~napari_protoseg.inference`)."""
+    augmentation (8 passes per tile, see :mod:`~napari_protoseg.prediction.tiling`)."""
     is_stack = np.ndim(image) == 3
     plane_index = (lambda k: k) if is_stack else (lambda k: None)
     if scope == "stack":

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
-from .project import BOX_DTYPE, NO_REGION, POINT_DTYPE, TAG_DTYPE, AnnotationSet, ClassInfo
+from napari_protoseg.annotations.project import BOX_DTYPE, NO_REGION, POINT_DTYPE, TAG_DTYPE, AnnotationSet, ClassInfo
 
 SAMPLE_CLASSES = [
     ClassInfo(1, "cytoplasm", False, "#4c72b0"),
@@ -809,11 +809,3 @@ def sparse_annotations(semantic: np.ndarray, instances: np.ndarray, seed: int = 
         tags=np.array(tags, dtype=TAG_DTYPE) if tags else np.zeros(0, TAG_DTYPE),
     )
 
-
-def napari_sample() -> list:
-    """npe2 sample-data command: the default synthetic stack and its annotation layers."""
-    from .layers import annotation_layers, axis_labels
-
-    sample = generate_sample()
-    image_layer = (sample.image, {"name": "EM (synthetic)", "axis_labels": axis_labels(sample.image.ndim)}, "image")
-    return [image_layer] + list(annotation_layers(sample.annotations))

@@ -37,9 +37,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .instances import PixelEmbeddings
-from .modelfile import TrainedModel
-from .model import ModelConfig, add_coordinates, pick_device
+from napari_protoseg.prediction.decoders import PixelEmbeddings
+from napari_protoseg.model.file import TrainedModel
+from napari_protoseg.model.network import ModelConfig, add_coordinates, pick_device
 
 __all__ = [
     "PlaneInstanceMaps",
@@ -207,7 +207,7 @@ def _image_dims(image) -> tuple[bool, tuple[int, int]]:
 
 class _Source:
     """Reads (2k+1) section crops around plane ``z``; planes beyond the ends repeat the end plane
-    (the rule of :func:`~napari_protoseg.data.plane_with_context`); a 2D image repeats itself."""
+    (the rule of :func:`~napari_protoseg.training.crops.plane_with_context`); a 2D image repeats itself."""
 
     def __init__(self, image, context: int, cache_planes: bool = False):
         self.image = image
@@ -557,7 +557,7 @@ def predict_instance_maps(model: TrainedModel, volume_or_plane, z: int | None = 
                           overlap: int = 64, device=None, batch_size: int = 4, ring: int = 8,
                           tta: bool = False) -> PlaneInstanceMaps:
     """Semantic classes, localization maps and instance embeddings of one whole plane (a 2D image
-    with ``z`` None, or plane ``z`` of a stack), for :func:`~napari_protoseg.instances.wise_instances`.
+    with ``z`` None, or plane ``z`` of a stack), for :func:`~napari_protoseg.prediction.decoders.wise_instances`.
     Needs a model with instance heads."""
     source = _Source(volume_or_plane, model.context)
     z = _check_z(source, z)
@@ -676,7 +676,7 @@ def predict_volume(model: TrainedModel, image, out=None, progress: Callable[[int
     ids = model.class_ids
     dtype = _class_dtype(ids)
     lut = np.asarray(ids, dtype=dtype)
-    from . import __version__
+    from napari_protoseg import __version__
 
     attrs = {"version": __version__, "classes": [c.to_json() for c in model.classes],
              "planes_total": n_planes}

@@ -1,7 +1,7 @@
 """Losses of the WISE-Net instance heads (Laradji et al., "Instance segmentation with point
 supervision", 2019): the LCFCN localization loss and the pairwise similarity embedding loss.
 
-Pure NumPy/PyTorch/scikit-image. Inputs are the batch's :class:`~napari_protoseg.losses.CropTargets`
+Pure NumPy/PyTorch/scikit-image. Inputs are the batch's :class:`~napari_protoseg.training.losses.CropTargets`
 (class indices ``0..C-1``) and ``instance_indices``, the class indices of the classes flagged
 ``instances: true``, in the order of the network's localization channels (channel ``k`` is class
 ``instance_indices[k]``).
@@ -29,7 +29,7 @@ target is computed on the CPU without gradient:
   blobs reaching within ``edge_margin`` pixels of the crop's edge are spared: an object cut by the
   crop may have its point outside (a mask-labelled crop has a virtual point in every cut component);
 * negative (an addition to LCFCN): ``-log(1 - p)`` on the pixels the annotations rule the class
-  out (:func:`~napari_protoseg.losses.negative_map`: other classes' mask pixels and points,
+  out (:func:`~napari_protoseg.training.losses.negative_map`: other classes' mask pixels and points,
   absent tags, outside exhaustive boxes).
 
 The watershed uses the elevation ``-p`` directly (LCFCN's code uses a black top-hat of ``p``).
@@ -68,8 +68,8 @@ import torch.nn.functional as F
 from scipy import ndimage as ndi
 from skimage.segmentation import watershed
 
-from .losses import CropTargets, _points_in_crop, _zero, negative_map, whole_boxes
-from .model import SampledEmbedding
+from napari_protoseg.training.losses import CropTargets, _points_in_crop, _zero, negative_map, whole_boxes
+from napari_protoseg.model.network import SampledEmbedding
 
 __all__ = [
     "InstanceLossSettings",
@@ -523,7 +523,7 @@ def _object_regions(t: CropTargets, idx: np.ndarray, lcfcn: LCFCNTargets, semant
 
 def _embedding_rows(instance_embedding: torch.Tensor | SampledEmbedding, flat_pixels: np.ndarray) -> torch.Tensor:
     """(N, E) embeddings at ``flat_pixels`` (indices into the (B, H, W) pixels) of a full map or a
-    :class:`~napari_protoseg.model.SampledEmbedding`."""
+    :class:`~napari_protoseg.model.network.SampledEmbedding`."""
     if isinstance(instance_embedding, SampledEmbedding):
         device = instance_embedding.hidden.device
         return instance_embedding.rows(torch.as_tensor(flat_pixels, device=device, dtype=torch.long))
@@ -536,7 +536,7 @@ def embedding_loss(instance_embedding: torch.Tensor | SampledEmbedding, semantic
                    negatives: torch.Tensor | None = None,
                    settings: InstanceLossSettings | None = None) -> torch.Tensor:
     """The pairwise similarity loss of ``instance_embedding`` (B, E, H, W), a full map or a
-    :class:`~napari_protoseg.model.SampledEmbedding` (see the module docstring).
+    :class:`~napari_protoseg.model.network.SampledEmbedding` (see the module docstring).
 
     ``lcfcn`` gives the objects' points and the watershed basins (from :func:`lcfcn_targets`);
     ``semantic_logits`` (B, C, H, W) are used detached. Returns a scalar (a graph-connected 0

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .layers import (
+from napari_protoseg.plugin.layers import (
     BOXES_LAYER,
     MASKS_LAYER,
     METADATA_KEY,
@@ -17,7 +17,7 @@ from .layers import (
     annotations_from_layers,
     classes_from_metadata,
 )
-from .project import ClassInfo, Problem, ProjectError, is_project_folder, read_project, write_project
+from napari_protoseg.annotations.project import ClassInfo, Problem, ProjectError, is_project_folder, read_project, write_project
 
 
 def get_reader(path):

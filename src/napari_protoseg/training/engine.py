@@ -19,20 +19,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import (
+from napari_protoseg.training.crops import (
     LARGEST_TAG_CROP,
     CropSampler,
     Normalization,
     present_tag_sides,
     tag_crop_limit,
 )
-from .inference import predict_plane, predict_region
-from .instance_losses import instance_loss
-from .instances import object_area_summary, sizes_at_points
-from .losses import LossWeights, negative_map, strong_augment, total_loss
-from .model import ModelConfig, ProtoSegNet, pick_device
-from .modelfile import TrainedModel
-from .project import AnnotationSet, Problem, ProjectError, atomic_write, check_image
+from napari_protoseg.prediction.tiling import predict_plane, predict_region
+from napari_protoseg.training.instance_losses import instance_loss
+from napari_protoseg.prediction.decoders import object_area_summary, sizes_at_points
+from napari_protoseg.training.losses import LossWeights, negative_map, strong_augment, total_loss
+from napari_protoseg.model.network import ModelConfig, ProtoSegNet, pick_device
+from napari_protoseg.model.file import TrainedModel
+from napari_protoseg.annotations.project import AnnotationSet, Problem, ProjectError, atomic_write, check_image
 
 CHECKPOINT_FORMAT = "napari-protoseg checkpoint"
 
@@ -47,7 +47,7 @@ class TrainConfig:
 
     ``crop_size`` and ``batch_size`` are the crops of a step. Present tags wider than a crop get
     steps of their own with larger crops (up to 512 px) and about the same pixels
-    (:class:`~napari_protoseg.data.CropSampler`).
+    (:class:`~napari_protoseg.training.crops.CropSampler`).
     """
 
     # With input_scale 2 a step costs about 0.4 of a full-resolution one (masks+points on the 2-core

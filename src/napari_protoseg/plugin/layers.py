@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from .project import (
+from napari_protoseg.annotations.project import (
     BOXES_FILE,
     MASKS_FILE,
     NO_REGION,

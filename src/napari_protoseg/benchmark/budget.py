@@ -2,7 +2,7 @@
 
 Simulates the annotations of each setting from the dense labels of sections 0-9, writes each as an
 annotation project folder, trains through the same entry point as the napari panel
-(:func:`napari_protoseg.training.train`), predicts sections 10-19 and reports per-class IoU, mIoU,
+(:func:`napari_protoseg.training.engine.train`), predicts sections 10-19 and reports per-class IoU, mIoU,
 mitochondrion instance AP50, annotation time, training time, prediction throughput and memory,
 next to an ilastik-style random-forest peer trained on the same annotations.
 
@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 
-from .instances import (DEFAULT_MIN_SIZE, MIN_SIZE_SHARE, annotated_min_size, min_size_from_p10, plain_instances,
+from napari_protoseg.prediction.decoders import (DEFAULT_MIN_SIZE, MIN_SIZE_SHARE, annotated_min_size, min_size_from_p10, plain_instances,
                         sizes_at_points)
-from .project import AnnotationSet, ClassInfo, empty_boxes, empty_points, empty_tags, read_project, write_project
+from napari_protoseg.annotations.project import AnnotationSet, ClassInfo, empty_boxes, empty_points, empty_tags, read_project, write_project
 
 CLASS_NAMES = {1: "cytoplasm", 2: "membrane", 3: "mitochondrion", 4: "synapse", 5: "glia/extracellular"}
 OBJECT_CLASSES = (3, 4, 5)
@@ -231,7 +231,7 @@ def instance_scores(predicted: np.ndarray, truth: np.ndarray, threshold: float =
 
 def connected_instances(class_map: np.ndarray, class_id: int = MITOCHONDRION) -> np.ndarray:
     """Instances as 4-connected components of one class, numbered per section: the protocol's true
-    objects and the plain decoder of its table. Kept apart from :func:`~napari_protoseg.instances.plain_instances`
+    objects and the plain decoder of its table. Kept apart from :func:`~napari_protoseg.prediction.decoders.plain_instances`
     (ids unique over the stack, objects under a size floor dropped) so that the truth cannot move with
     the product's decoder."""
     out = np.zeros(class_map.shape, dtype=np.int32)
@@ -447,16 +447,16 @@ DOCS_IMAGES = "images"  # the plot's folder next to docs/benchmarks.md
 
 
 def benchmark_config(quick: bool = False, config_overrides: dict | None = None, seed: int = 0):
-    """The :class:`~napari_protoseg.training.TrainConfig` of a benchmark run.
+    """The :class:`~napari_protoseg.training.engine.TrainConfig` of a benchmark run.
 
     Full runs use the plugin's defaults for the CPU on every device (1800 steps also where the plugin
-    would train :data:`~napari_protoseg.training.CUDA_STEPS` on a CUDA GPU), so that runs compare
+    would train :data:`~napari_protoseg.training.engine.CUDA_STEPS` on a CUDA GPU), so that runs compare
     across machines and the ablations' step counts keep their meaning. Quick runs train
     ``QUICK_STEPS`` steps on ``QUICK_BATCH_SIZE`` crops of ``QUICK_CROP_SIZE``. When the number of
     steps differs from the default and the overrides do not set ``pseudo_label_warmup``, the warm-up
     keeps its default share of the steps, so the pseudo-label term acts for the same share of training.
     """
-    from .training import TrainConfig, warmup_for_steps
+    from napari_protoseg.training.engine import TrainConfig, warmup_for_steps
 
     default = TrainConfig()
     changes: dict = {"checkpoint_every": 0, "seed": seed}
@@ -620,8 +620,8 @@ def _run_protoseg(project, test: tuple, config, label: str, progress, preview_tr
     is recorded (``preview_timeline``: [seconds since training started, mIoU]). ``instances``: also
     decode mitochondrion instances with every decoder and score them.
     """
-    from .inference import predict_volume
-    from .training import PreviewRequest, train
+    from napari_protoseg.prediction.tiling import predict_volume
+    from napari_protoseg.training.engine import PreviewRequest, train
 
     raw_test, sem_test, inst_test = test
     reset_peak_memory()
@@ -694,7 +694,7 @@ def _run_peer(project, test: tuple, rf: RFConfig, seed: int, label: str, progres
 def peer_min_size(forest, project, rf: RFConfig = RFConfig()) -> int:
     """The size floor of the peer's mitochondria by the rule of protoseg's decoders: from the
     annotated objects, or, where only points mark them, from the peer's own objects at the points
-    (:func:`~napari_protoseg.instances.sizes_at_points`)."""
+    (:func:`~napari_protoseg.prediction.decoders.sizes_at_points`)."""
     learnt = sizes_at_points(lambda zs: predict_random_forest(forest, project.image[zs], rf), project.annotations)
     p10 = learnt.get(str(MITOCHONDRION), {}).get("p10")
     return min_size_from_p10(p10) if p10 else annotated_min_size(project.annotations, MITOCHONDRION)
@@ -757,15 +757,15 @@ def run_benchmark(data_dir, out_dir, settings=None, quick: bool = False, ablatio
     ablation runs of :data:`ABLATIONS` (default: on for full runs, off for quick ones), only those of
     ``ablation_settings`` if given. ``validation``: train and score on the split of
     :func:`benchmark_split` that reads no test section (for choosing defaults; never the docs).
-    ``config_overrides``: :class:`~napari_protoseg.training.TrainConfig` fields (e.g. ``steps``).
+    ``config_overrides``: :class:`~napari_protoseg.training.engine.TrainConfig` fields (e.g. ``steps``).
     Writes ``results.json``, ``benchmarks.md``, ``miou_vs_time.png`` and one project folder per
     setting (``projects/<setting>``) into ``out_dir``, and the Markdown also to ``docs_path`` if
     given. Returns the results as written to ``results.json`` (which has null where this dict has NaN,
     e.g. the IoU of a class absent from both prediction and truth). mIoU is the mean over the classes
     present in the test sections or the prediction (all five on the whole sections).
     """
-    from . import __version__
-    from .training import PreviewRequest
+    from napari_protoseg import __version__
+    from napari_protoseg.training.engine import PreviewRequest
 
     _check_dependencies()
     if validation and docs_path is not None:
@@ -932,7 +932,7 @@ def protoseg_instance_figures(model, raw_test: np.ndarray, classes: np.ndarray, 
     """Instance figures (of class ``class_id``, by default mitochondria) of a trained model for each
     decoder: ``wise`` (with instance heads), ``watershed`` and ``components`` (both of the class map
     ``classes``), each with its decoding time in seconds."""
-    from .instances import predict_instances
+    from napari_protoseg.prediction.pipeline import predict_instances
 
     if class_id not in model.instance_class_ids:
         return {}
@@ -1110,7 +1110,7 @@ def render_markdown(results: dict, plot: str = PLOT_FILE) -> str:
         "`multiscale_basic_features` + scikit-learn `RandomForestClassifier`) trained on the pixels each "
         "setting labels directly (masks and points). Annotation time comes from the cost model: dense "
         "mask of a 1024 x 1024 section 90 min, box 7 s, point 2 s, tag 1 s per class per tile.", "",
-        f"Regenerate: `{COMMAND}` (or `python -m napari_protoseg.benchmark DATA_DIR --out OUT_DIR`) with "
+        f"Regenerate: `{COMMAND}` (or `python -m napari_protoseg.benchmark.budget DATA_DIR --out OUT_DIR`) with "
         "DATA_DIR the folder of `raw.tif`, `semantic.tif` and `mito_instances.tif`. It writes `results.json` "
         "(every figure, configuration, timing, device, version and date), `benchmarks.md` and "
         "`miou_vs_time.png` into OUT_DIR; the complete run, from a source checkout, also rewrites "
@@ -1346,7 +1346,7 @@ def merge_results(parts: list[dict]) -> dict:
     """
     if not parts:
         raise ValueError("nothing to merge")
-    from .training import TrainConfig
+    from napari_protoseg.training.engine import TrainConfig
 
     # Options added to TrainConfig after a part ran take their default there, as they did in its run.
     parts = [{**part, "train_config": json.loads(json.dumps(TrainConfig.from_dict(part["train_config"]).to_dict()))}
@@ -1440,126 +1440,11 @@ def _repository_docs() -> Path | None:
     return None
 
 
-def build_parser(prog: str = "python -m napari_protoseg.benchmark") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=(
-        "Annotation-budget benchmark: train on simulated annotations of each setting (sections 0-9), "
-        "score sections 10-19, compare with a random-forest peer."))
-    add_arguments(parser)
-    return parser
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The benchmark's options (shared with ``protoseg benchmark``)."""
-    parser.add_argument("data_dir", metavar="DATA_DIR", help="folder with raw.tif, semantic.tif, mito_instances.tif")
-    parser.add_argument("--out", metavar="DIR", type=Path,
-                        default=Path(tempfile.gettempdir()) / "protoseg-benchmark",
-                        help="output folder (default: %(default)s); keep it outside the repository, it holds "
-                             "copies of the training sections")
-    parser.add_argument("--quick", action="store_true",
-                        help=f"small variant: {QUICK_CROP} x {QUICK_CROP} crops, {QUICK_STEPS} steps, settings "
-                             f"{', '.join(QUICK_SETTINGS)}, no ablations, lighter peer (minutes on a laptop)")
-    parser.add_argument("--settings", nargs="+", choices=SETTINGS, metavar="SETTING",
-                        help=f"settings to run (default: all; with --quick: {' '.join(QUICK_SETTINGS)}); "
-                             f"choose from {' '.join(SETTINGS)}")
-    ablation_choice = parser.add_mutually_exclusive_group()
-    ablation_choice.add_argument("--no-ablations", action="store_true", help="skip the ablation runs")
-    ablation_choice.add_argument("--ablations-only", action="store_true",
-                                 help="run only the ablations (those of the --settings given, default all), to "
-                                      "--merge with a run of the settings")
-    parser.add_argument("--validation", action="store_true",
-                        help=f"train on the top rows of sections 0-9 and score their bottom {100 * VALIDATION_SHARE:.0f} %% of "
-                             "rows, reading no test section: the run for choosing defaults (never written to the docs)")
-    parser.add_argument("--steps", type=int, help="training steps (default: the plugin's default; quick: "
-                        f"{QUICK_STEPS})")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the simulated points, training and peer")
-    parser.add_argument("--seeds", type=int, nargs="+", metavar="S",
-                        help="run at each of these seeds (into OUT/seed-S; --seed is then ignored) and write the "
-                             "mean and spread over them to OUT/seeds.md and OUT/seeds.json (--docs MD: that "
-                             "summary also to MD)")
-    parser.add_argument("--summarize-seeds", nargs="+", metavar="RESULTS_JSON", type=Path,
-                        help="do not train: write the mean and spread over the seeds of these results.json "
-                             "(runs that differ only in their seed; parts of one seed are merged) to OUT/seeds.md "
-                             "and OUT/seeds.json (DATA_DIR is then ignored)")
-    parser.add_argument("--docs", metavar="MD", type=Path, help="also write the Markdown table here (a complete "
-                        "full run from a source checkout writes docs/benchmarks.md by default)")
-    parser.add_argument("--merge", nargs="+", metavar="RESULTS_JSON", type=Path,
-                        help="do not train: merge the results.json of runs that each did some settings/ablations "
-                             "into one report in --out (DATA_DIR is then ignored); a merge holding every setting "
-                             "and ablation rewrites docs/benchmarks.md like a complete run; --docs MD writes even a "
-                             "partial merge there, marked as partial")
-
-
-def run_from_args(args, argv: list[str] | None = None) -> int:
-    if getattr(args, "merge", None):
-        try:
-            write_merged(args.merge, args.out, docs_path=args.docs or _repository_docs(),
-                         progress=lambda message: print(message, flush=True),
-                         docs_even_if_partial=args.docs is not None)
-        except (OSError, ValueError, KeyError) as error:
-            print(f"protoseg benchmark --merge: {error}", file=sys.stderr)
-            return 1
-        return 0
-    progress = lambda message: print(message, flush=True)  # noqa: E731
-    if getattr(args, "summarize_seeds", None):
-        from .benchmark_seeds import write_seed_summary
-
-        try:
-            write_seed_summary(args.summarize_seeds, args.out, docs_path=args.docs, progress=progress)
-        except (OSError, ValueError, KeyError) as error:
-            print(f"protoseg benchmark --summarize-seeds: {error}", file=sys.stderr)
-            return 1
-        return 0
-    overrides = {"steps": args.steps} if args.steps is not None else None
-    docs = args.docs
-    ablations_only = getattr(args, "ablations_only", False)
-    validation = getattr(args, "validation", False)
-    if validation and docs is not None:
-        print("protoseg benchmark: --validation scores training sections; its report cannot go to --docs",
-              file=sys.stderr)
-        return 2
-    complete = (not args.quick and args.settings in (None, list(SETTINGS)) and not args.no_ablations
-                and not ablations_only and args.steps is None and args.seed == 0 and not validation)
-    if docs is None and complete and not args.seeds:
-        docs = _repository_docs()
-    command = " ".join(["protoseg benchmark", *(sys.argv[1:] if argv is None else argv)])
-
-    def run(seed: int, out_dir: Path, docs_path) -> dict:
-        return run_benchmark(args.data_dir, out_dir, settings=[] if ablations_only else args.settings, quick=args.quick,
-                             ablation_settings=args.settings if ablations_only else None,
-                             ablations=True if ablations_only else False if args.no_ablations else None, seed=seed,
-                             config_overrides=overrides, progress=progress, docs_path=docs_path,
-                             validation=validation, command=command)
-
-    if not args.seeds:
-        run(args.seed, args.out, docs)
-        return 0
-    from .benchmark_seeds import write_seed_summary
-
-    files = []
-    for seed in dict.fromkeys(args.seeds):
-        progress(f"benchmark: seed {seed}")
-        run(seed, Path(args.out) / f"seed-{seed}", None)
-        files.append(Path(args.out) / f"seed-{seed}" / "results.json")
-    write_seed_summary(files, args.out, docs_path=docs, progress=progress)
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return run_from_args(args, argv)
-    except KeyboardInterrupt:
-        return 130
-
-
 __all__ = [
     "ABLATIONS", "BenchmarkData", "BenchmarkSplit", "INSTANCE_SETTINGS", "QUICK_SETTINGS", "RFConfig", "SETTINGS", "annotation_seconds",
     "benchmark_config", "benchmark_split", "class_iou", "connected_instances", "evaluate_instance_targets", "evaluate_targets",
-    "instance_figures", "instance_scores", "main", "merge_results", "predict_random_forest",
+    "instance_figures", "instance_scores", "merge_results", "predict_random_forest",
     "protoseg_instance_figures", "render_instance_markdown", "render_markdown", "run_benchmark", "simulate_setting",
     "touching_objects", "train_random_forest",
 ]
 
-
-if __name__ == "__main__":
-    sys.exit(main())

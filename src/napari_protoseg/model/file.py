@@ -33,9 +33,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .data import Normalization
-from .model import ModelConfig, ProtoSegNet, pick_device
-from .project import atomic_write, ClassInfo, check_classes
+from napari_protoseg.model.inputs import Normalization
+from napari_protoseg.model.network import ModelConfig, ProtoSegNet, pick_device
+from napari_protoseg.annotations.project import atomic_write, ClassInfo, check_classes
 
 __all__ = [
     "FORMAT",
@@ -137,7 +137,7 @@ def _json_default(value: Any):
 
 def model_config_json(model: TrainedModel) -> str:
     """The JSON configuration stored in a model file."""
-    from . import __version__
+    from napari_protoseg import __version__
 
     doc = {
         "napari_protoseg_version": __version__,
@@ -219,7 +219,7 @@ def _check_envelope(path: Path, payload: Any) -> str:
         if payload and all(isinstance(v, torch.Tensor) for v in payload.values()):
             raise _fail(path, "it holds bare network weights (a state dict) without the "
                         "napari-protoseg configuration (classes, normalisation). Save models with "
-                        "napari_protoseg.modelfile.save_model.")
+                        "napari_protoseg.model.file.save_model.")
         raise _fail(path, "it is a PyTorch file but not a napari-protoseg model (no 'format' entry). "
                     "Choose a model file saved by napari-protoseg.")
     if payload["format"] != FORMAT:
@@ -237,7 +237,7 @@ def _check_envelope(path: Path, payload: Any) -> str:
                 written_by = f" {writer}"
         except Exception:  # noqa: BLE001 - only used to improve the message
             pass
-        from . import __version__
+        from napari_protoseg import __version__
 
         raise _fail(path, f"it was written by a newer napari-protoseg{written_by} (model format "
                     f"version {version}; this napari-protoseg {__version__} reads up to version "
@@ -352,7 +352,7 @@ def _check_state_dict(path: Path, state: dict, net: ProtoSegNet, n_classes: int)
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> TrainedModel:
     """Read a model file written by :func:`save_model`; the network is in eval mode on ``device``.
 
-    ``device`` is a ``torch.device`` or a name for :func:`~napari_protoseg.model.pick_device`
+    ``device`` is a ``torch.device`` or a name for :func:`~napari_protoseg.model.network.pick_device`
     (``"auto"``, ``"cpu"``, ``"cuda"``, ``"mps"``). Raises :class:`ModelFileError` for a file that
     is missing, not a PyTorch file, damaged, not a napari-protoseg model, from a newer version, or
     whose configuration and weights do not fit together.

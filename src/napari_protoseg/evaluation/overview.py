@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .project import NO_REGION, AnnotationSet, ClassInfo
+from napari_protoseg.annotations.project import NO_REGION, AnnotationSet, ClassInfo
 
 __all__ = ["describe_plane", "label_overlay", "pick_annotated_plane", "summarize_annotations", "write_overview"]
 

@@ -1,8 +1,8 @@
 """Touching mitochondria: the instance decoders compared where objects lie close together.
 
-The VNC test sections hold no mitochondria within :data:`~napari_protoseg.benchmark.TOUCHING_GAP`
+The VNC test sections hold no mitochondria within :data:`~napari_protoseg.benchmark.budget.TOUCHING_GAP`
 pixels of another, so the benchmark cannot say there whether the WISE decoder separates touching
-objects better than the plain decoders. The synthetic sample (:mod:`napari_protoseg.sample`) holds
+objects better than the plain decoders. The synthetic sample (:mod:`napari_protoseg.annotations.synthetic`) holds
 many. This benchmark trains on one synthetic stack from points only (the ``points-only`` setting of
 BENCHMARK.md: one exhaustive point in every object, random points in the stuff classes), scores an
 independent stack of the same generator, and reports every decoder's AP50, matched IoU and the
@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .benchmark import (STUFF_POINTS, TOUCHING_GAP, _environment, _f, benchmark_config, protoseg_instance_figures,
+from napari_protoseg.benchmark.budget import (STUFF_POINTS, TOUCHING_GAP, _environment, _f, benchmark_config, protoseg_instance_figures,
                         save_json, simulate_points, source_commit)
-from .project import AnnotationSet
-from .sample import CYTOPLASM, MEMBRANE, MITOCHONDRION, VESICLE, generate_sample
+from napari_protoseg.annotations.project import AnnotationSet
+from napari_protoseg.annotations.synthetic import CYTOPLASM, MEMBRANE, MITOCHONDRION, VESICLE, generate_sample
 
 OBJECT_CLASSES = (MITOCHONDRION, VESICLE)
 STUFF_CLASSES = (CYTOPLASM, MEMBRANE)
@@ -37,7 +37,7 @@ DOCS_FILE = "benchmark-touching.md"
 
 def sample_points(semantic: np.ndarray, seed: int = 0, stuff_points: int = STUFF_POINTS) -> np.ndarray:
     """Points as in BENCHMARK.md's ``points-only``, on a synthetic stack (the benchmark's
-    :func:`~napari_protoseg.benchmark.simulate_points` with the sample's classes): one exhaustive
+    :func:`~napari_protoseg.benchmark.budget.simulate_points` with the sample's classes): one exhaustive
     point in every 4-connected mitochondrion and vesicle of each plane, and ``stuff_points`` random,
     non-exhaustive points of each stuff class per plane."""
     return simulate_points(semantic, range(semantic.shape[0]), np.random.default_rng(seed), OBJECT_CLASSES,
@@ -51,11 +51,11 @@ def run_touching_benchmark(out_dir, *, shape=SHAPE, train_sample_seed: int = TRA
     of the stack of ``test_sample_seed`` with every decoder and score them. Writes ``touching.json``
     ``touching.md`` and the trained ``model.protoseg.pt`` into ``out_dir`` (and the Markdown to ``docs_path`` if given); returns the
     results. ``steps``: training steps (default: the benchmark's)."""
-    from . import __version__
-    from .inference import predict_volume
-    from .instances import min_object_sizes
-    from .modelfile import save_model
-    from .training import train
+    from napari_protoseg import __version__
+    from napari_protoseg.prediction.tiling import predict_volume
+    from napari_protoseg.prediction.decoders import min_object_sizes
+    from napari_protoseg.model.file import save_model
+    from napari_protoseg.training.engine import train
 
     if len(tuple(shape)) != 3:
         raise ValueError(f"shape must be (Z, Y, X), not {shape!r}")
@@ -160,7 +160,7 @@ def render_touching_markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def build_parser(prog: str = "python -m napari_protoseg.benchmark_touching") -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m napari_protoseg.benchmark.touching") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=(
         "Train from points only on a synthetic stack and compare the instance decoders on another, where "
         "mitochondria touch."))

@@ -1,7 +1,7 @@
 """The protoseg panel: classes, annotate, train, predict, review, model, project.
 
 The panel only converts between Qt controls, napari layers and the Qt-free workflow in
-:mod:`napari_protoseg.session`; training and prediction run in napari thread workers so the
+:mod:`napari_protoseg.plugin.session`; training and prediction run in napari thread workers so the
 viewer never freezes.
 """
 
@@ -46,11 +46,11 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ._text import format_duration
-from .layers import METADATA_KEY, classes_from_metadata
-from .modelfile import MODEL_SUFFIX, ModelFileError, check_model_classes, load_model, save_model
-from .project import ProjectError
-from .session import (
+from napari_protoseg._text import format_duration
+from napari_protoseg.plugin.layers import METADATA_KEY, classes_from_metadata
+from napari_protoseg.model.file import MODEL_SUFFIX, ModelFileError, check_model_classes, load_model, save_model
+from napari_protoseg.annotations.project import ProjectError
+from napari_protoseg.plugin.session import (
     ANNOTATION_ROLES,
     AUTOSAVE_SECONDS,
     INSTANCE_DECODERS,
@@ -64,7 +64,7 @@ from .session import (
     prediction_run,
     training_run,
 )
-from .training import TrainConfig, training_notes
+from napari_protoseg.training.engine import TrainConfig, training_notes
 
 TRAIN_BUTTON_TEXT = "Train on current labels"
 PREVIEW_SECONDS = 3.0

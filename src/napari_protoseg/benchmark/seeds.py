@@ -12,7 +12,7 @@ import json
 import math
 from pathlib import Path
 
-from .benchmark import CLASS_NAMES, INSTANCE_SETTINGS, SETTINGS, evaluate_targets, merge_results, save_json
+from napari_protoseg.benchmark.budget import CLASS_NAMES, INSTANCE_SETTINGS, SETTINGS, evaluate_targets, merge_results, save_json
 
 SUMMARY_JSON = "seeds.json"
 SUMMARY_MD = "seeds.md"
@@ -57,7 +57,7 @@ def _as_entry(figures: dict[str, float]) -> dict:
 def summarize_seeds(parts: list[dict]) -> dict:
     """Mean and spread over seeds of ``results.json`` dicts of the same configuration.
 
-    Parts with the same seed are first merged (:func:`~napari_protoseg.benchmark.merge_results`:
+    Parts with the same seed are first merged (:func:`~napari_protoseg.benchmark.budget.merge_results`:
     e.g. a seed run in two halves); parts must agree in training configuration, quick flag and split.
     Returns ``{"seeds", "settings": {name: {"n", "seeds", "protoseg": {figure: {"mean", "sd", "min",
     "max", "values"}}, "peer": ...}}, "targets": [...]}``; the targets are evaluated on the mean

@@ -1,0 +1,1 @@
+"""Scoring predictions against reference labels, and the demo's overview figure."""
