@@ -126,3 +126,10 @@ def test_the_plugin_and_help_never_load_the_benchmark():
 def test_the_session_has_no_qt_in_it():
     loaded = _modules_after("import napari_protoseg.plugin.session")
     assert not {m for m in loaded if m.split(".")[0] in ("qtpy", "PyQt5", "PyQt6", "PySide2", "PySide6")}
+
+
+def test_importing_the_package_loads_nothing_heavy():
+    """napari imports the package to find the plugin: that must not load NumPy, PyTorch or napari."""
+    loaded = _modules_after("import napari_protoseg")
+    assert not {"numpy", "torch", "napari"} & loaded
+    assert _modules_after("from napari_protoseg import AnnotationSet") >= {"napari_protoseg.annotations.project"}
