@@ -66,3 +66,34 @@ def plane_annotations(classes):
         points=[(0, 10, 10, 2, True)],
         tags=[(0, 1, True, -1, -1, -1, -1), (0, 3, False, 8, 0, 16, 12)],
     )
+
+
+@pytest.fixture
+def version_1_train_config():
+    """``TrainConfig().to_dict()`` as napari-protoseg wrote it before configurations had a version
+    (commit 3746550): flat, the network's fields at the top level, its 2.5D input as ``context``."""
+    return {"steps": 1800, "batch_size": 4, "crop_size": 192, "learning_rate": 0.003, "weight_decay": 0.0001,
+            "max_grad_norm": 5.0, "context": 0, "base_width": 8, "depth": 4, "embed_dim": 32,
+            "prototypes_per_class": 5, "temperature": 0.05, "tag_pooling": "mean", "negative_eps": 1e-06,
+            "negative_only_weight": 0.1, "filter_sigmas": [], "mask_share": 0.9, "balance_classes": 0.0,
+            "weight_contrastive": 0.1, "weight_ce": 1.0, "weight_pseudo_label": 0.0, "pseudo_label_threshold": 0.8,
+            "pseudo_label_warmup": 120, "seed": 0, "device": "auto", "checkpoint_every": 100,
+            "instance_heads": True, "instance_embed_dim": 64, "input_scale": 2, "localization_context": 4,
+            "embedding_context": 4, "instance_coordinates": 0.0625, "weight_localization": 1.0,
+            "weight_embedding": 1.0, "instance_backbone_grad": 0.0, "unpointed_negatives": True, "point_spread": 5,
+            "point_spread_tolerance": 0.1, "point_spread_halfway": True, "time_limit": None}
+
+
+@pytest.fixture
+def as_version_1():
+    """``as_version_1(train_config)``: a ``TrainConfig.to_dict()`` in the flat layout of version 1
+    (every field kept; the network's fields at the top level, ``in_channels`` as ``context``)."""
+    def flatten(train_config: dict) -> dict:
+        data = {k: v for k, v in train_config.items() if k not in ("config_version", "model")}
+        model = train_config["model"]
+        data["context"] = model["in_channels"] // 2
+        data.update({k: v for k, v in model.items() if k not in ("n_classes", "n_instance_classes", "in_channels",
+                                                                "norm")})
+        return data
+
+    return flatten

@@ -494,13 +494,14 @@ def _part(results, names, ablation_rows, complete=True):
     return part
 
 
-def test_partial_runs_merge_into_one_report(tmp_path):
+def test_partial_runs_merge_into_one_report(tmp_path, as_version_1):
     """Settings and ablations run in separate sessions give the one report of a complete run."""
     results = fake_results()
     # An --ablations-only run leaves out the variants that are main runs; the merge takes those from the settings.
+    main_run = TrainConfig.from_dict(results["train_config"])
     rows = [{"setting": s, "variant": v, "changes": c, "reused_main_run": False,
              "protoseg": results["settings"][s]["protoseg"]} for s, v, c in bm.ABLATIONS
-            if {**results["train_config"], **c} != results["train_config"]]
+            if main_run.with_changes(c) != main_run]
     first = _part(results, ["full", "masks", "masks+tags"], [])
     second = _part(results, ["masks+boxes", "masks+points", "mixed", "points-only"], rows)
     merged = bm.merge_results([first, second])
@@ -523,10 +524,13 @@ def test_partial_runs_merge_into_one_report(tmp_path):
     assert lonely["settings"]["masks+boxes"]["peer"]["shared_fit_with"] is None
 
     older = _part(results, ["masks"], [])
+    older["train_config"] = as_version_1(older["train_config"])  # flat, as written before versions
     del older["train_config"]["filter_sigmas"]  # written before that option existed: trained without filters
-    assert not first["train_config"]["filter_sigmas"]  # today's default: no filter bank, as before it existed
+    assert not first["train_config"]["model"]["filter_sigmas"]  # today's default: no filter bank, as before it existed
     assert list(bm.merge_results([first, older])["settings"]) == ["full", "masks", "masks+tags"]
-    first_with_filters = {**first, "train_config": {**first["train_config"], "filter_sigmas": [1.0, 2.5]}}
+    assert bm.merge_results([first, older])["train_config"] == first["train_config"]  # in today's format
+    first_with_filters = {**first, "train_config": {**first["train_config"], "model": {
+        **first["train_config"]["model"], "filter_sigmas": [1.0, 2.5]}}}
     with pytest.raises(ValueError, match="differ in train_config"):
         bm.merge_results([first_with_filters, older])
     other = _part(results, ["masks"], [])

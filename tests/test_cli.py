@@ -395,7 +395,7 @@ def test_predict_without_instance_classes_writes_no_instances(tmp_path, capsys):
     from napari_protoseg.model.file import TrainedModel, save_model
 
     classes = [ClassInfo(c.id, c.name, False, c.color) for c in SAMPLE_CLASSES]
-    net = ProtoSegNet(ModelConfig(n_classes=len(classes), base_width=4, depth=2, embed_dim=8))
+    net = ProtoSegNet(ModelConfig(n_classes=len(classes), base_width=4, depth=2, embed_dim=8, input_scale=1))
     model_file = save_model(tmp_path / "plain.protoseg.pt", TrainedModel(net, classes, Normalization(0.0, 255.0)))
     image = tmp_path / "image.tif"
     tifffile.imwrite(image, np.zeros((40, 48), np.uint8))

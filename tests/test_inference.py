@@ -22,12 +22,15 @@ from napari_protoseg.model.file import TrainedModel
 from napari_protoseg.annotations.project import ClassInfo
 
 CLASSES = [ClassInfo(1, "cytoplasm"), ClassInfo(3, "membrane"), ClassInfo(7, "mitochondrion")]
+# The plain full-resolution network without context heads that these tests were written for (a
+# bare ModelConfig's defaults before configuration version 2).
+PLAIN = dict(input_scale=1, localization_context=0, embedding_context=0, instance_coordinates=0.0)
 
 
 def make_model(norm="group", context=0, depth=2, classes=CLASSES, seed=0, input_scale=1) -> TrainedModel:
     torch.manual_seed(seed)
     config = ModelConfig(n_classes=len(classes), in_channels=2 * context + 1, base_width=4, depth=depth,
-                         embed_dim=8, norm=norm, input_scale=input_scale)
+                         embed_dim=8, norm=norm, **{**PLAIN, "input_scale": input_scale})
     net = ProtoSegNet(config)
     with torch.no_grad():  # BatchNorm running statistics that are not the identity
         for module in net.modules():
@@ -79,8 +82,8 @@ def test_receptive_radius_matches_input_gradients(depth):
         ys, xs = np.nonzero(x.grad[0, 0].numpy())
         radius = max(radius, np.abs(ys - c).max(), np.abs(xs - c).max())
     assert radius == receptive_radius(model.net.config)
-    assert receptive_radius(ModelConfig(n_classes=2, depth=3)) == 51
-    assert receptive_radius(ModelConfig(n_classes=2, depth=4)) == 107
+    assert receptive_radius(ModelConfig(n_classes=2, depth=3, **PLAIN)) == 51
+    assert receptive_radius(ModelConfig(n_classes=2, depth=4, **PLAIN)) == 107
 
 
 @pytest.mark.parametrize("depth", [1, 2])
@@ -519,7 +522,7 @@ def make_instance_model(seed=0, norm="batch", coordinates=0.0) -> TrainedModel:
     torch.manual_seed(seed)
     classes = [ClassInfo(1, "cytoplasm"), ClassInfo(3, "membrane"), ClassInfo(7, "mitochondrion", instances=True)]
     config = ModelConfig(n_classes=3, base_width=4, depth=2, embed_dim=8, norm=norm, n_instance_classes=1,
-                         instance_embed_dim=4, instance_coordinates=coordinates)
+                         instance_embed_dim=4, **{**PLAIN, "instance_coordinates": coordinates})
     return TrainedModel(net=ProtoSegNet(config).eval(), classes=classes, normalization=Normalization(20.0, 220.0))
 
 
@@ -568,7 +571,7 @@ class _BlobNet(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.config = ModelConfig(n_classes=3, base_width=4, depth=2, embed_dim=8, n_instance_classes=1,
-                                  instance_embed_dim=2)
+                                  instance_embed_dim=2, **PLAIN)
         self.multiple = 4
         self.unused = torch.nn.Parameter(torch.zeros(1))
 

@@ -328,6 +328,7 @@ def test_a_model_trained_on_points_only_records_the_size_of_its_objects_at_them(
     the points, so its decoders drop specks far smaller than what it finds there."""
     from napari_protoseg.training import engine as training
     from napari_protoseg.prediction.tiling import PlanePrediction
+    from napari_protoseg.model.network import ModelConfig
     from napari_protoseg.training.engine import TrainConfig, train
 
     sample_classes = [ClassInfo(1, "cytoplasm"), ClassInfo(3, "mitochondrion", instances=True)]
@@ -341,7 +342,7 @@ def test_a_model_trained_on_points_only_records_the_size_of_its_objects_at_them(
         return PlanePrediction(np.zeros((2, 64, 64), np.float32), classes, np.ones((64, 64), np.float32), [1, 3])
 
     monkeypatch.setattr(training, "predict_plane", object_of_400_px)
-    config = TrainConfig(steps=2, batch_size=2, crop_size=32, base_width=4, depth=2, embed_dim=8,
+    config = TrainConfig(steps=2, batch_size=2, crop_size=32, model=ModelConfig(base_width=4, depth=2, embed_dim=8),
                          checkpoint_every=0, device="cpu")
     *_, last = train(image, ann, config)
     areas = last.model.training_info["object_areas"]["3"]

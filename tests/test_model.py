@@ -11,9 +11,14 @@ import torch.nn.functional as F
 from napari_protoseg.model.network import DSPHead, FilterBank, ModelConfig, ProtoSegNet, UNet2D, pick_device
 
 
+# The plain full-resolution network without context heads that these tests were written for (a
+# bare ModelConfig's defaults before configuration version 2).
+PLAIN = dict(input_scale=1, localization_context=0, embedding_context=0, instance_coordinates=0.0)
+
+
 def tiny(**kw) -> ProtoSegNet:
     torch.manual_seed(0)
-    cfg = dict(n_classes=3, base_width=4, depth=2, embed_dim=8, prototypes_per_class=2)
+    cfg = dict(n_classes=3, base_width=4, depth=2, embed_dim=8, prototypes_per_class=2, **PLAIN)
     cfg.update(kw)
     return ProtoSegNet(ModelConfig(**cfg))
 
@@ -118,16 +123,59 @@ def test_config_round_trip_through_json():
 
 
 def test_config_defaults_and_validation():
-    """Defaults are as documented; nonsense values and unknown keys raise ValueError."""
+    """Defaults are as documented (those training uses); nonsense values and unknown keys raise ValueError."""
     cfg = ModelConfig(n_classes=2)
     assert (cfg.in_channels, cfg.embed_dim, cfg.prototypes_per_class, cfg.temperature) == (1, 32, 5, 0.05)
     assert cfg.depth in (3, 4) and cfg.norm == "group"
+    assert cfg.input_scale == 2 and cfg.n_instance_classes == 0 and cfg.filter_sigmas == ()
+    heads = ModelConfig(n_classes=2, n_instance_classes=1)
+    assert (heads.localization_context, heads.embedding_context, heads.instance_coordinates) == (4, 4, 1 / 16)
     for bad in (dict(n_classes=0), dict(n_classes=2, temperature=0.0), dict(n_classes=2, depth=-1),
                 dict(n_classes=2, norm="layer"), dict(n_classes=2, embed_dim=2.5)):
         with pytest.raises(ValueError):
             ModelConfig(**bad)
     with pytest.raises(ValueError):
         ModelConfig.from_dict({"n_classes": 2, "instance_head": True})
+
+
+def test_a_config_for_any_project_leaves_the_classes_to_training():
+    """``n_classes`` and ``n_instance_classes`` unset (None): a configuration training completes from
+    the project; it keeps the heads' settings for when there are heads, and builds no network."""
+    from dataclasses import replace
+
+    template = ModelConfig()
+    assert template.n_classes is None and template.n_instance_classes is None and not template.has_instance_heads
+    assert template.localization_context == 4 and template.instance_coordinates == 1 / 16
+    with pytest.raises(ValueError, match="n_classes is not set"):
+        ProtoSegNet(template)
+    with pytest.raises(ValueError, match="set both, or neither"):
+        ModelConfig(n_instance_classes=1)
+    assert ModelConfig.from_dict(json.loads(json.dumps(template.to_dict()))) == template
+    heads = replace(template, n_classes=3, n_instance_classes=1)
+    assert heads == ModelConfig(n_classes=3, n_instance_classes=1) and heads.localization_context == 4
+    assert replace(template, n_classes=3, n_instance_classes=0).localization_context == 0  # no heads, no context
+
+
+def test_an_old_network_config_means_what_it_meant_and_a_future_one_is_refused():
+    """A configuration without a version (written up to commit 3746550) lacking fields added since
+    loads as the network it described then (full resolution, plain heads); today's format needs
+    every field, and a newer format is refused with a message that says to update."""
+    from napari_protoseg.model.migration import ConfigVersionError
+
+    old = {"n_classes": 3, "in_channels": 1, "base_width": 4, "depth": 2, "embed_dim": 8,
+           "prototypes_per_class": 2, "temperature": 0.05, "norm": "group", "n_instance_classes": 1,
+           "instance_embed_dim": 16}
+    assert ModelConfig.from_dict(old, version=None) == ModelConfig.from_dict(old, version=1) == ModelConfig(
+        n_classes=3, base_width=4, depth=2, embed_dim=8, prototypes_per_class=2, n_instance_classes=1,
+        instance_embed_dim=16, **PLAIN)
+    assert ModelConfig.from_dict({"n_classes": 2}, version=1) == ModelConfig(n_classes=2, **PLAIN)
+    with pytest.raises(ValueError, match="missing"):
+        ModelConfig.from_dict(old)  # today's format: every field
+    current = ModelConfig(n_classes=3).to_dict()
+    with pytest.raises(ConfigVersionError, match="newer napari-protoseg.*version 3.*Update napari-protoseg"):
+        ModelConfig.from_dict(current, version=3)
+    with pytest.raises(ConfigVersionError, match="not a whole number"):
+        ModelConfig.from_dict(current, version="2")
 
 
 def test_unet_and_head_building_blocks():
@@ -217,7 +265,7 @@ def test_a_half_resolution_network_gives_full_resolution_maps(shape):
 def test_configs_without_the_instance_fields_load_with_no_heads():
     old = {"n_classes": 3, "in_channels": 1, "base_width": 4, "depth": 2, "embed_dim": 8,
            "prototypes_per_class": 2, "temperature": 0.05, "norm": "group"}
-    cfg = ModelConfig.from_dict(old)
+    cfg = ModelConfig.from_dict(old, version=1)  # as written before configurations had a version
     assert cfg.n_instance_classes == 0 and cfg.instance_embed_dim == 64 and not cfg.has_instance_heads
     assert cfg.input_scale == 1  # files written before the field existed: full resolution
     for bad in (dict(n_classes=2, n_instance_classes=3), dict(n_classes=2, n_instance_classes=-1),
@@ -248,9 +296,9 @@ def test_localization_head_with_context_sees_whole_objects_and_old_configs_keep_
     net = tiny(n_instance_classes=1, localization_context=4)
     assert isinstance(net.localization_head, LocalizationHead)
     assert torch.sigmoid(net(torch.randn(2, 1, 24, 40))["localization"]).max() < 0.5  # few blobs at the start
-    old = tiny(n_instance_classes=1).config.to_dict()
-    del old["localization_context"]
-    assert isinstance(ProtoSegNet(ModelConfig.from_dict(old)).localization_head, InstanceHead)
+    old = tiny(n_instance_classes=1, localization_context=4).config.to_dict()
+    del old["localization_context"]  # a file written before the field existed
+    assert isinstance(ProtoSegNet(ModelConfig.from_dict(old, version=1)).localization_head, InstanceHead)
     with pytest.raises(ValueError, match="localization_context"):
         ModelConfig(n_classes=2, localization_context=-1)
     assert ModelConfig(n_classes=2, localization_context=4).localization_context == 0  # no heads, no context
@@ -303,8 +351,8 @@ def test_filter_bank_gives_the_same_responses_by_matrices_and_by_convolutions():
 def test_a_network_with_a_filter_bank_takes_the_raw_channels_and_reaches_farther():
     from napari_protoseg.prediction.tiling import receptive_radius
 
-    plain = ModelConfig(n_classes=3, base_width=4, depth=2, embed_dim=8)
-    config = ModelConfig(n_classes=3, base_width=4, depth=2, embed_dim=8, filter_sigmas=[1.0, 4.0])
+    plain = ModelConfig(n_classes=3, base_width=4, depth=2, embed_dim=8, **PLAIN)
+    config = ModelConfig(n_classes=3, base_width=4, depth=2, embed_dim=8, filter_sigmas=[1.0, 4.0], **PLAIN)
     net = ProtoSegNet(config)
     out = net(torch.rand(2, 1, 40, 40))
     assert out["logits"].shape == (2, 3, 40, 40)
@@ -320,7 +368,7 @@ def test_instance_backbone_grad_scales_what_the_instance_losses_send_into_the_ba
     """A scale s multiplies the instance losses' backbone gradients by s and changes nothing else:
     the outputs and the heads' own gradients stay those of s = 1."""
     torch.manual_seed(0)
-    net = ProtoSegNet(ModelConfig(n_classes=3, base_width=4, depth=2, embed_dim=8, n_instance_classes=1))
+    net = ProtoSegNet(ModelConfig(n_classes=3, base_width=4, depth=2, embed_dim=8, n_instance_classes=1, **PLAIN))
     x = torch.randn(2, 1, 32, 32)
     grads = {}
     for scale in (1.0, 0.1):
@@ -341,7 +389,7 @@ def test_instance_backbone_grad_scales_what_the_instance_losses_send_into_the_ba
 def test_instance_heads_train_the_backbone_only_when_asked(backbone_grad):
     """``instance_backbone_grad=False``: a loss on the instance outputs leaves the backbone's
     gradients at zero (the semantic features are not pulled by it) but still trains the heads."""
-    net = ProtoSegNet(ModelConfig(n_classes=3, base_width=4, depth=2, embed_dim=8, n_instance_classes=1))
+    net = ProtoSegNet(ModelConfig(n_classes=3, base_width=4, depth=2, embed_dim=8, n_instance_classes=1, **PLAIN))
     out = net(torch.randn(2, 1, 32, 32), instance_backbone_grad=backbone_grad)
     (out["localization"].sum() + out["instance_embedding"].sum()).backward()
     backbone = [p.grad for p in net.backbone.parameters() if p.grad is not None]
@@ -353,7 +401,7 @@ def test_instance_heads_train_the_backbone_only_when_asked(backbone_grad):
 def test_clipping_groups_split_the_semantic_model_from_each_instance_head():
     """Gradient norms are clipped per group, so the instance heads' gradients never scale down the
     semantic model's update; every parameter is in exactly one group."""
-    net = ProtoSegNet(ModelConfig(n_classes=3, base_width=4, depth=2, embed_dim=8, n_instance_classes=1))
+    net = ProtoSegNet(ModelConfig(n_classes=3, base_width=4, depth=2, embed_dim=8, n_instance_classes=1, **PLAIN))
     groups = net.clipping_groups()
     assert len(groups) == 3
     ids = [id(p) for group in groups for p in group]
@@ -361,7 +409,7 @@ def test_clipping_groups_split_the_semantic_model_from_each_instance_head():
     assert {id(p) for p in groups[1]} == {id(p) for p in net.localization_head.parameters()}
     assert {id(p) for p in groups[2]} == {id(p) for p in net.instance_embedding_head.parameters()}
     assert any(p is net.prototypes for p in groups[0])
-    plain = ProtoSegNet(ModelConfig(n_classes=3, base_width=4, depth=2, embed_dim=8))
+    plain = ProtoSegNet(ModelConfig(n_classes=3, base_width=4, depth=2, embed_dim=8, **PLAIN))
     assert len(plain.clipping_groups()) == 1
 
 
@@ -445,9 +493,9 @@ def test_the_spatial_embedding_fields_validate_and_older_configs_load_without_th
     from napari_protoseg.model.network import InstanceHead, LocalizationHead
 
     assert isinstance(tiny(n_instance_classes=1, embedding_context=4).instance_embedding_head, LocalizationHead)
-    old = tiny(n_instance_classes=1).config.to_dict()
-    del old["embedding_context"], old["instance_coordinates"]
-    config = ModelConfig.from_dict(old)
+    old = tiny(n_instance_classes=1, embedding_context=4, instance_coordinates=0.5).config.to_dict()
+    del old["embedding_context"], old["instance_coordinates"]  # a file written before the fields existed
+    config = ModelConfig.from_dict(old, version=1)
     assert config.embedding_context == 0 and config.instance_coordinates == 0.0
     assert isinstance(ProtoSegNet(config).instance_embedding_head, InstanceHead)
     for bad in (dict(instance_coordinates=-0.1), dict(instance_coordinates=float("nan")),

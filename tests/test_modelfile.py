@@ -27,12 +27,15 @@ from napari_protoseg.annotations.project import ClassInfo
 
 CLASSES = [ClassInfo(1, "cytoplasm"), ClassInfo(3, "membrane", color="#dd8452"),
            ClassInfo(7, "mitochondrion", instances=True, color="#55a868")]
+# The plain full-resolution network without context heads that these tests were written for (a
+# bare ModelConfig's defaults before configuration version 2).
+PLAIN = dict(input_scale=1, localization_context=0, embedding_context=0, instance_coordinates=0.0)
 
 
 def make_model(context=0, norm="group", classes=CLASSES, seed=0, filter_sigmas=()) -> TrainedModel:
     torch.manual_seed(seed)
     config = ModelConfig(n_classes=len(classes), in_channels=2 * context + 1, base_width=4, depth=2,
-                         embed_dim=8, norm=norm, filter_sigmas=filter_sigmas)
+                         embed_dim=8, norm=norm, filter_sigmas=filter_sigmas, **PLAIN)
     net = ProtoSegNet(config)
     with torch.no_grad():  # non-trivial running statistics, so they are checked too
         for module in net.modules():
@@ -106,6 +109,7 @@ def test_file_layout(saved):
     assert config["classes"] == [c.to_json() for c in CLASSES]
     assert config["normalization"] == {"low": 10.0, "high": 200.0}
     assert config["context"] == 0
+    assert config["config_version"] == 2  # the format of "model" (napari_protoseg.model.migration)
     assert set(payload["state_dict"]) == set(model.net.state_dict())
 
 
@@ -162,7 +166,7 @@ def test_load_does_not_touch_global_rng(saved):
 
 
 def test_trained_model_checks_consistency():
-    net = ProtoSegNet(ModelConfig(n_classes=3, base_width=4, depth=1, embed_dim=8))
+    net = ProtoSegNet(ModelConfig(n_classes=3, base_width=4, depth=1, embed_dim=8, **PLAIN))
     with pytest.raises(ValueError, match="3 outputs but 2 classes"):
         TrainedModel(net, CLASSES[:2], Normalization(0, 1))
     with pytest.raises(ValueError, match="needs 3"):
@@ -255,6 +259,44 @@ def test_newer_format_version(saved):
     payload["config"] = json.dumps(config)
     message = expect_error(write_payload(path, payload), "newer napari-protoseg 9.9.9", "update")
     assert f"version {FORMAT_VERSION + 1}" in message
+
+
+def test_a_file_written_before_configuration_versions_loads_as_the_network_it_held(tmp_path):
+    """A model file without a configuration version whose network configuration lacks the fields
+    added since (as files of older releases are) loads as the network it was: full resolution, the
+    plain heads; its weights fit and give the same outputs."""
+    model = make_instance_model()
+    path = save_model(tmp_path / "old.protoseg.pt", model)
+    payload = payload_of(path)
+    config = json.loads(payload["config"])
+    del config["config_version"]
+    for key in ("localization_context", "input_scale", "embedding_context", "instance_coordinates", "filter_sigmas"):
+        del config["model"][key]
+    payload["config"] = json.dumps(config)
+    loaded = load_model(write_payload(path, payload))
+    assert loaded.net.config == model.net.config
+    assert (loaded.config.input_scale, loaded.config.localization_context, loaded.config.embedding_context,
+            loaded.config.instance_coordinates, loaded.config.filter_sigmas) == (1, 0, 0, 0.0, ())
+    x = torch.randn(1, 1, 24, 24)
+    model.net.eval()
+    with torch.no_grad():
+        a, b = model.net(x), loaded.net(x)
+    for key in ("logits", "localization", "instance_embedding"):
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_a_newer_configuration_version_asks_for_an_update(saved):
+    _, path = saved
+    payload = payload_of(path)
+    config = json.loads(payload["config"])
+    config["config_version"] = 3
+    payload["config"] = json.dumps(config)
+    message = expect_error(write_payload(path, payload), "newer napari-protoseg", "configuration version 3",
+                           "update napari-protoseg")
+    assert "damaged" not in message
+    config["config_version"] = "2"
+    payload["config"] = json.dumps(config)
+    expect_error(write_payload(path, payload), "configuration version '2' is not a whole number")
 
 
 @pytest.mark.parametrize("version", [0, "1", None, True])
@@ -431,7 +473,7 @@ def test_check_model_classes_differences():
 def make_instance_model(seed=0, localization_context=0) -> TrainedModel:
     torch.manual_seed(seed)
     config = ModelConfig(n_classes=len(CLASSES), base_width=4, depth=2, embed_dim=8, n_instance_classes=1,
-                         instance_embed_dim=5, localization_context=localization_context)
+                         instance_embed_dim=5, **{**PLAIN, "localization_context": localization_context})
     return TrainedModel(net=ProtoSegNet(config), classes=list(CLASSES), normalization=Normalization(10.0, 200.0))
 
 

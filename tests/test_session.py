@@ -26,10 +26,12 @@ from napari_protoseg.plugin.session import (
     prediction_run,
     training_run,
 )
+from napari_protoseg.model.network import ModelConfig
 from napari_protoseg.training.engine import TrainConfig
 
-TINY = TrainConfig(steps=6, batch_size=2, crop_size=64, base_width=4, depth=2, embed_dim=8,
-                   prototypes_per_class=2, pseudo_label_warmup=1000, checkpoint_every=0)
+TINY = TrainConfig(steps=6, batch_size=2, crop_size=64,
+                   model=ModelConfig(base_width=4, depth=2, embed_dim=8, prototypes_per_class=2),
+                   pseudo_label_warmup=1000, checkpoint_every=0)
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,11 @@ from napari_protoseg.model.inputs import Normalization
 from napari_protoseg.prediction.tiling import predict_volume
 from napari_protoseg.annotations.project import AnnotationSet, ClassInfo, ProjectError
 from napari_protoseg.annotations.synthetic import generate_sample
+from napari_protoseg.model.migration import ConfigVersionError
+from napari_protoseg.model.network import ModelConfig
 from napari_protoseg.training.engine import CUDA_STEPS, TrainConfig, check_training_input, default_train_config, train
 
-FAST = dict(batch_size=4, crop_size=64, base_width=4, depth=2, embed_dim=8, checkpoint_every=0)
+FAST = dict(batch_size=4, crop_size=64, model=ModelConfig(base_width=4, depth=2, embed_dim=8), checkpoint_every=0)
 
 
 @pytest.fixture(scope="module")
@@ -252,7 +254,7 @@ def seed_ap50(model, sample):
 def test_training_from_points_only_puts_one_seed_on_each_mitochondrion(mito_sample):
     """The localization head trained jointly from points alone separates the sample's mitochondria:
     its blobs give one seed per object."""
-    config = TrainConfig(steps=120, batch_size=4, crop_size=128, base_width=4, depth=3, embed_dim=16,
+    config = TrainConfig(steps=120, batch_size=4, crop_size=128, model=ModelConfig(base_width=4, depth=3, embed_dim=16),
                          checkpoint_every=0, pseudo_label_warmup=24, device="cpu")
     event = last_event(train(mito_sample.image, points_only(mito_sample), config))
     assert event.model.has_instance_heads and event.model.instance_class_ids == [3]
@@ -301,26 +303,101 @@ def test_mask_share_outside_0_to_1_is_refused():
         CropSampler(np.zeros((1, 8, 8), np.float32), annotations, Normalization(0.0, 1.0), point_spread=-1)
 
 
-def test_a_config_written_before_a_field_existed_keeps_the_behaviour_of_then():
+def _network_built(sample, config):
+    """The network configuration a run of ``config`` builds for ``sample``'s project (no step done)."""
+    return last_event(train(sample.image, sample.annotations, replace(config, steps=0))).model.net.config
+
+
+def test_a_config_written_before_a_field_existed_keeps_the_behaviour_of_then(small_sample, version_1_train_config):
     """Resuming an old checkpoint must not switch on what was added since (filter bank, heads...)."""
     today = TrainConfig().to_dict()
-    old = {k: v for k, v in today.items() if k not in ("filter_sigmas", "mask_share", "balance_classes",
-                                                       "instance_heads", "instance_backbone_grad",
-                                                       "localization_context", "unpointed_negatives",
-                                                       "point_spread", "input_scale", "embedding_context",
-                                                       "instance_coordinates")}
+    old = {k: v for k, v in version_1_train_config.items() if k not in (
+        "filter_sigmas", "mask_share", "balance_classes", "instance_heads", "instance_backbone_grad",
+        "localization_context", "unpointed_negatives", "point_spread", "input_scale", "embedding_context",
+        "instance_coordinates")}
     config = TrainConfig.from_dict(old)
-    assert config.input_scale == 1 and config.model_config(3).input_scale == 1  # full resolution, as then
-    assert TrainConfig().model_config(3).input_scale == 2
-    assert config.filter_sigmas == () and config.mask_share is None and config.balance_classes == 0.0
+    assert config.model.input_scale == 1  # full resolution, as then
+    assert _network_built(small_sample, config).input_scale == 1
+    assert TrainConfig().model.input_scale == 2 and _network_built(small_sample, TrainConfig(**FAST)).input_scale == 2
+    assert config.model.filter_sigmas == () and config.mask_share is None and config.balance_classes == 0.0
     assert not config.unpointed_negatives and config.point_spread == 0
-    assert not config.instance_heads and config.instance_backbone_grad and config.localization_context == 0
-    assert TrainConfig().model_config(3, 1).localization_context == 4  # new models get the context head
-    assert TrainConfig(instance_heads=False).model_config(3, 1).localization_context == 0
-    assert config.embedding_context == 0 and config.instance_coordinates == 0.0  # the plain embedding head
-    spatial = TrainConfig().model_config(3, 1)  # new models get the spatial embedding with context
-    assert spatial.embedding_context == 4 and spatial.instance_coordinates == 1 / 16
+    assert not config.instance_heads and config.instance_backbone_grad and config.model.localization_context == 0
+    new = _network_built(small_sample, TrainConfig(**FAST))  # a project with an instance class
+    assert new.n_instance_classes == 1 and new.localization_context == 4  # new models get the context head
+    without_heads = _network_built(small_sample, TrainConfig(instance_heads=False, **FAST))
+    assert without_heads.n_instance_classes == 0 and without_heads.localization_context == 0
+    assert config.model.embedding_context == 0 and config.model.instance_coordinates == 0.0  # the plain embedding head
+    assert new.embedding_context == 4 and new.instance_coordinates == 1 / 16  # new models: spatial, with context
     assert TrainConfig.from_dict(today) == TrainConfig()
+
+
+def test_an_old_flat_config_loads_as_the_config_it_meant(version_1_train_config, as_version_1):
+    """A training configuration of version 1 (flat: the network's fields at its top level, as
+    checkpoints, model files and benchmark results up to commit 3746550 hold it) loads as today's
+    nested one it meant; extra keys were ignored then and are now."""
+    assert TrainConfig.from_dict(version_1_train_config) == TrainConfig()
+    assert as_version_1(TrainConfig().to_dict()) == version_1_train_config
+    flat = {**version_1_train_config, "context": 1, "base_width": 16, "filter_sigmas": [1.0, 2.5], "steps": 50,
+            "input_scale": 1, "no_longer_an_option": 3}
+    config = TrainConfig.from_dict(flat)
+    assert config == TrainConfig(steps=50, model=ModelConfig(in_channels=3, base_width=16, filter_sigmas=(1.0, 2.5),
+                                                             input_scale=1))
+    custom = TrainConfig(seed=4, model=ModelConfig(in_channels=5, depth=3, norm="group", localization_context=2))
+    assert TrainConfig.from_dict(as_version_1(custom.to_dict())) == custom
+    assert TrainConfig.from_dict(custom.to_dict()) == custom  # today's nested form, with its version
+    nested_without_version = {k: v for k, v in custom.to_dict().items() if k != "config_version"}
+    assert TrainConfig.from_dict(nested_without_version) == custom
+
+
+def test_a_config_of_an_unknown_future_version_is_refused_with_a_clear_message():
+    data = {**TrainConfig().to_dict(), "config_version": 3}
+    with pytest.raises(ConfigVersionError, match="newer napari-protoseg.*version 3.*reads up to version 2.*Update"):
+        TrainConfig.from_dict(data)
+    for bad in (0, "2", True):
+        with pytest.raises(ConfigVersionError, match="not a whole number"):
+            TrainConfig.from_dict({**TrainConfig().to_dict(), "config_version": bad})
+    with pytest.raises(ValueError, match="lacks the keys \\['steps'\\]"):  # today's format holds every field
+        TrainConfig.from_dict({k: v for k, v in TrainConfig().to_dict().items() if k != "steps"})
+    with pytest.raises(ValueError, match="unknown keys"):
+        TrainConfig.from_dict({**TrainConfig().to_dict(), "stepz": 3})
+
+
+def test_the_network_in_a_training_config_is_for_any_project():
+    """TrainConfig.model leaves the project's part (classes, instance classes) to training, and
+    changes reach the nested network by name."""
+    with pytest.raises(ValueError, match="n_classes"):
+        TrainConfig(model=ModelConfig(n_classes=3))
+    with pytest.raises(ValueError, match="in_channels must be odd"):
+        TrainConfig(model=ModelConfig(in_channels=2))
+    changed = TrainConfig().with_changes({"steps": 720, "model": {"input_scale": 1, "filter_sigmas": [2.0]}})
+    assert changed == TrainConfig(steps=720, model=ModelConfig(input_scale=1, filter_sigmas=(2.0,)))
+    assert TrainConfig().with_changes({"model": {"input_scale": 2}}) == TrainConfig()
+    with pytest.raises(ValueError, match="unknown training option.*model.input_scal"):
+        TrainConfig().with_changes({"model": {"input_scal": 1}})
+
+
+def test_a_checkpoint_written_before_configuration_versions_resumes_as_it_meant(small_sample, tmp_path,
+                                                                                 as_version_1):
+    """A checkpoint of version 1 (flat training configuration, no version) resumes to the same state
+    as an uninterrupted run, as one of today's does."""
+    config = TrainConfig(steps=6, pseudo_label_warmup=2, device="cpu", **FAST)
+    straight = last_event(train(small_sample.image, small_sample.annotations, config)).model
+    calls = iter(range(100))
+    last_event(train(small_sample.image, small_sample.annotations, config, checkpoint_path=tmp_path / "run.ckpt",
+                     stop=lambda: next(calls) >= 3))
+    state = torch.load(tmp_path / "run.ckpt", weights_only=False)
+    assert state["config_version"] == state["train_config"]["config_version"] == 2
+    del state["config_version"]
+    state["train_config"] = as_version_1(state["train_config"])
+    torch.save(state, tmp_path / "old.ckpt")
+    resumed = last_event(train(small_sample.image, small_sample.annotations, resume=tmp_path / "old.ckpt"))
+    assert resumed.finished and resumed.step == 6
+    for key, value in straight.net.state_dict().items():
+        torch.testing.assert_close(resumed.model.net.state_dict()[key], value, rtol=0, atol=0, msg=key)
+    state["config_version"] = 3
+    torch.save(state, tmp_path / "future.ckpt")
+    with pytest.raises(ProjectError, match="cannot be resumed.*newer napari-protoseg"):
+        next(train(small_sample.image, small_sample.annotations, resume=tmp_path / "future.ckpt"))
 
 
 def _tile_tags(shape=(2, 1024, 1024), tile=256, whole_plane=False):

@@ -20,10 +20,12 @@ from napari_protoseg.plugin.session import (
     PREDICTION_INSTANCES,
     PREDICTION_SEMANTIC,
 )
+from napari_protoseg.model.network import ModelConfig
 from napari_protoseg.training.engine import TrainConfig
 
-TINY = TrainConfig(steps=12, batch_size=2, crop_size=64, base_width=4, depth=2, embed_dim=8,
-                   prototypes_per_class=2, pseudo_label_warmup=1000, checkpoint_every=0)
+TINY = TrainConfig(steps=12, batch_size=2, crop_size=64,
+                   model=ModelConfig(base_width=4, depth=2, embed_dim=8, prototypes_per_class=2),
+                   pseudo_label_warmup=1000, checkpoint_every=0)
 MITOCHONDRION, VESICLE, MEMBRANE = 3, 4, 2
 
 
@@ -169,7 +171,7 @@ def test_a_user_annotates_trains_reviews_accepts_stops_and_continues(make_napari
 
 def test_napari_stays_responsive_while_training(make_napari_viewer, qtbot, sample_folder):
     """A 20 ms timer keeps firing while training runs: no gap of 100 ms or more."""
-    config = TrainConfig(**{**TINY.to_dict(), "steps": 150})
+    config = replace(TINY, steps=150)
     viewer, widget = open_panel(make_napari_viewer, sample_folder, config)
     assert widget.warmed_up.wait(60)
     stamps = []
@@ -298,7 +300,7 @@ def test_bad_input_gets_a_notification_saying_what_to_do_and_the_panel_stays_usa
 def test_a_model_for_other_classes_gets_a_notification_and_no_prediction(
         make_napari_viewer, qtbot, sample_folder, small_sample, tmp_path):
     *_, last = session_module.training_run(small_sample.image, small_sample.annotations,
-                                           TrainConfig(**{**TINY.to_dict(), "steps": 2}))
+                                           replace(TINY, steps=2))
     model_file = save_model(tmp_path / "other.protoseg.pt", last.event.model)
     viewer, widget = open_panel(make_napari_viewer, sample_folder)
     widget.session.rename_class(VESICLE, "synaptic vesicle")
@@ -425,7 +427,7 @@ def test_keeping_an_edited_prediction_is_offered_before_a_new_prediction_overwri
 
 def test_closing_napari_during_training_stops_the_worker_and_keeps_the_checkpoint(
         make_napari_viewer, qtbot, sample_folder):
-    config = TrainConfig(**{**TINY.to_dict(), "steps": 5000})
+    config = replace(TINY, steps=5000)
     viewer, widget = open_panel(make_napari_viewer, sample_folder, config)
     qtbot.mouseClick(widget.train_button, Qt.MouseButton.LeftButton)
     qtbot.waitUntil(lambda: widget.last_event is not None and widget.last_event.step >= 2, timeout=30_000)

@@ -165,7 +165,9 @@ def _read_checkpoint(path: Path, project_classes) -> dict:
 
     from napari_protoseg.model.file import check_model_classes
     from napari_protoseg.annotations.project import ClassInfo
-    from napari_protoseg.training.engine import CHECKPOINT_FORMAT
+    from napari_protoseg.model.migration import VERSION_KEY
+    from napari_protoseg.model.network import ModelConfig
+    from napari_protoseg.training.engine import CHECKPOINT_FORMAT, TrainConfig
 
     hint = "Give the .ckpt file written by 'protoseg train' for this project."
     if not path.is_file():
@@ -189,6 +191,13 @@ def _read_checkpoint(path: Path, project_classes) -> dict:
     messages = check_model_classes(classes, project_classes)
     if messages:
         raise CliError(f"checkpoint {path} was written for other classes than the project's", messages)
+    if not isinstance(state["train_config"], dict) or not isinstance(state.get("model_config"), dict):
+        raise CliError(f"checkpoint {path} is damaged (its configuration is missing). {hint}")
+    try:  # any format version this release reads (napari_protoseg.model.migration)
+        TrainConfig.from_dict(state["train_config"])
+        ModelConfig.from_dict(state["model_config"], state.get(VERSION_KEY))
+    except (TypeError, ValueError) as err:
+        raise CliError(f"checkpoint {path} cannot be resumed: {err}.") from None
     return state
 
 

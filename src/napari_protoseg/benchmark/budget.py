@@ -409,12 +409,13 @@ QUICK_STEPS = 60
 QUICK_CROP_SIZE = 128
 QUICK_BATCH_SIZE = 8
 
-# (setting, name, TrainConfig changes). A variant whose configuration equals the main run of its
-# setting reuses that run instead of training again.
+# (setting, name, TrainConfig changes, the network's nested under "model": TrainConfig.with_changes).
+# A variant whose configuration equals the main run of its setting reuses that run instead of
+# training again.
 _EVERY_PAIR_ALIKE = "classes without a positive in a crop pushed down at full weight (the previous default)"
 ABLATIONS = (
     ("masks", "defaults (half resolution, 1800 steps of 4 crops of 192 px)", {}),
-    ("masks", "full resolution, 720 steps (about the same time)", {"input_scale": 1, "steps": 720}),
+    ("masks", "full resolution, 720 steps (about the same time)", {"model": {"input_scale": 1}, "steps": 720}),
     ("masks", "8 crops of 128 px per step (the previous default)", {"crop_size": 128, "batch_size": 8}),
     ("masks", _EVERY_PAIR_ALIKE, {"negative_only_weight": 1.0}),
     ("mixed", "defaults (9 of 10 crops on masks, no pseudo-label term, 1800 steps)", {}),
@@ -427,10 +428,10 @@ ABLATIONS = (
     ("masks+tags", "tag pooling: smoothmax", {"tag_pooling": "smoothmax"}),
     ("masks+tags", _EVERY_PAIR_ALIKE, {"negative_only_weight": 1.0}),
     ("full", "defaults", {}),
-    ("full", "full resolution, 720 steps (about the same time)", {"input_scale": 1, "steps": 720}),
+    ("full", "full resolution, 720 steps (about the same time)", {"model": {"input_scale": 1}, "steps": 720}),
     ("full", "class-balanced cross-entropy", {"balance_classes": 1.0}),
     ("full", "instance losses also train the backbone", {"instance_backbone_grad": True}),
-    ("full", "filter bank, sigmas 1 to 16 (the previous default)", {"filter_sigmas": [1.0, 2.5, 6.3, 16.0]}),
+    ("full", "filter bank, sigmas 1 to 16 (the previous default)", {"model": {"filter_sigmas": [1.0, 2.5, 6.3, 16.0]}}),
     ("points-only", "defaults (points spread up to 5 px and halfway to their neighbours, unpointed regions negative)", {}),
     ("points-only", "points spread 5 px whatever their neighbours (the previous default)", {"point_spread_halfway": False}),
     ("points-only", "each point teaches its pixel only (the previous default)",
@@ -463,13 +464,10 @@ def benchmark_config(quick: bool = False, config_overrides: dict | None = None, 
     if quick:
         changes.update(steps=QUICK_STEPS, crop_size=QUICK_CROP_SIZE, batch_size=QUICK_BATCH_SIZE)
     changes.update(config_overrides or {})
-    unknown = set(changes) - set(default.to_dict())
-    if unknown:
-        raise ValueError(f"unknown training option(s): {sorted(unknown)}")
     steps = int(changes.get("steps", default.steps))
     if steps != default.steps and "pseudo_label_warmup" not in (config_overrides or {}):
         changes["pseudo_label_warmup"] = warmup_for_steps(default, steps)
-    return TrainConfig.from_dict({**default.to_dict(), **changes})
+    return default.with_changes(changes)
 
 
 def _scores(prediction: np.ndarray, truth: np.ndarray, truth_instances: np.ndarray) -> dict:
@@ -757,7 +755,8 @@ def run_benchmark(data_dir, out_dir, settings=None, quick: bool = False, ablatio
     ablation runs of :data:`ABLATIONS` (default: on for full runs, off for quick ones), only those of
     ``ablation_settings`` if given. ``validation``: train and score on the split of
     :func:`benchmark_split` that reads no test section (for choosing defaults; never the docs).
-    ``config_overrides``: :class:`~napari_protoseg.training.engine.TrainConfig` fields (e.g. ``steps``).
+    ``config_overrides``: :class:`~napari_protoseg.training.engine.TrainConfig` fields (e.g. ``steps``; the
+    network's nested under ``"model"``, e.g. ``{"model": {"base_width": 16}}``).
     Writes ``results.json``, ``benchmarks.md``, ``miou_vs_time.png`` and one project folder per
     setting (``projects/<setting>``) into ``out_dir``, and the Markdown also to ``docs_path`` if
     given. Returns the results as written to ``results.json`` (which has null where this dict has NaN,
@@ -841,7 +840,7 @@ def run_benchmark(data_dir, out_dir, settings=None, quick: bool = False, ablatio
         for setting, variant, changes in ABLATIONS:
             if ablation_settings is not None and setting not in ablation_settings:
                 continue
-            cfg = type(config).from_dict({**config.to_dict(), **changes})
+            cfg = config.with_changes(changes)
             key = (setting, json.dumps(cfg.to_dict(), sort_keys=True))
             row = {"setting": setting, "variant": variant, "changes": changes}
             if key in tested:
@@ -1348,7 +1347,8 @@ def merge_results(parts: list[dict]) -> dict:
         raise ValueError("nothing to merge")
     from napari_protoseg.training.engine import TrainConfig
 
-    # Options added to TrainConfig after a part ran take their default there, as they did in its run.
+    # Each part's configuration in today's format, meaning what it meant in its run (an older part's
+    # flat one, or one without the options added since).
     parts = [{**part, "train_config": json.loads(json.dumps(TrainConfig.from_dict(part["train_config"]).to_dict()))}
              for part in parts]
     first = parts[0]
@@ -1375,9 +1375,9 @@ def merge_results(parts: list[dict]) -> dict:
             merged["shared_peer_fits"].setdefault(first_fit, []).append(name)
         elif first_fit:  # the setting it shared with is not in the merge: its own fit, then
             entry["peer"]["shared_fit_with"] = None
-    config = merged["train_config"]
+    config = TrainConfig.from_dict(merged["train_config"])
     for setting, variant, changes in ABLATIONS:
-        is_main_run = {**config, **changes} == config
+        is_main_run = config.with_changes(changes) == config
         if is_main_run and (setting, variant) not in rows and setting in merged["settings"]:
             rows[(setting, variant)] = {"setting": setting, "variant": variant, "changes": changes,
                                         "protoseg": merged["settings"][setting]["protoseg"], "reused_main_run": True}

@@ -11,7 +11,8 @@ their weights are part of the state dict, channel ``k`` belongs to the ``k``-th 
 ``instances``); models without heads are still written as version 1, which older releases read.
 
 The JSON configuration holds the napari-protoseg version that wrote it, the network configuration
-(:meth:`ModelConfig.to_dict`), the class table (``ClassInfo.to_json``, colours included; output
+(:meth:`ModelConfig.to_dict`) and its format version (``config_version``; files without one are
+version 1, read as they were meant by :mod:`napari_protoseg.model.migration`), the class table (``ClassInfo.to_json``, colours included; output
 index ``i`` of the network is ``classes[i]``), the intensity normalisation, the 2.5D context and free
 ``training_info`` written by the trainer. Files are read with ``torch.load(weights_only=True)``, so
 loading a file never runs code from it; every way a file can be unusable raises
@@ -34,6 +35,7 @@ import numpy as np
 import torch
 
 from napari_protoseg.model.inputs import Normalization
+from napari_protoseg.model.migration import CONFIG_VERSION, VERSION_KEY, ConfigVersionError
 from napari_protoseg.model.network import ModelConfig, ProtoSegNet, pick_device
 from napari_protoseg.annotations.project import atomic_write, ClassInfo, check_classes
 
@@ -142,6 +144,7 @@ def model_config_json(model: TrainedModel) -> str:
     doc = {
         "napari_protoseg_version": __version__,
         "model": model.net.config.to_dict(),
+        VERSION_KEY: CONFIG_VERSION,
         "classes": [c.to_json() for c in model.classes],
         "normalization": model.normalization.to_dict(),
         "context": int(model.context),
@@ -267,7 +270,9 @@ def _parse_config(path: Path, text: str) -> tuple[ModelConfig, list[ClassInfo], 
     if not isinstance(doc["model"], dict):
         raise _fail(path, f"its network configuration 'model' must be an object.{damaged}")
     try:
-        config = ModelConfig.from_dict(doc["model"])
+        config = ModelConfig.from_dict(doc["model"], doc.get(VERSION_KEY))
+    except ConfigVersionError as err:
+        raise _fail(path, f"{err}.") from None
     except (TypeError, ValueError) as err:
         raise _fail(path, f"its network configuration is invalid ({err}).{damaged}") from None
 

@@ -31,76 +31,70 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DSPHead", "FilterBank", "InstanceHead", "LocalizationHead", "ModelConfig", "ProtoSegNet",
+from napari_protoseg.model.migration import CONFIG_VERSION, upgrade_model_config
+
+__all__ = ["INSTANCE_HEAD_FIELDS", "DSPHead", "FilterBank", "InstanceHead", "LocalizationHead", "ModelConfig", "ProtoSegNet",
            "SampledEmbedding", "UNet2D", "pick_device"]
 
 NORMS = ("group", "batch")
+# The fields of ModelConfig that describe the instance heads (not the backbone they share).
+INSTANCE_HEAD_FIELDS = ("instance_embed_dim", "localization_context", "embedding_context", "instance_coordinates")
 
 
 @dataclass
 class ModelConfig:
     """Everything needed to rebuild a :class:`ProtoSegNet`; JSON-able through :meth:`to_dict`.
 
-    ``in_channels`` is 1 for single sections or ``2k + 1`` for 2.5D input (the section and its
-    ``k`` neighbours on each side as channels). ``depth`` is the number of 2x down-samplings of the
-    U-Net, ``base_width`` the number of channels at full resolution (doubled at every level).
+    ``n_classes`` and ``n_instance_classes`` are the project's part: ``None`` in both marks a
+    configuration for any project (``TrainConfig.model``), which training completes from the
+    project's classes; a network is built from a complete one. ``n_instance_classes`` > 0 adds the
+    WISE-Net heads: one localization map per instance class (in the order of the classes flagged
+    ``instances: true``) and an ``instance_embed_dim``-dim pixel embedding; without heads their
+    settings (``localization_context``, ``embedding_context``, ``instance_coordinates``) are 0.
 
-    Defaults (``base_width=8, depth=4``, ~0.5 M parameters, receptive field ~190 px wide) were chosen so
-    that a training step (forward + DSP/CE loss + backward + AdamW) on 8 crops of 128 x 128 takes
-    about 0.2 s on a 2-core CPU; ``base_width=16`` roughly doubles that.
-
-    ``n_instance_classes`` > 0 adds the WISE-Net heads: one localization map per instance class
-    (in the order of the classes flagged ``instances: true``) and an ``instance_embed_dim``-dim
-    pixel embedding (64, as in WISE-Net). Configurations written before these fields existed load
-    with the defaults (no heads). ``localization_context`` > 0 gives the localization head a
-    context branch at 1/``localization_context`` resolution (:class:`LocalizationHead`); 0 (the
-    default here, and what older files load as) is the plain :class:`InstanceHead`.
-
-    ``filter_sigmas``: scales of a fixed (not learned) filter bank (:class:`FilterBank`) whose
-    responses of the central section join the input channels, the features an ilastik-style
-    classifier starts from: smoothed intensity, gradient magnitude and the two Hessian eigenvalues
-    at each scale. Off by default (here and in ``TrainConfig``): it helped early on (``masks``,
-    sigmas 1, 2.5, 6.3, 16: mIoU 0.437 at 300 steps vs 0.399 at 600 without), but at today's
-    training defaults the validation split is better without it; the benchmark has an ablation
-    with those scales.
-
-    ``input_scale`` s > 1 runs the U-Net and the heads at 1/s of the input resolution: the input
-    (and the filter responses, computed at full resolution) is average-pooled by s, and the logits
-    and the instance maps are upsampled bilinearly back to the input's size; the DSP embedding stays
-    at the low resolution. 1 (a bare ``ModelConfig``, and what older files load as) is the plain
-    full-resolution network; the training default (``TrainConfig.input_scale``) is 2.
-
-    ``embedding_context`` > 0 gives the instance embedding head the same context branch as the
-    localization head, and ``instance_coordinates`` c > 0 makes the embedding *spatial*: c times the
-    pixel's (y, x) position in the image is added to its first two channels, so the head learns
-    offsets that bring an object's pixels to one place (Novotny et al., ECCV 2018: a translation-
-    equivariant network alone gives two identical touching objects identical embeddings; Neven et
-    al., CVPR 2019). 0 for both (a bare ``ModelConfig``, and what older files load as) is the plain
-    3 x 3 head of free vectors.
+    The defaults are those training uses; why each is what it is: ``docs/decisions.md``. Older
+    files load with the values they were written with (:mod:`napari_protoseg.model.migration`).
     """
 
-    n_classes: int
+    n_classes: int | None = None  # output classes (None: the project's, filled in by training)
+    # Input channels: 1 for single sections, 2k + 1 for 2.5D input (the section and its k
+    # neighbours on each side).
     in_channels: int = 1
+    # U-Net channels at full resolution (doubled at every level) and number of 2x down-samplings.
     base_width: int = 8
     depth: int = 4
-    embed_dim: int = 32
-    prototypes_per_class: int = 5
-    temperature: float = 0.05
-    norm: str = "group"
-    n_instance_classes: int = 0
-    instance_embed_dim: int = 64
+    embed_dim: int = 32  # dimensions of the DSP embedding on the unit sphere
+    prototypes_per_class: int = 5  # K prototypes per class; the logit is the mean cosine over them
+    temperature: float = 0.05  # tau: logits are cosines / tau, bounded by 1 / tau
+    norm: str = "group"  # the U-Net's normalisation: "group" or "batch"
+    # Classes with instance heads, those flagged instances (0: no heads; None: filled in by training).
+    n_instance_classes: int | None = None
+    instance_embed_dim: int = 64  # dimensions of the instance embedding (64, as in WISE-Net)
+    # Scales of a fixed (not learned) filter bank (FilterBank) whose responses of the central
+    # section join the input channels (ilastik-style features); none by default.
     filter_sigmas: tuple[float, ...] = ()
-    localization_context: int = 0
-    input_scale: int = 1
-    embedding_context: int = 0
-    instance_coordinates: float = 0.0
+    # The localization head's context branch works at 1/localization_context of the features'
+    # resolution (LocalizationHead); 0: the plain 3 x 3 head (InstanceHead).
+    localization_context: int = 4
+    # s > 1: the U-Net and the heads work at 1/s of the input resolution (input average-pooled,
+    # logits and instance maps upsampled bilinearly back; the DSP embedding stays small). 1: full.
+    input_scale: int = 2
+    # The instance embedding head's context branch, as localization_context (0: the plain head).
+    embedding_context: int = 4
+    # c > 0 makes the instance embedding spatial: c times the pixel's (y, x) position joins its
+    # first two channels, so that alike touching objects are told apart by position (Novotny et
+    # al., ECCV 2018; Neven et al., CVPR 2019). 0: free vectors.
+    instance_coordinates: float = 1 / 16
 
     def __post_init__(self) -> None:
         self.filter_sigmas = tuple(float(s) for s in self.filter_sigmas)
         if any(not (math.isfinite(s) and s > 0) for s in self.filter_sigmas):
             raise ValueError(f"ModelConfig.filter_sigmas must be positive numbers, got {self.filter_sigmas!r}")
-        for name in ("n_classes", "in_channels", "base_width", "embed_dim", "prototypes_per_class",
-                     "instance_embed_dim", "input_scale"):
+        names = ["in_channels", "base_width", "embed_dim", "prototypes_per_class", "instance_embed_dim",
+                 "input_scale"]
+        if self.n_classes is not None:
+            names.insert(0, "n_classes")
+        for name in names:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
@@ -109,7 +103,14 @@ class ModelConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"ModelConfig.{name} must be a non-negative integer, got {value!r}")
         n_inst = self.n_instance_classes
-        if isinstance(n_inst, bool) or not isinstance(n_inst, int) or not 0 <= n_inst <= self.n_classes:
+        if self.n_classes is None:
+            if n_inst is not None:
+                raise ValueError("ModelConfig.n_instance_classes is set but n_classes is not: set both, or "
+                                 "neither for a configuration that training completes from the project")
+        elif n_inst is None:
+            self.n_instance_classes = n_inst = 0
+        if n_inst is not None and (isinstance(n_inst, bool) or not isinstance(n_inst, int)
+                                   or not 0 <= n_inst <= self.n_classes):
             raise ValueError(f"ModelConfig.n_instance_classes must be an integer from 0 to n_classes "
                              f"({self.n_classes}), got {n_inst!r}")
         coordinates = self.instance_coordinates
@@ -130,23 +131,36 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.norm must be one of {NORMS}, got {self.norm!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        """A plain dict of JSON types (ints, floats, a str, a list)."""
+        """A plain dict of JSON types (ints, floats, a str, a list; None for the project's part of a
+        configuration for any project). Its format is :data:`~napari_protoseg.model.migration.CONFIG_VERSION`;
+        whoever stores it stores that version beside it."""
         data = asdict(self)
         data["filter_sigmas"] = list(self.filter_sigmas)
         return data
 
     @property
     def has_instance_heads(self) -> bool:
-        return self.n_instance_classes > 0
+        return bool(self.n_instance_classes)
+
+    @property
+    def is_complete(self) -> bool:
+        """True when the project's part (``n_classes``) is filled in: a network can be built."""
+        return self.n_classes is not None
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError`` (a config from elsewhere),
-        missing optional keys take their defaults (older files)."""
+    def from_dict(cls, data: dict[str, Any], version: int | None = CONFIG_VERSION) -> ModelConfig:
+        """Inverse of :meth:`to_dict` for a dict stored with format ``version`` (None: 1, written
+        before versions were recorded), upgraded by :func:`~napari_protoseg.model.migration.upgrade_model_config`
+        (an older dict means what it meant then). Unknown or missing keys raise ``ValueError``, and
+        a version newer than this release reads :class:`~napari_protoseg.model.migration.ConfigVersionError`."""
+        data = upgrade_model_config(data, version)
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown ModelConfig keys: {sorted(unknown)}")
+        missing = known - set(data)
+        if missing:
+            raise ValueError(f"ModelConfig keys missing: {sorted(missing)}")
         return cls(**data)
 
 
@@ -158,10 +172,9 @@ def l2_normalize(x: torch.Tensor, dim: int, eps: float = 1e-12) -> torch.Tensor:
 class _GroupNorm(nn.GroupNorm):
     """``nn.GroupNorm`` (same parameters and state dict) that, on the CPU while autograd records,
     normalises a channels-last input in the standard layout and hands back channels-last: the
-    backward of PyTorch's channels-last GroupNorm is about three times slower on the CPU (4 x 8 x
-    192 x 192, forward + backward: 10 ms vs 3.7 ms), and the convolutions around it want
-    channels-last. Without autograd (prediction) the layout round trip costs more than it saves
-    (a 512 x 512 forward: 500 ms vs 410 ms), so torch's own path runs."""
+    backward of PyTorch's channels-last GroupNorm is several times slower on the CPU, and the
+    convolutions around it want channels-last. Without autograd (prediction) the layout round trip
+    costs more than it saves, so torch's own path runs (timings: docs/decisions.md)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (x.device.type != "cpu" or not torch.is_grad_enabled()
@@ -276,7 +289,7 @@ class InstanceHead(nn.Module):
 class SampledEmbedding:
     """An :class:`InstanceHead`'s output evaluated only at the pixels asked for: its hidden features
     and its last 1x1 convolution. The embedding loss reads a few thousand pixels of a batch; the
-    full (B, 64, H, W) map and its gradient cost about 7 % of a training step on the CPU."""
+    full (B, 64, H, W) map and its gradient would cost a noticeable share of a training step."""
 
     def __init__(self, hidden: torch.Tensor, conv: nn.Conv2d, coordinates: float = 0.0) -> None:
         self.hidden = hidden
@@ -329,7 +342,7 @@ class LocalizationHead(nn.Module):
     plus a branch that average-pools the features by ``scale`` and applies three 3x3 convolutions
     dilated 1, 2 and 4 (about ``15 * scale`` pixels across), upsampled bilinearly; a 1x1
     convolution of both gives the maps. The plain head sees 3 x 3 feature pixels and put several
-    blobs on most objects; this one sees whole mitochondria (measured: ``TrainConfig``'s comment)."""
+    blobs on most objects; this one sees whole mitochondria (measured: docs/decisions.md)."""
 
     def __init__(self, channels: int, hidden: int, out_channels: int, scale: int = 4, norm: str = "group") -> None:
         super().__init__()
@@ -387,8 +400,7 @@ class FilterBank(nn.Module):
     """
 
     # Up to this side length the smoothing runs as two matrix products with all scales at once
-    # (padding folded into the matrices): on 1 CPU thread 3-4 times faster than 1-D convolutions
-    # for 8 x 192 x 192 and 4 x 512 x 512 inputs, twice as fast at 1024 x 1024, even at 2048.
+    # (padding folded into the matrices), faster on the CPU than 1-D convolutions (docs/decisions.md).
     matrix_limit = 1024
 
     def __init__(self, sigmas: tuple[float, ...]) -> None:
@@ -419,7 +431,7 @@ class FilterBank(nn.Module):
     @classmethod
     def _smooth1d(cls, x: torch.Tensor, kernel: torch.Tensor, axis: int) -> torch.Tensor:
         """``kernel`` along ``axis`` (-1: x, -2: y) of (B, 1, H, W), as a 1-D convolution of the
-        rows (about twice as fast on the CPU as a 2-D convolution with a 1 x k kernel)."""
+        rows (faster on the CPU than a 2-D convolution with a 1 x k kernel)."""
         r = (len(kernel) - 1) // 2
         if axis == -2:
             return cls._smooth1d(x.transpose(-1, -2), kernel, -1).transpose(-1, -2)
@@ -507,6 +519,9 @@ class ProtoSegNet(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
+        if not config.is_complete:
+            raise ValueError("ModelConfig.n_classes is not set: a network needs its number of classes "
+                             "(training fills it in from the project's classes)")
         self.config = config
         self.filters = FilterBank(config.filter_sigmas) if config.filter_sigmas else None
         n_filters = self.filters.n_features if self.filters is not None else 0

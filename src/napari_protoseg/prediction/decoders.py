@@ -39,29 +39,15 @@ __all__ = ["DECODERS", "PLAIN_DECODERS", "PixelEmbeddings", "annotated_min_size"
 PLAIN_DECODERS = ("components", "watershed")
 DECODERS = ("wise", *PLAIN_DECODERS)
 _CROSS = ndi.generate_binary_structure(2, 1)
-# Connected components of the class map with the size floor: on mitochondria of the validation split
-# (models trained on rows 0-767 of sections 0-9, scored on rows 768-1023) the WISE decoder matched as
-# many or slightly fewer (AP50 mixed 0.086 vs 0.089, masks+points 0.062 vs 0.065): its localization
-# map rarely finds two objects in one part of the class map. The watershed splits elongated ones.
+# The decoder used when none is asked for: connected components of the class map with the size
+# floor (why: docs/decisions.md, as for every default below).
 DEFAULT_DECODER = "components"
-# The WISE decoder's defaults (wise_instances), chosen with models trained on the synthetic stack of
-# sample seed 0 (points only) scored on that of seed 2, and on the VNC validation split (seed 0):
-# merging seeds whose pixels' mean embeddings are alike (S > 0.5): AP50 / touching recall on the
-# synthetic stack 0.471 / 0.429 -> 0.521 / 0.524, VNC masks+points AP50 0.460 -> 0.474, points-only
-# 0.041 -> 0.041. Seeds from the distance transform as well (merged at 0.5 / 0.2 / 0.1): synthetic
-# 0.401 / 0.519 / 0.541 with touching recall 0.714 / 0.619 / 0.571, but VNC masks+points 0.438 /
-# 0.465 / 0.469 and points-only 0.008 / 0.013 / 0.018 (the points-only class map is ragged and its
-# shape proposes many seeds): off. The plain decoders on the same maps: synthetic components 0.608 /
-# 0.333, watershed 0.590 / 0.571; VNC masks+points 0.474 / 0.410, points-only 0.049 / 0.044.
+# The WISE decoder's defaults (wise_instances): seeds whose pixels' mean embeddings are more alike
+# than this (S) are merged (None: never); seeds from the distance transform as well, or not.
 WISE_MERGE_SIMILARITY: float | None = 0.5
 WISE_SHAPE_SEEDS = False
 DEFAULT_MIN_SIZE = 16
-# An object smaller than this share of the annotated objects' 10th-percentile area is dropped. 0.5
-# rather than 0.25: on 19 saved class maps of the validation split (9 configurations, masks, full,
-# masks+boxes, masks+tags and mixed, 540 and 1080 steps), mitochondrion AP50 of connected components
-# rose in every one, mean 0.135 -> 0.158 (0.161 at 0.75, 0.157 at 1; full at 1080 steps 0.346 -> 0.376).
-# False positives (fragments, specks) fall, matches hardly: on the test sections, components of
-# mixed went from 119 / 243 to 117 / 134 matches / false positives.
+# An object smaller than this share of the annotated objects' 10th-percentile area is dropped.
 MIN_SIZE_SHARE = 0.5
 
 
@@ -104,10 +90,7 @@ def areas_at_points(class_map: np.ndarray, points: np.ndarray, class_id: int) ->
     return np.concatenate(areas).astype(np.int64) if areas else np.zeros(0, dtype=np.int64)
 
 
-# Planes a method predicts to learn object sizes at points (those with the most points). On the
-# validation split (points-only, 1800 steps, seeds 0 / 1) the floor learnt this way (286 and 756 px;
-# the true mitochondria's 10th-percentile area is 448 px) lifted components' mitochondrion AP50 from
-# 0.018 / 0.079 (16 px) to 0.052 / 0.243: false positives 432 / 303 -> 98 / 31, matches 9 / 30 -> 9 / 26.
+# Planes a method predicts to learn object sizes at points (those with the most points).
 SIZE_PLANES = 8
 
 

@@ -13,7 +13,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +30,8 @@ from napari_protoseg.prediction.tiling import predict_plane, predict_region
 from napari_protoseg.training.instance_losses import instance_loss
 from napari_protoseg.prediction.decoders import object_area_summary, sizes_at_points
 from napari_protoseg.training.losses import LossWeights, negative_map, strong_augment, total_loss
-from napari_protoseg.model.network import ModelConfig, ProtoSegNet, pick_device
+from napari_protoseg.model.migration import CONFIG_VERSION, VERSION_KEY, upgrade_train_config
+from napari_protoseg.model.network import INSTANCE_HEAD_FIELDS, ModelConfig, ProtoSegNet, pick_device
 from napari_protoseg.model.file import TrainedModel
 from napari_protoseg.annotations.project import AnnotationSet, Problem, ProjectError, atomic_write, check_image
 
@@ -39,235 +40,113 @@ CHECKPOINT_FORMAT = "napari-protoseg checkpoint"
 
 @dataclass
 class TrainConfig:
-    """Everything that decides a training run. Defaults fit a 2-core CPU (see docs/benchmarks.md).
+    """Everything that decides a training run; the defaults fit a 2-core CPU, and why each is what
+    it is: ``docs/decisions.md``.
 
-    ``instance_heads``: train WISE-Net localization and embedding heads (``instance_embed_dim``
-    dims) jointly with the semantic model when the project has classes flagged ``instances: true``;
-    their losses enter the total as ``weight_localization * LCFCN + weight_embedding * similarity``.
-
-    ``crop_size`` and ``batch_size`` are the crops of a step. Present tags wider than a crop get
-    steps of their own with larger crops (up to 512 px) and about the same pixels
-    (:class:`~napari_protoseg.training.crops.CropSampler`).
+    ``model`` is the network (:class:`~napari_protoseg.model.network.ModelConfig`) for any project:
+    training fills in its ``n_classes`` and ``n_instance_classes`` from the project's classes, so
+    leave those unset. Older stored configurations load through :meth:`from_dict`.
     """
 
-    # With input_scale 2 a step costs about 0.4 of a full-resolution one (masks+points on the 2-core
-    # CPU: 107 vs 272 ms); the budget is 5 minutes for the benchmark's 10 x 1024 x 1024 sections with
-    # the panel's live preview. On the benchmark (test sections, with previews) 1350 steps took 130-143
-    # s one day, and on another, slower day 2000 steps took 238-318 s and 1800 steps 194-324 s (the
-    # pace varied from 120 to 180 ms a step within the day; 1800 steps went past 300 s twice, on its
-    # slowest stretch). At the first day's pace (96-106 ms a step) 1800 steps take about 190 s.
-    # Validation split, CPU, seeds 0 / 1, mIoU, 2000 vs 1350 steps:
-    # masks 0.571 / 0.582 vs 0.549 / 0.573, masks+tags 0.578 / 0.569 vs 0.536 / 0.549, masks+boxes
-    # 0.586 / 0.564 vs 0.559 / 0.580, masks+points 0.561 / 0.605 vs 0.534 / 0.565, mixed 0.573 / 0.588
-    # vs 0.547 / 0.547, points-only 0.418 / 0.423 vs 0.387 / 0.413, full 0.625 / 0.605 vs 0.571 / 0.626
-    # (12 of 14 better, mean +0.023).
-    steps: int = 1800
-    # 4 crops of 192 px rather than 8 of 128 (about the same pixels and time per step): the U-Net's
-    # receptive field is about 190 px, and with that context mitochondria and glia are learnt. Chosen
-    # from single runs on test sections 10-19, before the validation split existed (not to repeat):
-    # `masks` mIoU 0.550 (seed 0) and 0.537 (seed 1) vs 0.457 with 8 x 128 (mitochondrion IoU 0.60
-    # and 0.54 vs 0.28); `mixed` 0.468 vs 0.465-0.486; 2 x 256 gave 0.517 (synapse crops become
-    # rare). The benchmark's ablation of `masks` keeps the old crops.
+    steps: int = 1800  # optimiser steps (CUDA_STEPS on a CUDA GPU: default_train_config)
+    # Crops per step and their side (px). Present tags wider than a crop get steps of their own with
+    # larger crops (up to 512 px) and about the same pixels (CropSampler).
     batch_size: int = 4
     crop_size: int = 192
-    learning_rate: float = 3e-3
-    weight_decay: float = 1e-4
-    max_grad_norm: float = 5.0  # per group of ProtoSegNet.clipping_groups
-    context: int = 0
-    base_width: int = 8
-    depth: int = 4
-    embed_dim: int = 32
-    prototypes_per_class: int = 5
-    temperature: float = 0.05
-    # Mean, as in the reference code. Validation split, today's defaults (540 steps, CPU), masks+tags:
-    # mean 0.495 / 0.503 vs max 0.489 / 0.474 (seeds 0 / 1). On the test sections (seed 0, one run
-    # each) max led at 00d9563 (0.587 vs 0.555) and trailed in the two complete runs before (0.549 vs
-    # 0.578, 0.472 vs 0.497): single runs differ by up to 0.05. At 1800 steps without the filter bank
-    # (03c6b14), validation, seed 0: mean 0.575 vs max 0.562; test sections (seed 0) 0.647 vs 0.655.
+    learning_rate: float = 3e-3  # AdamW's peak learning rate (WarmupCosine: warm-up, cosine decay)
+    weight_decay: float = 1e-4  # AdamW's weight decay
+    max_grad_norm: float = 5.0  # gradient clipping, per group of ProtoSegNet.clipping_groups
+    # The network: half resolution, context heads and a spatial instance embedding (ModelConfig).
+    model: ModelConfig = field(default_factory=ModelConfig)
+    # How a present tag pools its class's probability over its region: "mean", "max" or "smoothmax".
     tag_pooling: str = "mean"
     # eps of the DSP negative term log(sum_{i in N_c} p_c(i) + eps): a class's negatives are pushed
-    # down until their summed probability is well under eps (1e-6: about no limit; 1: until they hold
-    # less than one pixel's worth). 1 on the validation split (540 steps): masks 0.501 / 0.478 vs
-    # 0.467 / 0.437 (seeds 0 / 1; synapse IoU 0.29 / 0.31 vs 0.18 / 0.16), mixed 0.472 / 0.464 vs
-    # 0.450 / 0.468 (mitochondrion AP50, WISE, 0.10 / 0.09 vs 0.11 / 0.13), masks+points 0.498 vs
-    # 0.496 with AP50 0.08 vs 0.13, masks+tags 0.418 vs 0.420 (seed 0): not a default (points-only,
-    # boxes and full not measured). At today's other defaults, 1 vs 1e-6 on the H100 (validation,
-    # 1620 steps, seeds 0 / 1): masks 0.556 / 0.557 vs 0.551 / 0.567, masks+boxes 0.544 / 0.538 vs
-    # 0.530 / 0.526, masks+tags 0.541 / 0.526 vs 0.514 / 0.529, masks+points 0.550 / 0.539 vs 0.555 /
-    # 0.508; but at 540 steps on the CPU (seed 0) masks+boxes 0.485 vs 0.492, masks+tags 0.477 vs 0.498.
+    # down until their summed probability is well under eps (1e-6: about no limit).
     negative_eps: float = 1e-6
-    # The weight, in the DSP negative term, of a (crop, class) pair with negatives but no positive (a
-    # class absent from a mask crop, an absent tag's class; losses.dsp_loss). At 1 such a pair pushes
-    # its class down however rare it already is, and synapses vanished (IoU 0 in masks+tags at three
-    # test seeds). Validation split, 540 steps, weight 0 vs 1: masks 0.515 / 0.501 vs 0.467 / 0.437
-    # (seeds 0 / 1; synapse IoU 0.42 / 0.40 vs 0.18 / 0.16), masks+tags 0.473 / 0.492 vs 0.420 /
-    # 0.449, masks+boxes 0.479 vs 0.455, mixed 0.476 vs 0.450 (seed 0); 0.1 (so every annotation
-    # still teaches): masks 0.509, masks+tags 0.498 (seed 0). Pairs with unpointed-region negatives
-    # keep weight 1 (losses.total_loss): without that, weight 0 cost points-only 0.359 -> 0.339 and
-    # masks+points 0.496 -> 0.468; with it 0.358 and 0.486 (seed 0).
+    # Weight, in the DSP negative term, of a (crop, class) pair with negatives but no positive (a class
+    # absent from a mask crop, an absent tag's class; losses.dsp_loss).
     negative_only_weight: float = 0.1
-    # Scales of the fixed filter bank (ModelConfig.filter_sigmas); none by default. Chosen early on
-    # the test sections (1, 2.5, 6.3, 16: masks 0.437 at 300 steps vs 0.399 at 600 without), but at
-    # today's defaults the validation split (1800 steps, seeds 0 / 1) favours none in all 8 pairs,
-    # with vs without: full 0.630 / 0.631 vs 0.631 / 0.651, masks 0.570 / 0.563 vs 0.582 / 0.571,
-    # mixed 0.558 / 0.584 vs 0.604 / 0.592, points-only 0.423 / 0.417 vs 0.425 / 0.439 (mean +0.015,
-    # about 10 % faster steps). The benchmark keeps the old scales as an ablation.
-    filter_sigmas: tuple[float, ...] = ()
-    # Share of crops centred on mask pixels when other annotation types exist too (CropSampler).
-    # With fewer crops on weak annotations the dense masks are learnt better in the step budget, and
-    # the weak crops' terms are not lost. Paired runs on the validation split (benchmark --validation),
-    # 0.5 -> 0.75 (seed 0): mixed 0.436 -> 0.491, masks+boxes 0.437 -> 0.464, masks+tags 0.389 ->
-    # 0.428, masks+points 0.477 -> 0.477 (masks alone: 0.466). 0.75 -> 0.9 (H100, seeds 0 / 1, 540
-    # steps): masks+tags 0.466 / 0.465 -> 0.486 / 0.508, masks+points 0.481 / 0.475 -> 0.501 / 0.502,
-    # mixed 0.487 / 0.485 -> 0.509 / 0.490, masks+boxes 0.475 / 0.493 -> 0.478 / 0.483; at 1620 steps
-    # masks+boxes 0.530 / 0.526 -> 0.548 / 0.552, masks+tags 0.514 / 0.529 -> 0.517 / 0.532,
-    # masks+points 0.555 / 0.508 -> 0.551 / 0.516; on this CPU (seed 0, 540 steps) masks+tags 0.498 ->
-    # 0.515, mixed 0.486 -> 0.490, masks+points 0.484 -> 0.485, masks+boxes 0.492 -> 0.483. Settings
-    # with one annotation type (masks, full, points-only) do not use it.
+    # Share of crops centred on mask pixels when other annotation types exist too (CropSampler;
+    # None: every type alike).
     mask_share: float | None = 0.9
     balance_classes: float = 0.0  # class balance of the cross-entropies, 0 to 1 (see losses._masked_ce)
-    weight_contrastive: float = 0.1
-    weight_ce: float = 1.0
-    # Off by default: a step with the pseudo-label term costs about two without it (the strongly
-    # augmented copy doubles the batch), and in about the same training time 600 steps without it
-    # beat 300 with it in paired single runs on test sections 10-19, before the validation split
-    # existed (masks+tags 0.439 vs 0.410, mixed 0.465 vs 0.461 and 0.486 vs 0.441, full 0.453 vs
-    # 0.438). On the validation split with half of the crops on masks, mixed gained from it (300
-    # steps with it 0.454, 600 without 0.436). There at mask_share 0.75 and negative_only_weight 0.1,
-    # masks+boxes with it at weight 1 for the same 540 steps: 0.480 vs 0.492 without (seed 0),
-    # training 726 s vs 440 s. The benchmark ablations of `mixed` measure both.
+    weight_contrastive: float = 0.1  # weight of the DSP contrastive loss in the total
+    weight_ce: float = 1.0  # weight of the cross-entropy on mask and point pixels
+    # Weight of the pseudo-label term on a strongly augmented copy of the batch (0: off).
     weight_pseudo_label: float = 0.0
-    pseudo_label_threshold: float | None = 0.8
-    pseudo_label_warmup: int = 120
-    seed: int = 0
-    device: str = "auto"
-    checkpoint_every: int = 100
+    pseudo_label_threshold: float | None = 0.8  # confidence a pseudo label needs (None: any)
+    pseudo_label_warmup: int = 120  # steps before the pseudo-label term starts
+    seed: int = 0  # seeds crops, augmentation and initial weights: the same run on the CPU
+    device: str = "auto"  # "auto" (CUDA, else MPS, else CPU), "cpu", "cuda" or "mps"
+    checkpoint_every: int = 100  # steps between checkpoints (0: only when the run ends or stops)
+    # Train WISE-Net localization and embedding heads for the classes flagged ``instances``.
     instance_heads: bool = True
-    instance_embed_dim: int = 64
-    # The network works at half the image's resolution (ModelConfig.input_scale): each step is about
-    # 2.5 x cheaper, its receptive field twice as wide, and the steps that fit the budget are what
-    # limits the model here. Validation split, CPU, seeds 0 / 1, mIoU: 1350 half-resolution steps
-    # (about the time of 540 at full resolution) vs 540 full-resolution steps: masks 0.549 / 0.573 vs
-    # 0.527 / 0.495, full 0.571 / 0.626 vs 0.519 / 0.502, mixed 0.547 vs 0.486 (seed 0); 540 steps
-    # at half resolution: masks 0.522 (seed 0). Membranes (about 6 px wide) keep their IoU.
-    input_scale: int = 2
-    # The localization head's context branch works at 1/4 resolution (ModelConfig.localization_context).
-    # Without it the head saw 3 x 3 feature pixels: with a frozen validation-trained `masks+points`
-    # backbone, retraining the head alone for 300 steps left 3 of 43 training mitochondria with exactly
-    # one blob over 0.5 (74 blobs off any object); with it 24 of 43 (4 off objects).
-    localization_context: int = 4
-    # The instance embedding: with a context branch as the localization head's (1/4 resolution) and
-    # spatial (ModelConfig.instance_coordinates: 1/16 of the pixel position joins its first two
-    # channels, so objects 2 x 16 px apart are told apart by position alone). The plain 3 x 3 head
-    # of free vectors cannot tell two alike touching mitochondria apart: on the synthetic stack
-    # of sample seed 2 (a model trained from points only on seed 0) touching pairs had similarities
-    # of 0.7-0.98, and the WISE decoder matched fewer touching mitochondria than the plain ones.
-    # With these two, 0.0-0.43 (the same objects' own pixels 0.46-0.92), and WISE's AP50 / touching
-    # recall there 0.471 / 0.429 without merging seeds (0.469 / 0.143 with the plain head; the same
-    # semantic model at the same thread count). Test sections (benchmark-instances.md vs benchmarks.md), WISE AP50: full 0.723
-    # (0.648), mixed 0.587 (0.473), masks+points 0.615 (0.616), points-only 0.042 (0.048). Cost: a
-    # training step on the demo sample takes 169-175 ms instead of 147-157 (2 threads, this CPU).
-    embedding_context: int = 4
-    instance_coordinates: float = 1 / 16
-    # With instance_backbone_grad 0 the two heads share no parameter with each other or with the
-    # semantic model, each is clipped on its own (max_grad_norm per head) and AdamW's steps do not
-    # depend on a constant factor of a loss: these two weights then change about nothing, and stay 1.
+    # Weights of the instance losses in the total: weight_localization * LCFCN + weight_embedding *
+    # similarity.
     weight_localization: float = 1.0
     weight_embedding: float = 1.0
-    # How much of the instance losses' gradient reaches the backbone (0: none, 1: all). Off by default.
-    # With the plain localization head, 1 pulled `full`'s mitochondrion IoU from 0.15 to 0.01 (benchmark
-    # ablation at 33e4d5a); with the context head (ablation at ac86cf3) `full` keeps its mIoU (0.523)
-    # and trades glia (0.36 -> 0.26) for mitochondria (0.45 -> 0.53). On the validation split 1 cost
-    # `mixed` and `masks+points` 0.04 and 0.02 mIoU (seed 0), and 0.1 (seeds 0 and 1) left the mIoU
-    # unchanged (mean 0.469 vs 0.468) and moved mitochondrion AP50 (components) by +0.076, +0.007,
-    # +0.013, -0.029: within the run-to-run noise, so 0 stays.
+    # How much of the instance losses' gradient reaches the backbone (0: none, 1: all).
     instance_backbone_grad: float = 0.0
     # Regions predicted as a class that no exhaustive point of it reaches become its negatives
-    # (losses.unpointed_region_negatives). Alone, on the validation split (seeds 0 / 1, with vs
-    # without): points-only 0.336 / 0.349 vs 0.335 / 0.339, masks+points 0.491 / 0.499 vs 0.465 /
-    # 0.478, mixed 0.458 / 0.459 vs 0.451 / 0.477, a mean gain of 0.008, within the run-to-run noise.
-    # It cuts the specks predicted as mitochondria (31 000 -> 12 000 regions); on with point_spread.
+    # (losses.unpointed_region_negatives).
     unpointed_negatives: bool = True
-    # Radius (px) over which each point is spread to the pixels around it that look like it (within
-    # point_spread_tolerance of its smoothed normalised intensity; data.point_regions); they then teach
-    # like mask pixels. 0: a point teaches its pixel only. On the validation split (seeds 0 / 1),
-    # points-only: radius 5 with unpointed_negatives 0.385 / 0.374 vs 0.336 / 0.349 without spreading
-    # (mitochondrion IoU 0.23 / 0.22 vs 0.08), radius 5 alone 0.347 (seed 0) vs 0.335; radius 8 with
-    # unpointed_negatives 0.362 (seed 0); spreading only the mitochondria's points 0.202 (their
-    # pixels outweigh every other class's). masks+points, radius 5 alone: 0.481 vs 0.465 (seed 0).
-    # Both on (the defaults), seeds 0 / 1 vs both off: masks+points 0.480 / 0.487 vs 0.465 / 0.478,
-    # mixed 0.462 / 0.480 vs 0.451 / 0.477.
-    # With radius 5, spread pixels of the points-only simulation are 98 % right for cytoplasm, 96 % for
-    # mitochondria, 87 % for membranes and synapses and 32 % for glia/extracellular, whose objects are
-    # mostly specks of a few pixels (median 8 px; their spread lands on membranes more than on glia).
-    # Growing each point's radius (5, 8, 12, 16, 24 px, within its halfway cap) while its look-alike
-    # region fills at least half of the disk triples the mitochondrion spread pixels (6 100 -> 36 000,
-    # 95 % right) but also glia's (25 000 -> 81 000, 34 % right); validation, points-only, 1800 steps,
-    # seeds 0 / 1 / 2 (0 / 1 on an H200): 0.429 / 0.398 / 0.394 vs 0.413 / 0.416 / 0.403 at radius 5;
-    # at a 0.7 fill 0.410 / 0.399 (seeds 0 / 1). Not adopted. Superpixels (SLIC, Felzenszwalb) were
-    # less pure than this flood at every size tried (membrane 0.34-0.73 right vs 0.87).
+    # Radius (px) over which each point teaches the pixels around it that look like it (within
+    # point_spread_tolerance of its smoothed normalised intensity; crops.point_regions). 0: its pixel.
     point_spread: int = 5
     point_spread_tolerance: float = 0.1
-    # An exhaustive point spreads at most halfway to the nearest other exhaustive point of its class in
-    # its plane (data.point_radii): they mark different objects. In the points-only simulation this
-    # narrows 39 % of the glia/extracellular points (specks in clusters) and no mitochondrion or
-    # synapse point. Validation split, 2000 steps, seeds 0 / 1 / 2, with vs without: points-only
-    # 0.433 / 0.455 / 0.431 vs 0.418 / 0.423 / 0.412 (mitochondrion IoU 0.43 / 0.42 / 0.43 vs
-    # 0.35 at seed 2); seeds 0 / 1: masks+points 0.558 / 0.595 vs 0.561 / 0.605, mixed 0.592 / 0.581
-    # vs 0.573 / 0.588 (within the run-to-run noise). A radius per class instead (the 25th percentile
-    # of its points' half-distances: glia 1 px, the others 5) gave points-only 0.428 / 0.449.
-    # The benchmark's ablation on the test sections (seed 0, 1800 steps) went the other way: 0.404
-    # with vs 0.423 without; defaults are chosen on the validation split only.
+    # An exhaustive point spreads at most halfway to the nearest other exhaustive point of its class
+    # in its plane (crops.point_radii): they mark different objects.
     point_spread_halfway: bool = True
-    # A wall-clock budget in seconds (None: none, and the run is deterministic). Training then measures
-    # its pace (previews included) and plans at most as many of ``steps`` as fit in the budget, so the
-    # learning rate still decays to its end in time on a slow machine; the steps done are recorded in
-    # the model. The panel trains with session.PANEL_TIME_LIMIT by default; the command line and the
-    # benchmark only when asked. A resumed run gets the budget anew. Validation split, `mixed`, seed 0,
-    # 1 thread: a 150 s limit on 1800 steps did 726 in 152 s, mIoU 0.532; 726 steps asked 0.522; the
-    # 1800-step schedule stopped at step 726 0.531 (all 1800 steps, without a limit: 0.604).
+    # A wall-clock budget in seconds (None: none, and the run is deterministic): training plans at
+    # most as many of ``steps`` as fit at its pace, so the learning rate still decays to its end.
     time_limit: float | None = None
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, ModelConfig):
+            raise TypeError(f"TrainConfig.model must be a ModelConfig, got {type(self.model).__name__}")
+        if self.model.n_classes is not None or self.model.n_instance_classes is not None:
+            raise ValueError("TrainConfig.model must leave n_classes and n_instance_classes unset: training "
+                             "takes them from the project's classes")
+        if self.model.in_channels % 2 == 0:
+            raise ValueError(f"TrainConfig.model.in_channels must be odd (2 * context + 1: the section and "
+                             f"its neighbours on each side), got {self.model.in_channels}")
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        """A plain dict of JSON types in the current format (its version under ``config_version``),
+        the network's fields nested under ``"model"``."""
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {VERSION_KEY: CONFIG_VERSION, **data, "model": self.model.to_dict()}
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
-        """The configuration a dict describes; a field missing from it (a checkpoint or result
-        written before the field existed) takes the value that was in effect then, not today's
-        default, so resuming or merging such a run keeps meaning what it meant."""
-        known = {f.name for f in fields(cls)}
-        return cls(**{**_BEFORE_FIELD_EXISTED, **{k: v for k, v in data.items() if k in known}})
+        """The configuration a stored dict describes, of any format version
+        (:func:`~napari_protoseg.model.migration.upgrade_train_config`): an older one, flat or
+        lacking fields added since, means what it meant when it was written. Unknown or missing
+        keys of the current format raise ``ValueError``."""
+        data = upgrade_train_config(data)
+        model = ModelConfig.from_dict(data.pop("model"))
+        known = {f.name for f in fields(cls)} - {"model"}
+        unknown, missing = set(data) - known, known - set(data)
+        if unknown or missing:
+            raise ValueError("the training configuration " + "; ".join(
+                text for text in (f"has unknown keys {sorted(unknown)}" if unknown else "",
+                                  f"lacks the keys {sorted(missing)}" if missing else "") if text))
+        return cls(model=model, **data)
 
-    def model_config(self, n_classes: int, n_instance_classes: int = 0) -> ModelConfig:
-        """The network for ``n_classes`` classes, ``n_instance_classes`` of them flagged ``instances``
-        (heads only with ``instance_heads``)."""
-        return ModelConfig(n_classes=n_classes, in_channels=2 * self.context + 1, base_width=self.base_width,
-                           depth=self.depth, embed_dim=self.embed_dim,
-                           prototypes_per_class=self.prototypes_per_class, temperature=self.temperature,
-                           n_instance_classes=n_instance_classes if self.instance_heads else 0,
-                           instance_embed_dim=self.instance_embed_dim, filter_sigmas=tuple(self.filter_sigmas),
-                           localization_context=self.localization_context, input_scale=self.input_scale,
-                           embedding_context=self.embedding_context,
-                           instance_coordinates=self.instance_coordinates)
+    def with_changes(self, changes: dict) -> TrainConfig:
+        """This configuration with ``changes``, given as :meth:`to_dict` gives fields (the network's
+        nested under ``"model"``, e.g. ``{"steps": 720, "model": {"input_scale": 1}}``); unknown
+        fields raise ``ValueError``."""
+        changes = dict(changes)
+        model_changes = changes.pop("model", {})
+        unknown = set(changes) - {f.name for f in fields(self)}
+        unknown |= {f"model.{k}" for k in set(model_changes) - {f.name for f in fields(ModelConfig)}}
+        if unknown:
+            raise ValueError(f"unknown training option(s): {sorted(unknown)}")
+        return replace(self, model=replace(self.model, **model_changes), **changes)
 
 
-# Default steps with a CUDA GPU: the CPU's 540 are about a minute there (an H100 with 16 CPU cores,
-# where the crops and losses, not the GPU, set the pace: about 0.1 s a step), and three times as many
-# fit within the same 5-minute budget (about 190 s at that pace). On the validation split (seed 0,
-# CPU), 1620 steps vs 540 gave masks 0.512 vs 0.467 mIoU and masks+points 0.529 vs 0.496
-# (mitochondrion AP50, WISE decoder, 0.18 vs 0.13). On the H100 itself (validation, seeds 0 / 1),
-# 1620 steps gave masks 0.551 / 0.567 and full 0.615 / 0.597 (540 on the CPU, seed 0: 0.509 and
-# 0.514). These were full-resolution steps (input_scale 1); at half resolution (the default since)
-# the GPU's share of a step shrinks, and the crops and losses at full resolution stay. Since the CPU
-# default became 1800 half-resolution steps, CUDA trains 2400. Measured on an H200 (torch 2.11, one
-# process, 2 threads, benchmark rows): a half-resolution step takes 67-74 ms (masks+points: crops 6,
-# forward 6, DSP loss 13, instance losses 35, backward 12, optimiser 2), so 2400 steps take about
-# 170 s plus previews; half of a step is the instance losses, whose targets the CPU computes. Test
-# sections (seed 0, 2400 steps, ten runs sharing the GPU: 339-359 s each): full 0.676, mixed 0.652,
-# masks+points 0.642, points-only 0.412 (1800 on the CPU: 0.679, 0.631, 0.643, 0.387). MPS is not
-# measured: it keeps the CPU's default.
-CUDA_STEPS = 2400
+CUDA_STEPS = 2400  # default steps on a CUDA GPU: about the CPU default's training time there
 
 
 def default_train_config(device: str = "auto", **changes) -> TrainConfig:
@@ -287,14 +166,6 @@ def default_train_config(device: str = "auto", **changes) -> TrainConfig:
 def warmup_for_steps(config: TrainConfig, steps: int) -> int:
     """``config``'s pseudo-label warm-up for a run of ``steps`` steps: the same share of training."""
     return round(config.pseudo_label_warmup * steps / config.steps)
-
-
-# What training did before each of these fields was added (see TrainConfig.from_dict).
-_BEFORE_FIELD_EXISTED = {"filter_sigmas": (), "mask_share": None, "balance_classes": 0.0,
-                         "instance_heads": False, "instance_backbone_grad": True, "localization_context": 0,
-                         "unpointed_negatives": False, "point_spread": 0, "negative_only_weight": 1.0,
-                         "input_scale": 1, "point_spread_halfway": False, "time_limit": None,
-                         "embedding_context": 0, "instance_coordinates": 0.0}
 
 
 @dataclass
@@ -319,9 +190,8 @@ class TrainEvent:
 @dataclass
 class PreviewRequest:
     """A region whose prediction is sent with the progress every ``every_seconds``, or less often
-    where predicting it would otherwise take more than ``max_time_share`` of the training time (on
-    a 2-core CPU a 512 x 512 preview took over a second, and every 5 s it lengthened the benchmark's
-    training by 15-30 %; without the instance heads it takes about 0.6 s)."""
+    where predicting it would otherwise take more than ``max_time_share`` of the training time
+    (previews are not free on a CPU: docs/decisions.md)."""
 
     z: int
     y0: int
@@ -421,11 +291,11 @@ def planned_steps(requested: int, step: int, steps_timed: int, elapsed: float, t
 
 def _with_instance_heads(net: ProtoSegNet, n_instance_classes: int, config: TrainConfig) -> ProtoSegNet:
     """A copy of ``net`` with fresh instance heads for ``n_instance_classes`` classes (none for 0),
-    as ``config`` describes them; the backbone, DSP head and prototypes keep their weights."""
-    config = replace(net.config, n_instance_classes=n_instance_classes, instance_embed_dim=config.instance_embed_dim,
-                     localization_context=config.localization_context, embedding_context=config.embedding_context,
-                     instance_coordinates=config.instance_coordinates)
-    new = ProtoSegNet(config).to(next(net.parameters()).device)
+    as ``config.model`` describes them; the backbone, DSP head and prototypes keep their weights
+    and their configuration."""
+    heads = {name: getattr(config.model, name) for name in INSTANCE_HEAD_FIELDS}
+    new = ProtoSegNet(replace(net.config, n_instance_classes=n_instance_classes, **heads))
+    new = new.to(next(net.parameters()).device)
     kept = {k: v for k, v in net.state_dict().items()
             if not k.startswith(("localization_head.", "instance_embedding_head."))}
     new.load_state_dict(kept, strict=False)
@@ -461,7 +331,11 @@ def train(
     if state is not None:
         if state.get("format") != CHECKPOINT_FORMAT:
             raise ProjectError([Problem(str(resume), "is not a protoseg training checkpoint.")])
-        config = TrainConfig.from_dict(state["train_config"])
+        try:
+            config = TrainConfig.from_dict(state["train_config"])
+            resumed_net = ModelConfig.from_dict(state["model_config"], state.get(VERSION_KEY))
+        except (TypeError, ValueError) as err:
+            raise ProjectError([Problem(str(resume), f"cannot be resumed: {err}.")]) from None
 
     device = pick_device(config.device)
     torch.manual_seed(config.seed)
@@ -480,11 +354,12 @@ def train(
             net = _with_instance_heads(net, wanted, config)
     else:
         normalization = Normalization.from_image(image, seed=config.seed)
-        net = ProtoSegNet(config.model_config(len(classes), len(instance_indices)))
-        context = config.context
+        net = ProtoSegNet(replace(config.model, n_classes=len(classes),
+                                  n_instance_classes=len(instance_indices) if config.instance_heads else 0))
+        context = net.config.in_channels // 2
     if state is not None:
         normalization = Normalization.from_dict(state["normalization"])
-        net = ProtoSegNet(ModelConfig.from_dict(state["model_config"]))
+        net = ProtoSegNet(resumed_net)
         net.load_state_dict(state["model"])
         context = net.config.in_channels // 2
     net.to(device)
@@ -523,7 +398,7 @@ def train(
             return None
         _atomic_torch_save({
             "format": CHECKPOINT_FORMAT, "step": step, "train_config": config.to_dict(),
-            "model_config": net.config.to_dict(), "model": net.state_dict(),
+            "model_config": net.config.to_dict(), VERSION_KEY: CONFIG_VERSION, "model": net.state_dict(),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "normalization": normalization.to_dict(), "numpy_rng": rng.bit_generator.state,
             "torch_generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
