@@ -34,6 +34,29 @@ def fake_training_clock(monkeypatch):
     return install
 
 
+class _RunsCodeWhenUnpickled:
+    """Unpickling it calls ``open(marker, "w")``: the marker file appears where a loader runs code from a pickle."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.fixture
+def code_running_checkpoint(tmp_path):
+    """``write(state)`` saves ``state`` with an object whose unpickling would create a marker file (as in a
+    checkpoint that stores Python objects); returns (checkpoint path, marker path)."""
+
+    def write(state: dict):
+        path, marker = tmp_path / "handed-over.ckpt", tmp_path / "code-ran"
+        torch.save({**state, "numpy_rng": _RunsCodeWhenUnpickled(marker)}, path)
+        return path, marker
+
+    return write
+
+
 @pytest.fixture
 def classes():
     return [ClassInfo(1, "cytoplasm"), ClassInfo(2, "membrane", color="#dd8452"),

@@ -11,14 +11,8 @@ from scipy import ndimage as ndi
 
 from napari_protoseg.benchmark import budget as bm
 from napari_protoseg.benchmark import command as bm_command
-from napari_protoseg.benchmark.budget import (
-    SETTINGS,
-    annotation_seconds,
-    class_iou,
-    connected_instances,
-    instance_scores,
-    simulate_setting,
-)
+from napari_protoseg.benchmark.budget import CLASS_NAMES, MITOCHONDRION, SETTINGS, annotation_seconds, simulate_setting
+from napari_protoseg.evaluation.metrics import class_iou, connected_instances
 from napari_protoseg.annotations.project import AnnotationSet, read_project
 from napari_protoseg.training.engine import TrainConfig
 
@@ -197,95 +191,6 @@ def test_annotation_time_of_the_settings(sem, simulated):
     assert annotation_seconds(simulated["points-only"]) == pytest.approx(2 * (10 * 46 + 5))
 
 
-# ---------------------------------------------------------------------------------- metrics
-
-
-def test_class_iou_by_hand():
-    truth = np.array([[[1, 1, 2, 2], [1, 1, 3, 3]]])
-    assert class_iou(truth, truth, (1, 2, 3)) == {1: 1.0, 2: 1.0, 3: 1.0}
-    pred = np.array([[[1, 1, 1, 2], [1, 1, 3, 1]]])
-    iou = class_iou(pred, truth, (1, 2, 3, 4))
-    assert iou[1] == pytest.approx(4 / 6)  # 4 shared, 6 in the union
-    assert iou[2] == pytest.approx(1 / 2)
-    assert iou[3] == pytest.approx(1 / 2)
-    assert np.isnan(iou[4])  # absent from both
-
-
-def square(img, z, y, x, h, w, value):
-    img[z, y:y + h, x:x + w] = value
-
-
-def test_instance_scores_perfect():
-    truth = np.zeros((2, 40, 40), np.int32)
-    square(truth, 0, 2, 2, 10, 10, 1)
-    square(truth, 0, 20, 20, 5, 5, 2)
-    square(truth, 1, 2, 2, 10, 10, 1)
-    s = instance_scores(truth.copy(), truth)
-    assert (s["tp"], s["fp"], s["fn"]) == (3, 0, 0)
-    assert s["ap50"] == 1.0 and s["matched_iou"] == 1.0
-
-
-def test_instance_scores_one_false_positive_and_one_false_negative():
-    truth = np.zeros((1, 40, 40), np.int32)
-    square(truth, 0, 2, 2, 10, 10, 1)
-    square(truth, 0, 20, 20, 5, 5, 2)
-    fp = truth.copy()
-    square(fp, 0, 30, 2, 4, 4, 7)  # an extra object (non-consecutive id on purpose)
-    s = instance_scores(fp, truth)
-    assert (s["tp"], s["fp"], s["fn"]) == (2, 1, 0) and s["ap50"] == pytest.approx(2 / 3)
-    fn = truth.copy()
-    fn[fn == 2] = 0  # one object missed
-    s = instance_scores(fn, truth)
-    assert (s["tp"], s["fp"], s["fn"]) == (1, 0, 1) and s["ap50"] == pytest.approx(1 / 2)
-    assert s["matched_iou"] == 1.0
-
-
-def test_instance_scores_shifted_object():
-    truth = np.zeros((1, 30, 30), np.int32)
-    square(truth, 0, 0, 0, 10, 10, 1)
-    pred = np.zeros_like(truth)
-    square(pred, 0, 0, 2, 10, 10, 1)  # IoU 80 / 120
-    s = instance_scores(pred, truth)
-    assert s["tp"] == 1 and s["matched_iou"] == pytest.approx(80 / 120)
-    square(pred, 0, 0, 0, 30, 30, 0)
-    square(pred, 0, 0, 6, 10, 10, 1)  # IoU 40 / 160 < 0.5: one FP and one FN
-    s = instance_scores(pred, truth)
-    assert (s["tp"], s["fp"], s["fn"]) == (0, 1, 1) and s["ap50"] == 0.0 and s["matched_iou"] == 0.0
-
-
-@pytest.mark.parametrize("cut, expected_iou", [(6, 0.6), (5, 0.5)])
-def test_instance_scores_split_object(cut, expected_iou):
-    """An object split in two: the larger part matches (if IoU >= 0.5), the other is a false
-    positive; an exact half-half split must not match the one true object twice."""
-    truth = np.zeros((1, 20, 20), np.int32)
-    square(truth, 0, 0, 0, 10, 10, 1)
-    pred = np.zeros_like(truth)
-    square(pred, 0, 0, 0, 10, cut, 1)
-    square(pred, 0, 0, cut, 10, 10 - cut, 2)
-    s = instance_scores(pred, truth)
-    assert (s["tp"], s["fp"], s["fn"]) == (1, 1, 0)
-    assert s["ap50"] == pytest.approx(0.5) and s["matched_iou"] == pytest.approx(expected_iou)
-
-
-def test_instance_scores_empty_sections():
-    truth = np.zeros((2, 10, 10), np.int32)
-    pred = np.zeros_like(truth)
-    assert np.isnan(instance_scores(pred, truth)["ap50"])
-    pred[1, 2:4, 2:4] = 1
-    assert instance_scores(pred, truth)["fp"] == 1
-
-
-def test_connected_instances_are_four_connected_per_section():
-    cls = np.zeros((2, 8, 8), np.uint8)
-    cls[0, 0:2, 0:2] = 3
-    cls[0, 2:4, 2:4] = 3  # touches the first only diagonally
-    cls[1, 0:2, 0:2] = 3
-    cls[1, 5, 5] = 1
-    inst = connected_instances(cls, 3)
-    assert inst[0].max() == 2 and inst[1].max() == 1
-    assert inst[1, 5, 5] == 0
-
-
 # ------------------------------------------------------------------------------- the peer
 
 
@@ -330,7 +235,7 @@ def test_random_forest_learns_a_toy_image(sem):
     forest = bm.train_random_forest(raw[:5], AnnotationSet((5, *sem.shape[1:]), ann.classes, masks=ann.masks[:5]),
                                     rf)
     pred = bm.predict_random_forest(forest, raw[5:], rf)
-    assert np.nanmean(list(class_iou(pred, sem[5:]).values())) > 0.5
+    assert np.nanmean(list(class_iou(pred, sem[5:], CLASS_NAMES).values())) > 0.5
 
 
 # ----------------------------------------------------------------------------- reporting
@@ -438,7 +343,7 @@ def _stack(n=20, size=64):
     """Synthetic data whose raw value is the section's number (so a split shows what it read)."""
     sem = synthetic_semantic(n, size)
     raw = np.broadcast_to(np.arange(n, dtype=np.uint8)[:, None, None], sem.shape).copy()
-    return bm.BenchmarkData(raw, sem, connected_instances(sem))
+    return bm.BenchmarkData(raw, sem, connected_instances(sem, MITOCHONDRION))
 
 
 def test_validation_split_reads_no_test_section():
@@ -451,7 +356,7 @@ def test_validation_split_reads_no_test_section():
     np.testing.assert_array_equal(split.test.semantic, data.semantic[:10, 48:])
     np.testing.assert_array_equal(split.train.semantic, data.semantic[:10, :48])
     # the mitochondrion at rows 40-49 is cut by the split: each part is an object of its own region
-    np.testing.assert_array_equal(split.test.mito_instances, connected_instances(data.semantic[:10, 48:]))
+    np.testing.assert_array_equal(split.test.mito_instances, connected_instances(data.semantic[:10, 48:], MITOCHONDRION))
     assert split.description == {"split": "validation", "train_sections": [0, 9], "train_rows": [0, 47],
                                  "test_sections": [0, 9], "test_rows": [48, 63]}
     changed = bm.BenchmarkData(data.raw.copy(), data.semantic.copy(), data.mito_instances.copy())
@@ -641,7 +546,7 @@ def test_quick_benchmark_on_the_vnc_data(tmp_path):
 
     # The all-cytoplasm baseline, computed here from the labels themselves.
     sem = bm.BenchmarkData.load(DATA, crop=bm.QUICK_CROP).semantic[10:20]
-    baseline = np.nanmean(list(class_iou(np.ones_like(sem), sem).values()))
+    baseline = np.nanmean(list(class_iou(np.ones_like(sem), sem, CLASS_NAMES).values()))
     assert saved["reference"]["all_cytoplasm"]["miou"] == pytest.approx(baseline)
     miou = results["settings"]["full"]["protoseg"]["miou"]
     assert miou >= QUICK_FULL_MIOU_FLOOR, f"quick full mIoU {miou:.3f} below the floor"
@@ -687,37 +592,6 @@ def test_only_a_complete_full_run_rewrites_the_docs(monkeypatch, tmp_path):
 # ------------------------------------------------------------------ mitochondrion instances
 
 
-def test_touching_recall_counts_only_objects_close_to_another():
-    truth = np.zeros((1, 20, 40), np.int32)
-    truth[0, 5:15, 2:10] = 1
-    truth[0, 5:15, 11:19] = 2  # one pixel from object 1: both touch
-    truth[0, 5:15, 28:36] = 3  # far away
-    merged = np.where(truth > 0, 1, 0)
-    merged[0, 5:15, 10] = 1  # a plain decoder that merges the touching pair
-    split = truth.copy()
-    assert bm.touching_objects(truth) == [{1, 2}]
-    a = bm.instance_figures(merged, truth)
-    b = bm.instance_figures(split, truth)
-    assert a["touching_objects"] == b["touching_objects"] == 2
-    assert a["touching_recall"] == 0.0 and b["touching_recall"] == 1.0
-    assert b["ap50"] == 1.0 and a["ap50"] == pytest.approx(0 / 4)  # merged pair + far object as one: all miss
-
-
-def test_label_specks_do_not_count_as_touching_objects():
-    """Specks under TOUCHING_MIN_AREA px (no decoder keeps them) neither touch nor make a real object touch."""
-    truth = np.zeros((1, 20, 40), np.int32)
-    truth[0, 5:15, 2:10] = 1
-    truth[0, 5, 11] = 2  # a 1 px speck next to object 1
-    truth[0, 17, 20] = 3
-    truth[0, 17, 21:23] = 4  # two specks side by side
-    truth[0, 5:15, 28:36] = 5
-    assert bm.TOUCHING_MIN_AREA == bm.DEFAULT_MIN_SIZE
-    assert bm.touching_objects(truth) == [set()]
-    assert bm.touching_objects(truth, min_area=1) == [{1, 2, 3, 4}]
-    figures = bm.instance_figures(truth, truth)
-    assert figures["touching_objects"] == 0 and np.isnan(figures["touching_recall"])
-
-
 def test_report_says_when_no_touching_mitochondria_can_be_compared():
     results = with_instances(fake_results())
     for entry in results["settings"].values():
@@ -726,30 +600,6 @@ def test_report_says_when_no_touching_mitochondria_can_be_compared():
     targets = [t for t in bm.evaluate_instance_targets(results["settings"]) if "touch" in t["target"]]
     assert targets and all(t["met"] is None and "no touching mitochondria" in t["measured_text"] for t in targets)
     assert "the test sections hold none" in "\n".join(bm.render_instance_markdown(results))
-
-
-def test_instance_figures_score_only_the_objects_of_the_class_asked_for(monkeypatch):
-    """With two instance classes, the other class's objects are not false positives of this one."""
-    import types
-
-    import napari_protoseg.prediction.pipeline as pipeline
-
-    classes = np.zeros((1, 20, 40), np.uint8)
-    classes[0, 5:15, 2:10] = 3
-    classes[0, 5:15, 20:30] = 4
-    truth = (classes == 3).astype(np.int32)
-
-    def fake_predict(model, image, decoder=None, class_map=None, **kwargs):
-        labels = np.zeros(classes.shape, np.uint32)
-        labels[classes == 3], labels[classes == 4] = 1, 2
-        return pipeline.InstancePrediction(labels, None, None, decoder, False, 1, 1)
-
-    monkeypatch.setattr(pipeline, "predict_instances", fake_predict)
-    model = types.SimpleNamespace(instance_class_ids=[3, 4], has_instance_heads=False)
-    figures = bm.protoseg_instance_figures(model, np.zeros(classes.shape, np.float32), classes, truth, class_id=3)
-    assert set(figures) == {"watershed", "components"}
-    assert all(f["tp"] == 1 and f["fp"] == 0 and f["fn"] == 0 for f in figures.values())
-    assert bm.protoseg_instance_figures(model, classes, classes, truth, class_id=5) == {}
 
 
 def with_instances(results, wise=0.8, watershed=0.6, peer=0.5, touching=(0.9, 0.4)):

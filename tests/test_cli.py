@@ -270,6 +270,18 @@ def test_resume_from_a_checkpoint_of_other_classes_or_no_checkpoint(trained, tmp
     assert "missing.ckpt does not exist" in capsys.readouterr().err
 
 
+def test_resume_refuses_a_checkpoint_that_would_run_code(trained, tmp_path, capsys, code_running_checkpoint):
+    checkpoint, marker = code_running_checkpoint({
+        "format": "napari-protoseg checkpoint", "step": 1, "train_config": {"steps": 5},
+        "classes": [c.to_json() for c in SAMPLE_CLASSES]})
+    assert main(["train", str(trained["project"]), "--out", str(tmp_path / "m.pt"), "--resume",
+                 str(checkpoint)]) == 1
+    err = capsys.readouterr().err
+    assert f"checkpoint {checkpoint} holds Python objects" in err
+    assert "written by an older version of napari-protoseg" in err and "Retrain" in err
+    assert not marker.exists() and not (tmp_path / "m.pt").exists()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_an_unavailable_device_is_a_message(trained, tmp_path, capsys):
     assert main(["predict", str(trained["model"]), str(trained["image"]), "--out", str(tmp_path),

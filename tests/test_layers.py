@@ -7,7 +7,9 @@ from napari_protoseg.plugin.layers import (
     annotation_layers,
     annotations_from_layers,
     boxes_to_shapes,
+    classes_from_metadata,
     labels_colormap,
+    layer_metadata,
     shapes_to_boxes,
     table_to_tags,
     tags_to_table,
@@ -101,3 +103,10 @@ def test_class_colours_drive_the_masks_colormap(classes):
     assert colormap[0] == "transparent"
     assert colormap[3] == "#55a868"
     assert colormap[1] == classes[0].display_color()
+
+
+def test_the_class_table_travels_in_layer_metadata_and_a_broken_one_is_ignored(classes):
+    assert classes_from_metadata(layer_metadata("masks", classes)) == classes
+    assert classes_from_metadata({}) is None
+    assert classes_from_metadata({"protoseg": {"role": "masks", "classes": [{"id": 1}]}}) is None
+    assert classes_from_metadata({"protoseg": {"role": "masks", "classes": [{"id": 0, "name": "x"}]}}) is None

@@ -255,3 +255,24 @@ def test_written_files_are_readable_by_the_group_and_others_as_usual(tmp_path, s
     write_project(tmp_path, np.zeros(stack_annotations.image_shape), stack_annotations)
     for path in tmp_path.iterdir():
         assert path.stat().st_mode & 0o777 == 0o666 & ~previous, path.name
+
+
+def test_a_class_table_reads_back_from_json_and_is_checked(classes):
+    """One parser for every class table (classes.json, model files, checkpoints, layer metadata)."""
+    assert proj.classes_from_json([c.to_json() for c in classes]) == (classes, [])
+    assert [ClassInfo.from_json(c.to_json()) for c in classes] == classes
+    typo = [{"id": 1, "name": "a", "colour": "#ff0000"}]
+    _, problems = proj.classes_from_json(typo)
+    assert [str(p) for p in problems] == ["classes.json, row 1: unknown key(s) ['colour']; allowed are id, name, "
+                                          "instances, color."]
+    assert proj.classes_from_json(typo, allow_unknown_keys=True) == ([ClassInfo(1, "a")], [])
+    _, problems = proj.classes_from_json([{"id": 1}, {"id": 1, "name": "b"}, {"id": 1, "name": "c"}], "class table")
+    assert [str(p) for p in problems] == ["class table, row 1: each class needs at least 'id' and 'name'.",
+                                          "class table, row 2: class id 1 is used twice (entries 1 and 2)."]
+    assert proj.classes_from_json({"id": 1, "name": "a"})[1][0].message.startswith("must be a list of classes")
+
+
+def test_label_dtype_is_the_smallest_unsigned_type_that_holds_the_labels():
+    maxima = (0, 255, 256, 65535, 65536, 2**32 - 1, 2**32)
+    assert [proj.label_dtype(m) for m in maxima] == [np.dtype(t) for t in (
+        np.uint8, np.uint8, np.uint16, np.uint16, np.uint32, np.uint32, np.int64)]

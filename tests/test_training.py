@@ -13,6 +13,7 @@ from napari_protoseg.model.inputs import Normalization
 from napari_protoseg.prediction.tiling import predict_volume
 from napari_protoseg.annotations.project import AnnotationSet, ClassInfo, ProjectError
 from napari_protoseg.annotations.synthetic import generate_sample
+from napari_protoseg.evaluation.metrics import class_iou
 from napari_protoseg.model.migration import ConfigVersionError
 from napari_protoseg.model.network import ModelConfig
 from napari_protoseg.training.engine import CUDA_STEPS, TrainConfig, check_training_input, default_train_config, train
@@ -33,12 +34,8 @@ def last_event(events):
 
 
 def mean_iou(prediction, truth, class_ids):
-    ious = []
-    for c in class_ids:
-        union = np.count_nonzero((prediction == c) | (truth == c))
-        if union:
-            ious.append(np.count_nonzero((prediction == c) & (truth == c)) / union)
-    return float(np.mean(ious))
+    """The mean IoU of the classes in either map."""
+    return float(np.nanmean(list(class_iou(prediction, truth, class_ids).values())))
 
 
 def test_a_short_training_beats_an_untrained_model_by_a_clear_margin(small_sample):
@@ -91,6 +88,23 @@ def test_a_checkpoint_resumes_to_the_same_state_as_an_uninterrupted_run(small_sa
         torch.testing.assert_close(resumed.model.net.state_dict()[key], value, rtol=0, atol=0, msg=key)
 
 
+def test_resuming_refuses_a_checkpoint_that_would_run_code(small_sample, tmp_path, code_running_checkpoint):
+    """A checkpoint holding pickled Python objects (an older version's, or a crafted one) is refused with
+    a message, never unpickled: the code its unpickling would run does not run."""
+    config = TrainConfig(steps=4, device="cpu", **FAST)
+    calls = iter(range(100))
+    last_event(train(small_sample.image, small_sample.annotations, config,
+                     checkpoint_path=tmp_path / "run.ckpt", stop=lambda: next(calls) >= 2))
+    path, marker = code_running_checkpoint(torch.load(tmp_path / "run.ckpt", weights_only=True))
+    with pytest.raises(ProjectError, match="written by an older version of napari-protoseg") as refused:
+        last_event(train(small_sample.image, small_sample.annotations, resume=path))
+    assert str(path) in str(refused.value) and "could run code" in str(refused.value)
+    assert "Retrain" in str(refused.value)
+    assert not marker.exists()
+    torch.load(path, weights_only=False)  # what resuming did before: unpickling runs the code
+    assert marker.exists()
+
+
 def test_closing_the_generator_keeps_the_last_checkpoint(small_sample, tmp_path):
     config = TrainConfig(steps=50, device="cpu", **FAST)
     events = train(small_sample.image, small_sample.annotations, config, checkpoint_path=tmp_path / "c.ckpt")
@@ -98,7 +112,7 @@ def test_closing_the_generator_keeps_the_last_checkpoint(small_sample, tmp_path)
         if event.step == 3:
             break
     events.close()
-    state = torch.load(tmp_path / "c.ckpt", weights_only=False)
+    state = torch.load(tmp_path / "c.ckpt", weights_only=True)
     assert state["step"] == 3
 
 
@@ -238,7 +252,7 @@ SEED_AP50_FLOOR = 0.15
 
 
 def seed_ap50(model, sample):
-    from napari_protoseg.benchmark.budget import instance_scores
+    from napari_protoseg.evaluation.metrics import instance_scores
     from napari_protoseg.prediction.tiling import predict_instance_maps
     from napari_protoseg.prediction.decoders import wise_instances
 
@@ -597,7 +611,7 @@ def test_a_time_limit_ends_training_within_it_with_the_learning_rate_decayed(sma
     assert last.requested_steps == 200  # what was asked, for the message that the limit cut the run
     assert events[0].total_steps == 200  # the pace is measured first
     assert last.model.training_info["train_config"]["steps"] == last.step
-    schedule = torch.load(tmp_path / "c.ckpt", weights_only=False)["scheduler"]
+    schedule = torch.load(tmp_path / "c.ckpt", weights_only=True)["scheduler"]
     assert schedule["lr_lambdas"][0]["steps"] == 30
     assert schedule["_last_lr"][0] == pytest.approx(0.05 * config.learning_rate)  # the end of the cosine
 
@@ -613,7 +627,7 @@ def test_a_time_limited_run_resumes_to_its_planned_steps(small_sample, tmp_path,
     stopped = last_event(train(small_sample.image, small_sample.annotations, config,
                                checkpoint_path=tmp_path / "run.ckpt", stop=lambda: next(calls) >= 25))
     assert stopped.stopped and stopped.step == 25 and stopped.total_steps < 200
-    state = torch.load(tmp_path / "run.ckpt", weights_only=False)
+    state = torch.load(tmp_path / "run.ckpt", weights_only=True)
     assert state["train_config"]["steps"] == stopped.total_steps
     resumed = last_event(train(small_sample.image, small_sample.annotations, resume=tmp_path / "run.ckpt"))
     assert resumed.finished and resumed.step == stopped.total_steps == 40  # 0.5 s a step: 20 + 10 s / 0.5

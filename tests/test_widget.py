@@ -436,7 +436,7 @@ def test_closing_napari_during_training_stops_the_worker_and_keeps_the_checkpoin
     qtbot.waitUntil(done.is_set, timeout=30_000)
     import torch
 
-    checkpoint = torch.load(sample_folder / CHECKPOINT_FILE, weights_only=False)
+    checkpoint = torch.load(sample_folder / CHECKPOINT_FILE, weights_only=True)
     assert 2 <= checkpoint["step"] < 5000
 
 

@@ -155,39 +155,27 @@ def _progress_bar(total: int, initial: int, desc: str, unit: str):
 
 
 def _read_checkpoint(path: Path, project_classes) -> dict:
-    """A checkpoint's content, checked to be a protoseg checkpoint for the project's classes.
-
-    Loaded with ``weights_only=True``, so a file that is not a checkpoint never runs code here.
-    """
-    import pickle
-
-    import torch
-
+    """A checkpoint's content (read without running code from it: training.engine.read_checkpoint),
+    checked to be a protoseg checkpoint for the project's classes."""
     from napari_protoseg.model.file import check_model_classes
-    from napari_protoseg.annotations.project import ClassInfo
+    from napari_protoseg.annotations.project import classes_from_json
     from napari_protoseg.model.migration import VERSION_KEY
     from napari_protoseg.model.network import ModelConfig
-    from napari_protoseg.training.engine import CHECKPOINT_FORMAT, TrainConfig
+    from napari_protoseg.training.engine import TrainConfig, read_checkpoint
 
     hint = "Give the .ckpt file written by 'protoseg train' for this project."
-    if not path.is_file():
-        raise CliError(f"checkpoint {path} {'is a folder' if path.is_dir() else 'does not exist'}. {hint}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, KeyError,
-            AttributeError, ImportError, IndexError, TypeError, UnicodeDecodeError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise CliError(f"checkpoint {path} cannot be read: it is not a protoseg training checkpoint "
-                       f"or it is damaged ({type(err).__name__}: {first[:200]}). {hint}") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise CliError(f"{path} is not a protoseg training checkpoint. {hint}")
+        state = read_checkpoint(path)
+    except ProjectError as err:
+        raise CliError(f"checkpoint {path} {err.problems[0].message} {hint}") from None
+    classes, problems = classes_from_json(state.get("classes"), "class table", allow_unknown_keys=True)
     try:
-        classes = [ClassInfo(id=c["id"], name=c["name"], instances=c.get("instances", False),
-                             color=c.get("color")) for c in state["classes"]]
         int(state["step"]), int(state["train_config"]["steps"])
     except (KeyError, TypeError, ValueError):
-        raise CliError(f"checkpoint {path} is damaged (its class table or step count is missing). "
-                       f"{hint}") from None
+        problems.append("no step count")
+    if problems:
+        raise CliError(f"checkpoint {path} is damaged (its class table or step count is missing or invalid). "
+                       f"{hint}")
     messages = check_model_classes(classes, project_classes)
     if messages:
         raise CliError(f"checkpoint {path} was written for other classes than the project's", messages)
@@ -574,19 +562,6 @@ def cmd_demo(args) -> int:
     return EXIT_OK
 
 
-def iou_per_class(prediction, truth, class_ids) -> dict[int, float]:
-    """Intersection over union of every class (NaN where a class is in neither map)."""
-    import numpy as np
-
-    prediction, truth = np.asarray(prediction), np.asarray(truth)
-    out = {}
-    for cid in class_ids:
-        p, t = prediction == cid, truth == cid
-        union = int(np.count_nonzero(p | t))
-        out[cid] = float(np.count_nonzero(p & t)) / union if union else float("nan")
-    return out
-
-
 def demo_report(png_path: Path, sample, annotations, predicted, classes, steps: int, train_seconds: float,
                 device: str, final_loss: float | None, predict_seconds: float) -> tuple[list[str], Path]:
     """The figures of a headless demo (lines for stdout) and its overview PNG."""
@@ -594,6 +569,7 @@ def demo_report(png_path: Path, sample, annotations, predicted, classes, steps: 
 
     import numpy as np
 
+    from napari_protoseg.evaluation.metrics import class_iou
     from napari_protoseg.evaluation.overview import pick_annotated_plane, summarize_annotations, write_overview
 
     class_ids = [int(c.id) for c in classes]
@@ -601,10 +577,10 @@ def demo_report(png_path: Path, sample, annotations, predicted, classes, steps: 
     held_out = [z for z in range(annotations.n_planes) if z not in annotated]
     eval_plane = held_out[-1] if held_out else annotations.n_planes - 1
     shown_plane = pick_annotated_plane(annotations)
-    ious = iou_per_class(predicted[eval_plane], sample.semantic[eval_plane], class_ids)
+    ious = class_iou(predicted[eval_plane], sample.semantic[eval_plane], class_ids)
     valid = [v for v in ious.values() if not math.isnan(v)]
     miou = float(np.mean(valid)) if valid else float("nan")
-    all_ious = iou_per_class(predicted, sample.semantic, class_ids)
+    all_ious = class_iou(predicted, sample.semantic, class_ids)
     all_miou = float(np.nanmean(list(all_ious.values())))
 
     names = {int(c.id): c.name for c in classes}
@@ -639,9 +615,10 @@ def demo_instance_lines(model, image, classes, truth, class_id: int) -> list[str
     AP50, matched IoU and the recall of objects that touch another (where the decoders differ)."""
     import numpy as np
 
-    from napari_protoseg.benchmark.budget import TOUCHING_GAP, protoseg_instance_figures
+    from napari_protoseg.evaluation.instances import decoder_figures
+    from napari_protoseg.evaluation.metrics import TOUCHING_GAP
 
-    figures = protoseg_instance_figures(model, image, np.asarray(classes), truth, class_id)
+    figures = decoder_figures(model, image, np.asarray(classes), truth, class_id)
     if not figures:
         return []
     name = next(c.name for c in model.classes if int(c.id) == class_id)

@@ -94,10 +94,18 @@ class ClassInfo:
         return self.color or DEFAULT_COLORS[(self.id - 1) % len(DEFAULT_COLORS)]
 
     def to_json(self) -> dict:
+        """The class as a JSON object of a class table (``color`` only where set)."""
         entry = {"id": self.id, "name": self.name, "instances": self.instances}
         if self.color is not None:
             entry["color"] = self.color
         return entry
+
+    @classmethod
+    def from_json(cls, entry: dict) -> ClassInfo:
+        """The class a :meth:`to_json` object describes (not instances and no colour where those are
+        absent); unchecked: :func:`classes_from_json` reads and checks a whole table."""
+        return cls(id=entry["id"], name=entry["name"], instances=entry.get("instances", False),
+                   color=entry.get("color"))
 
 
 @dataclass(frozen=True)
@@ -433,18 +441,28 @@ def read_classes(path: str | os.PathLike) -> tuple[list[ClassInfo], list[Problem
         return [], [Problem(CLASSES_FILE, 'must be an object {"classes": [{"id": 1, "name": ...}, ...]}.')]
     unknown_top = sorted(set(doc) - {"classes"})
     problems = [Problem(CLASSES_FILE, f"has unknown key(s) {unknown_top}.")] if unknown_top else []
-    classes = []
-    for i, entry in enumerate(doc["classes"], start=1):
+    classes, table_problems = classes_from_json(doc["classes"])
+    return classes, problems + table_problems
+
+
+def classes_from_json(entries, file: str = CLASSES_FILE, *,
+                      allow_unknown_keys: bool = False) -> tuple[list[ClassInfo], list[Problem]]:
+    """The class table that a JSON list of :meth:`ClassInfo.to_json` objects describes, and its
+    problems: entries that are not objects with at least 'id' and 'name', those of
+    :func:`check_classes` and, unless ``allow_unknown_keys`` (tables that a program wrote), keys
+    other than id, name, instances and color (a typo in a hand-written ``classes.json``)."""
+    if not isinstance(entries, list):
+        return [], [Problem(file, 'must be a list of classes [{"id": 1, "name": ...}, ...].')]
+    classes, problems = [], []
+    for i, entry in enumerate(entries, start=1):
         if not isinstance(entry, dict) or "id" not in entry or "name" not in entry:
-            problems.append(Problem(CLASSES_FILE, "each class needs at least 'id' and 'name'.", i))
+            problems.append(Problem(file, "each class needs at least 'id' and 'name'.", i))
             continue
         unknown = sorted(set(entry) - {"id", "name", "instances", "color"})
-        if unknown:
-            problems.append(Problem(CLASSES_FILE, f"unknown key(s) {unknown}; allowed are id, name, "
-                                    "instances, color.", i))
-        classes.append(ClassInfo(id=entry["id"], name=entry["name"],
-                                 instances=entry.get("instances", False), color=entry.get("color")))
-    return classes, problems + check_classes(classes)
+        if unknown and not allow_unknown_keys:
+            problems.append(Problem(file, f"unknown key(s) {unknown}; allowed are id, name, instances, color.", i))
+        classes.append(ClassInfo.from_json(entry))
+    return classes, problems + check_classes(classes, file)
 
 
 def _parse_cell(text: str, column: str) -> tuple[int | None, str | None]:
@@ -656,9 +674,10 @@ def _tiff_bytes(array: np.ndarray, compress: bool) -> bytes:
     return buffer.getvalue()
 
 
-def _smallest_label_dtype(max_value: int) -> np.dtype:
+def label_dtype(max_label: int) -> np.dtype:
+    """The smallest unsigned integer dtype holding labels 0 to ``max_label`` (uint8 to uint32; int64 beyond)."""
     for dtype in (np.uint8, np.uint16, np.uint32):
-        if max_value <= np.iinfo(dtype).max:
+        if max_label <= np.iinfo(dtype).max:
             return np.dtype(dtype)
     return np.dtype(np.int64)
 
@@ -696,7 +715,7 @@ def write_annotations(folder: str | os.PathLike, annotations: AnnotationSet) -> 
 
     masks = annotations.masks
     if masks is not None and np.any(masks):
-        masks = masks.astype(_smallest_label_dtype(int(masks.max())), copy=False)
+        masks = masks.astype(label_dtype(int(masks.max())), copy=False)
         write_tiff(folder / MASKS_FILE, masks)
     else:
         (folder / MASKS_FILE).unlink(missing_ok=True)

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage as ndi
+from skimage.morphology import disk
 
 from napari_protoseg.annotations.project import BOX_DTYPE, NO_REGION, POINT_DTYPE, TAG_DTYPE, AnnotationSet, ClassInfo
 
@@ -130,12 +131,6 @@ def _ellipse(cy: float, cx: float, a: float, b: float, theta: float, ny: int, nx
     v = -xx * s + yy * c
     inside = (u / a) ** 2 + (v / b) ** 2 <= 1.0
     return (slice(y0, y1), slice(x0, x1)), inside, u
-
-
-def _disk(radius: int) -> np.ndarray:
-    r = int(radius)
-    yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
-    return yy * yy + xx * xx <= radius * radius + 0.5
 
 
 def _separate_touching(labels: np.ndarray) -> None:
@@ -483,8 +478,8 @@ def _make_vesicles(rng, cells: _Cells, membrane, mito_mask, synapses, shape):
             for y, x, r in kept:
                 got = _ellipse(y, x, r, r, 0.0, ny, nx)
                 if got is not None:
-                    box, disk, _ = got
-                    vesicles[z][box] |= disk
+                    box, inside, _ = got
+                    vesicles[z][box] |= inside
     return vesicles
 
 
@@ -646,7 +641,7 @@ def _paint(region, ys, xs, radius, start):
     connected to ``start`` is kept, so a stroke never jumps into another object."""
     stroke = np.zeros(region.shape, bool)
     stroke[ys, xs] = True
-    stroke = ndi.binary_dilation(stroke, _disk(radius)) & region
+    stroke = ndi.binary_dilation(stroke, disk(radius, dtype=bool)) & region
     lab, _ = ndi.label(stroke)
     keep = lab[start]
     return lab == keep if keep else np.zeros(region.shape, bool)

@@ -31,6 +31,9 @@ from scipy import ndimage as ndi
 
 from napari_protoseg.prediction.decoders import (DEFAULT_MIN_SIZE, MIN_SIZE_SHARE, annotated_min_size, min_size_from_p10, plain_instances,
                         sizes_at_points)
+from napari_protoseg.evaluation.instances import decoder_figures
+from napari_protoseg.evaluation.metrics import (TOUCHING_GAP, TOUCHING_MIN_AREA, class_iou, connected_instances,
+                                                instance_figures, instance_scores)
 from napari_protoseg.annotations.project import AnnotationSet, ClassInfo, empty_boxes, empty_points, empty_tags, read_project, write_project
 
 CLASS_NAMES = {1: "cytoplasm", 2: "membrane", 3: "mitochondrion", 4: "synapse", 5: "glia/extracellular"}
@@ -164,80 +167,7 @@ def annotation_seconds(annotations: AnnotationSet) -> float:
             + TAG_SECONDS * len(annotations.tags))
 
 
-# ----------------------------------------------------------------------------------- metrics
-
-
-def class_iou(prediction: np.ndarray, truth: np.ndarray, class_ids=tuple(CLASS_NAMES)) -> dict[int, float]:
-    """Intersection over union of each class over the whole volume (NaN where a class is absent in both)."""
-    out = {}
-    for cid in class_ids:
-        p, t = prediction == cid, truth == cid
-        union = np.count_nonzero(p | t)
-        out[cid] = float(np.count_nonzero(p & t) / union) if union else float("nan")
-    return out
-
-
-def _consecutive(ids: np.ndarray) -> np.ndarray:
-    """Instance ids renumbered 1..n in order (0 stays background), so pair counts stay small."""
-    values, inverse = np.unique(ids, return_inverse=True)
-    if len(values) and values[0] != 0:
-        inverse = inverse + 1
-    return inverse.astype(np.int64).reshape(ids.shape)
-
-
-def instance_scores(predicted: np.ndarray, truth: np.ndarray, threshold: float = 0.5) -> dict:
-    """AP50 = TP / (TP + FP + FN) with one-to-one matches at IoU >= threshold per section, and the
-    mean IoU of the matched pairs. ``predicted``/``truth``: (Z, Y, X) instance ids, unique within
-    each section (ids need not be consecutive)."""
-    tp = fp = fn = 0
-    matched_ious = []
-    for z in range(truth.shape[0]):
-        p, t = _consecutive(predicted[z].ravel()), _consecutive(truth[z].ravel())
-        n_p, n_t = int(p.max(initial=0)), int(t.max(initial=0))
-        if n_p == 0 or n_t == 0:
-            fp += len(np.unique(p[p > 0]))
-            fn += len(np.unique(t[t > 0]))
-            continue
-        # Overlap counts of every (pred, true) pair in one pass.
-        pairs = np.bincount(p * (n_t + 1) + t, minlength=(n_p + 1) * (n_t + 1))
-        overlap = pairs.reshape(n_p + 1, n_t + 1)
-        area_p, area_t = overlap.sum(axis=1), overlap.sum(axis=0)
-        inter = overlap[1:, 1:].astype(np.float64)
-        union = area_p[1:, None] + area_t[None, 1:] - inter
-        iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
-        present_p = np.flatnonzero(area_p[1:] > 0)
-        present_t = np.flatnonzero(area_t[1:] > 0)
-        iou = iou[np.ix_(present_p, present_t)]
-        # One-to-one matching, best IoU first. Above 0.5 candidate pairs never share an instance;
-        # at exactly 0.5 they can (an object split into two halves), and any pair may below 0.5.
-        rows, cols = np.nonzero(iou >= threshold)
-        order = np.argsort(-iou[rows, cols], kind="stable")
-        used_p, used_t = set(), set()
-        for k in order:
-            i, j = int(rows[k]), int(cols[k])
-            if i not in used_p and j not in used_t:
-                used_p.add(i)
-                used_t.add(j)
-                matched_ious.append(float(iou[i, j]))
-        n_hits = len(used_p)
-        tp += n_hits
-        fp += len(present_p) - n_hits
-        fn += len(present_t) - n_hits
-    total = tp + fp + fn
-    return {"ap50": tp / total if total else float("nan"),
-            "matched_iou": float(np.mean(matched_ious)) if matched_ious else 0.0,
-            "tp": tp, "fp": fp, "fn": fn}
-
-
-def connected_instances(class_map: np.ndarray, class_id: int = MITOCHONDRION) -> np.ndarray:
-    """Instances as 4-connected components of one class, numbered per section: the protocol's true
-    objects and the plain decoder of its table. Kept apart from :func:`~napari_protoseg.prediction.decoders.plain_instances`
-    (ids unique over the stack, objects under a size floor dropped) so that the truth cannot move with
-    the product's decoder."""
-    out = np.zeros(class_map.shape, dtype=np.int32)
-    for z in range(class_map.shape[0]):
-        out[z], _ = _objects(class_map[z], class_id)
-    return out
+# ------------------------------------------------------------------------------ measurements
 
 
 def reset_peak_memory() -> bool:
@@ -471,7 +401,7 @@ def benchmark_config(quick: bool = False, config_overrides: dict | None = None, 
 
 
 def _scores(prediction: np.ndarray, truth: np.ndarray, truth_instances: np.ndarray) -> dict:
-    ious = class_iou(prediction, truth)
+    ious = class_iou(prediction, truth, CLASS_NAMES)
     inst = instance_scores(connected_instances(prediction, MITOCHONDRION), truth_instances)
     return {
         "iou": {CLASS_NAMES[c]: v for c, v in ious.items()},
@@ -547,7 +477,7 @@ def benchmark_split(data: BenchmarkData, validation: bool = False, recount_insta
         def part(rows: slice) -> BenchmarkData:
             semantic = np.ascontiguousarray(data.semantic[train_sections, rows])
             return BenchmarkData(np.ascontiguousarray(data.raw[train_sections, rows]), semantic,
-                                 connected_instances(semantic))
+                                 connected_instances(semantic, MITOCHONDRION))
 
         return BenchmarkSplit(part(train_rows), part(test_rows), {
             "split": "validation", "train_sections": described, "train_rows": [0, cut - 1],
@@ -556,7 +486,7 @@ def benchmark_split(data: BenchmarkData, validation: bool = False, recount_insta
     test_semantic = data.semantic[test_sections]
     # Cropping can cut an instance in two; relabel the crop's components then (the file's ids are the
     # same 4-connected components of class 3 on whole sections).
-    test_instances = connected_instances(test_semantic) if recount_instances else data.mito_instances[test_sections]
+    test_instances = connected_instances(test_semantic, MITOCHONDRION) if recount_instances else data.mito_instances[test_sections]
     return BenchmarkSplit(
         BenchmarkData(data.raw[train_sections], data.semantic[train_sections], data.mito_instances[train_sections]),
         BenchmarkData(data.raw[test_sections], test_semantic, test_instances),
@@ -637,7 +567,7 @@ def _run_protoseg(project, test: tuple, config, label: str, progress, preview_tr
     for event in train(project.image, project.annotations, config, preview=preview):
         last = event
         if event.preview is not None:
-            ious = class_iou(event.preview, truth_region)
+            ious = class_iou(event.preview, truth_region, CLASS_NAMES)
             timeline.append([round(time.perf_counter() - start, 2), float(np.nanmean(list(ious.values())))])
         if event.model is None and (event.step % every == 0 or event.step == 1):
             total = event.losses.get("total", float("nan"))
@@ -654,8 +584,8 @@ def _run_protoseg(project, test: tuple, config, label: str, progress, preview_tr
                   final_losses=last.losses, preview_timeline=timeline,
                   load_average=[load_before, _load_average()])
     if instances:
-        result["instances"] = protoseg_instance_figures(last.model, raw_test, np.asarray(prediction.classes),
-                                                        inst_test)
+        result["instances"] = decoder_figures(last.model, raw_test, np.asarray(prediction.classes), inst_test,
+                                              MITOCHONDRION)
         progress(f"  {label}: mito AP50 by decoder: " + ", ".join(
             f"{name} {figures['ap50']:.3f}" for name, figures in result["instances"].items()))
     progress(f"  {label}: mIoU {result['miou']:.3f}  mito AP50 {result['mito_ap50']:.3f}  "
@@ -880,75 +810,6 @@ def run_benchmark(data_dir, out_dir, settings=None, quick: bool = False, ablatio
 INSTANCE_SETTINGS = ("points-only", "masks+points", "mixed", "full")
 TARGET_POINTS_ONLY_AP50 = 0.70
 TARGET_AP50_OVER_PEER = 0.20
-TOUCHING_GAP = 2  # objects at most this many pixels apart count as touching
-# True instances smaller than this are label specks, not mitochondria: no decoder keeps an object
-# under DEFAULT_MIN_SIZE px. In test sections 10-19 all 13 instances within 2 px of another are such
-# specks (1-9 px) or touch only one (a 42 px object next to a 1 px one).
-TOUCHING_MIN_AREA = DEFAULT_MIN_SIZE
-
-
-def touching_objects(truth: np.ndarray, gap: int = TOUCHING_GAP, min_area: int = TOUCHING_MIN_AREA) -> list[set[int]]:
-    """Per section, the ids of the true instances of at least ``min_area`` px that lie within ``gap``
-    pixels of another instance of at least ``min_area`` px."""
-    out = []
-    for plane in truth:
-        ids, areas = np.unique(plane[plane > 0], return_counts=True)
-        objects = np.where(np.isin(plane, ids[areas >= min_area]), plane, 0)
-        near = set()
-        for i in ids[areas >= min_area]:
-            own = objects == i
-            ring = ndi.binary_dilation(own, iterations=gap) & ~own
-            if np.any((objects[ring] > 0) & (objects[ring] != i)):
-                near.add(int(i))
-        out.append(near)
-    return out
-
-
-def instance_figures(predicted: np.ndarray, truth: np.ndarray, gap: int = TOUCHING_GAP,
-                     threshold: float = 0.5) -> dict:
-    """:func:`instance_scores` plus ``touching_recall``: the share of the true instances of
-    :func:`touching_objects` (within ``gap`` pixels of another) that some predicted instance matches at IoU >= ``threshold``
-    (where decoders differ: a merged pair loses both), and ``touching_objects``, their number."""
-    scores = instance_scores(predicted, truth, threshold)
-    hits = total = 0
-    for z, near in enumerate(touching_objects(truth, gap)):
-        for i in near:
-            own = truth[z] == i
-            overlapping, counts = np.unique(predicted[z][own], return_counts=True)
-            best = 0.0
-            for pid, inter in zip(overlapping, counts):
-                if pid:
-                    union = np.count_nonzero(own | (predicted[z] == pid))
-                    best = max(best, inter / union)
-            hits += best >= threshold
-            total += 1
-    scores.update(touching_recall=hits / total if total else float("nan"), touching_objects=total)
-    return scores
-
-
-def protoseg_instance_figures(model, raw_test: np.ndarray, classes: np.ndarray, truth: np.ndarray,
-                              class_id: int = MITOCHONDRION) -> dict:
-    """Instance figures (of class ``class_id``, by default mitochondria) of a trained model for each
-    decoder: ``wise`` (with instance heads), ``watershed`` and ``components`` (both of the class map
-    ``classes``), each with its decoding time in seconds."""
-    from napari_protoseg.prediction.pipeline import predict_instances
-
-    if class_id not in model.instance_class_ids:
-        return {}
-    decoders = (["wise"] if model.has_instance_heads else []) + ["watershed", "components"]
-    out = {}
-    for decoder in decoders:
-        start = time.perf_counter()
-        prediction = predict_instances(model, raw_test, decoder=decoder,
-                                       class_map=None if decoder == "wise" else classes)
-        labels = prediction.labels
-        if len(model.instance_class_ids) > 1:  # the objects of the other instance classes are not scored
-            own = np.asarray(prediction.classes if prediction.classes is not None else classes) == class_id
-            labels = np.where(own, labels, 0)
-        out[decoder] = {**instance_figures(labels, truth), "seconds": time.perf_counter() - start}
-    return out
-
-
 def dense_label_ceiling(settings: dict) -> list[str]:
     """Markdown lines setting the targets against `full`, the upper bound of every other setting.
 
@@ -1442,9 +1303,8 @@ def _repository_docs() -> Path | None:
 
 __all__ = [
     "ABLATIONS", "BenchmarkData", "BenchmarkSplit", "INSTANCE_SETTINGS", "QUICK_SETTINGS", "RFConfig", "SETTINGS", "annotation_seconds",
-    "benchmark_config", "benchmark_split", "class_iou", "connected_instances", "evaluate_instance_targets", "evaluate_targets",
-    "instance_figures", "instance_scores", "merge_results", "predict_random_forest",
-    "protoseg_instance_figures", "render_instance_markdown", "render_markdown", "run_benchmark", "simulate_setting",
-    "touching_objects", "train_random_forest",
+    "benchmark_config", "benchmark_split", "evaluate_instance_targets", "evaluate_targets", "merge_results",
+    "predict_random_forest", "render_instance_markdown", "render_markdown", "run_benchmark", "simulate_setting",
+    "train_random_forest",
 ]
 

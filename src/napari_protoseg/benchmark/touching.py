@@ -1,6 +1,6 @@
 """Touching mitochondria: the instance decoders compared where objects lie close together.
 
-The VNC test sections hold no mitochondria within :data:`~napari_protoseg.benchmark.budget.TOUCHING_GAP`
+The VNC test sections hold no mitochondria within :data:`~napari_protoseg.evaluation.metrics.TOUCHING_GAP`
 pixels of another, so the benchmark cannot say there whether the WISE decoder separates touching
 objects better than the plain decoders. The synthetic sample (:mod:`napari_protoseg.annotations.synthetic`) holds
 many. This benchmark trains on one synthetic stack from points only (the ``points-only`` setting of
@@ -20,8 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_protoseg.benchmark.budget import (STUFF_POINTS, TOUCHING_GAP, _environment, _f, benchmark_config, protoseg_instance_figures,
-                        save_json, simulate_points, source_commit)
+from napari_protoseg.benchmark.budget import (STUFF_POINTS, _environment, _f, benchmark_config, save_json, simulate_points,
+                                              source_commit)
+from napari_protoseg.evaluation.instances import decoder_figures
+from napari_protoseg.evaluation.metrics import TOUCHING_GAP
 from napari_protoseg.annotations.project import AnnotationSet
 from napari_protoseg.annotations.synthetic import CYTOPLASM, MEMBRANE, MITOCHONDRION, VESICLE, generate_sample
 
@@ -81,7 +83,7 @@ def run_touching_benchmark(out_dir, *, shape=SHAPE, train_sample_seed: int = TRA
     model = event.model
     save_model(out_dir / "model.protoseg.pt", model)
     classes = np.asarray(predict_volume(model, test_sample.image).classes)
-    figures = protoseg_instance_figures(model, test_sample.image, classes, test_sample.instances, MITOCHONDRION)
+    figures = decoder_figures(model, test_sample.image, classes, test_sample.instances, MITOCHONDRION)
     for name, f in figures.items():
         progress(f"  {name}: AP50 {f['ap50']:.3f}, touching recall {f['touching_recall']:.3f} "
                  f"({f['touching_objects']} touching)")

@@ -37,7 +37,7 @@ import torch
 from napari_protoseg.model.inputs import Normalization
 from napari_protoseg.model.migration import CONFIG_VERSION, VERSION_KEY, ConfigVersionError
 from napari_protoseg.model.network import ModelConfig, ProtoSegNet, pick_device
-from napari_protoseg.annotations.project import atomic_write, ClassInfo, check_classes
+from napari_protoseg.annotations.project import ClassInfo, atomic_write, classes_from_json
 
 __all__ = [
     "FORMAT",
@@ -184,9 +184,22 @@ def _fail(path: Path, message: str) -> ModelFileError:
     return ModelFileError(f"Cannot use model file {path}: {message}")
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
+    """The exception's type and the first line of its message, for a message saying why a file failed."""
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+
+
+# What torch.load raises for a file that is not a PyTorch file, is damaged (e.g. truncated), or
+# holds Python objects that ``weights_only=True`` refuses to unpickle (see holds_python_objects).
+TORCH_LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError,
+                     KeyError, AttributeError, ImportError, IndexError, TypeError, UnicodeDecodeError, MemoryError)
+
+
+def holds_python_objects(err: BaseException) -> bool:
+    """Whether ``torch.load(weights_only=True)`` raised ``err`` because the file holds Python objects
+    besides tensors and plain values (loading them could run code from the file)."""
+    return isinstance(err, pickle.UnpicklingError) and "global" in str(err).lower()  # "Unsupported global: ..."
 
 
 def _read_payload(path: Path) -> Any:
@@ -196,20 +209,19 @@ def _read_payload(path: Path) -> Any:
         raise _fail(path, "this is a folder, not a model file. Choose the model file (*.protoseg.pt) itself.")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        if "global" in str(err).lower():  # "Unsupported global: GLOBAL module.Class ..."
+    except TORCH_LOAD_ERRORS as err:
+        if holds_python_objects(err):
             raise _fail(path, "the file holds Python objects besides weights, which napari-protoseg "
                         "does not load (model files are plain weights and JSON). It was not written "
                         "by napari-protoseg; choose a file saved by napari-protoseg.") from None
-        raise _fail(path, "the file is not a PyTorch file or it is damaged (its data cannot be "
-                    "unpickled). Choose a model file saved by napari-protoseg, or save the model "
-                    "again.") from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError,
-            AttributeError, ImportError, IndexError, TypeError, UnicodeDecodeError, MemoryError) as err:
+        if isinstance(err, pickle.UnpicklingError):
+            raise _fail(path, "the file is not a PyTorch file or it is damaged (its data cannot be "
+                        "unpickled). Choose a model file saved by napari-protoseg, or save the model "
+                        "again.") from None
         if isinstance(err, PermissionError):
             raise _fail(path, "permission denied; check that you may read the file.") from None
         raise _fail(path, f"the file is not a PyTorch file or it is damaged, e.g. truncated by an "
-                    f"interrupted copy ({_first_line(err)}). Choose a model file saved by "
+                    f"interrupted copy ({first_line(err)}). Choose a model file saved by "
                     "napari-protoseg, or save the model again.") from None
 
 
@@ -276,17 +288,7 @@ def _parse_config(path: Path, text: str) -> tuple[ModelConfig, list[ClassInfo], 
     except (TypeError, ValueError) as err:
         raise _fail(path, f"its network configuration is invalid ({err}).{damaged}") from None
 
-    entries = doc["classes"]
-    if not isinstance(entries, list) or not all(isinstance(e, dict) and "id" in e and "name" in e
-                                                for e in entries):
-        raise _fail(path, "its class table must be a list of objects with at least 'id' and 'name'."
-                    + damaged)
-    try:
-        classes = [ClassInfo(id=e["id"], name=e["name"], instances=e.get("instances", False),
-                             color=e.get("color")) for e in entries]
-    except TypeError as err:
-        raise _fail(path, f"its class table is invalid ({err}).{damaged}") from None
-    problems = check_classes(classes, file="class table")
+    classes, problems = classes_from_json(doc["classes"], file="class table", allow_unknown_keys=True)
     if problems:
         raise _fail(path, "its class table is invalid: " + "; ".join(str(p) for p in problems) + damaged)
 
@@ -374,7 +376,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> T
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as err:  # pragma: no cover - the checks above catch what this would
-        raise _fail(path, f"its weights do not fit the network ({_first_line(err)}).") from None
+        raise _fail(path, f"its weights do not fit the network ({first_line(err)}).") from None
     device = device if isinstance(device, torch.device) else pick_device(device)
     net.to(device).eval()
     return TrainedModel(net=net, classes=classes, normalization=normalization, context=context,

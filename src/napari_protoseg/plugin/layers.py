@@ -25,6 +25,7 @@ from napari_protoseg.annotations.project import (
     ClassInfo,
     Problem,
     ProjectError,
+    classes_from_json,
     empty_boxes,
     empty_points,
     empty_tags,
@@ -50,22 +51,18 @@ def class_table_to_json(classes: Sequence[ClassInfo]) -> list[dict]:
     return [c.to_json() for c in classes]
 
 
-def class_table_from_json(entries: Sequence[Mapping]) -> list[ClassInfo]:
-    return [ClassInfo(id=int(e["id"]), name=str(e["name"]), instances=bool(e.get("instances", False)),
-                      color=e.get("color")) for e in entries]
-
-
 def layer_metadata(role: str, classes: Sequence[ClassInfo]) -> dict:
     """Metadata that marks a layer as a protoseg annotation layer and carries the class table."""
     return {METADATA_KEY: {"role": role, "classes": class_table_to_json(classes)}}
 
 
 def classes_from_metadata(metadata: Mapping) -> list[ClassInfo] | None:
-    """The class table stored in a layer's metadata, or None."""
+    """The class table stored in a layer's metadata, or None (also where it is not a valid table)."""
     entry = metadata.get(METADATA_KEY) if metadata else None
     if not entry or "classes" not in entry:
         return None
-    return class_table_from_json(entry["classes"])
+    classes, problems = classes_from_json(entry["classes"], "layer metadata", allow_unknown_keys=True)
+    return None if problems else classes
 
 
 def axis_labels(ndim: int) -> tuple[str, ...]:

@@ -11,9 +11,10 @@ from typing import Any
 
 import numpy as np
 
+from napari_protoseg.annotations.project import label_dtype
 from napari_protoseg.prediction.decoders import (DECODERS, DEFAULT_DECODER, WISE_MERGE_SIMILARITY, WISE_SHAPE_SEEDS,
                                                  link_planes, min_object_sizes, plain_instances, wise_instances)
-from napari_protoseg.prediction.tiling import (_class_dtype, _image_dims, predict_instance_maps_of_planes,
+from napari_protoseg.prediction.tiling import (_image_dims, predict_instance_maps_of_planes,
                                                predict_volume)
 
 
@@ -81,7 +82,7 @@ def predict_instances(model, image, *, decoder: str | None = None, link_3d: bool
     classes = confidence = None
     done, stopped = 0, False
     if decoder == "wise":
-        classes = np.zeros((n_planes, *shape[-2:]), dtype=_class_dtype(model.class_ids))
+        classes = np.zeros((n_planes, *shape[-2:]), dtype=label_dtype(max(model.class_ids)))
         confidence = np.zeros((n_planes, *shape[-2:]), dtype=np.float32)
         next_id = 0
         for z, maps in predict_instance_maps_of_planes(model, image, tile=tile, overlap=overlap, device=device,

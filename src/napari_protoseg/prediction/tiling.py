@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from napari_protoseg.annotations.project import label_dtype
 from napari_protoseg.prediction.decoders import PixelEmbeddings
 from napari_protoseg.model.file import TrainedModel
 from napari_protoseg.model.network import ModelConfig, add_coordinates, pick_device
@@ -388,14 +389,6 @@ def _plane_bands(runner: _Runner, source: _Source, z: int, bounds: tuple[int, in
         weight[th - step:] = 0
 
 
-def _class_dtype(class_ids: list[int]) -> np.dtype:
-    top = max(class_ids, default=0)
-    for dtype in (np.uint8, np.uint16, np.uint32):
-        if top <= np.iinfo(dtype).max:
-            return np.dtype(dtype)
-    return np.dtype(np.int64)
-
-
 def _decide(probs: np.ndarray, lut: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Class ids and confidence (max probability) from (C, ...) probabilities."""
     index = np.argmax(probs, axis=0)
@@ -471,7 +464,7 @@ def predict_region(model: TrainedModel, volume, z: int | None, y0: int, x0: int,
             probs[:, r0:r1] = band
     probs = np.ascontiguousarray(probs[:, y0 - by0:y1 - by0, x0 - bx0:x1 - bx0])
     ids = model.class_ids
-    classes, confidence = _decide(probs, np.asarray(ids, dtype=_class_dtype(ids)))
+    classes, confidence = _decide(probs, np.asarray(ids, dtype=label_dtype(max(ids))))
     return PlanePrediction(probabilities=probs, classes=classes, confidence=confidence,
                            class_ids=ids, origin=(y0, x0))
 
@@ -513,7 +506,7 @@ def predict_instance_maps_of_planes(model: TrainedModel, image, planes=None, *, 
     n_classes = model.net.config.n_classes
     n_inst = model.net.config.n_instance_classes
     ids = model.class_ids
-    lut = np.asarray(ids, dtype=_class_dtype(ids))
+    lut = np.asarray(ids, dtype=label_dtype(max(ids)))
     instance_index = np.zeros(n_classes, dtype=bool)
     instance_index[[i for i, c in enumerate(model.classes) if c.instances]] = True
     cross = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], dtype=bool)
@@ -674,7 +667,7 @@ def predict_volume(model: TrainedModel, image, out=None, progress: Callable[[int
     shape = tuple(int(s) for s in image.shape)
     height, width = source.plane_shape
     ids = model.class_ids
-    dtype = _class_dtype(ids)
+    dtype = label_dtype(max(ids))
     lut = np.asarray(ids, dtype=dtype)
     from napari_protoseg import __version__
 

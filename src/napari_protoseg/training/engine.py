@@ -4,7 +4,8 @@
 thread in napari), reads progress, loss terms and previews, and stops it between steps with a
 ``stop`` callable or by closing the generator. Checkpoints (model, optimiser, step, random states,
 configuration) are written periodically and when training ends or is stopped; training resumes
-from them bit for bit on the CPU.
+from them bit for bit on the CPU. They hold tensors and plain values only and are read without
+unpickling anything else (:func:`read_checkpoint`), so a checkpoint never runs code.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from napari_protoseg.prediction.decoders import object_area_summary, sizes_at_po
 from napari_protoseg.training.losses import LossWeights, negative_map, strong_augment, total_loss
 from napari_protoseg.model.migration import CONFIG_VERSION, VERSION_KEY, upgrade_train_config
 from napari_protoseg.model.network import INSTANCE_HEAD_FIELDS, ModelConfig, ProtoSegNet, pick_device
-from napari_protoseg.model.file import TrainedModel
+from napari_protoseg.model.file import TORCH_LOAD_ERRORS, TrainedModel, first_line, holds_python_objects
 from napari_protoseg.annotations.project import AnnotationSet, Problem, ProjectError, atomic_write, check_image
 
 CHECKPOINT_FORMAT = "napari-protoseg checkpoint"
@@ -248,6 +249,36 @@ def _atomic_torch_save(obj, path: Path) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """The content of a training checkpoint, read with ``torch.load(weights_only=True)``: tensors and
+    plain values only, so that resuming from a file someone handed over never runs code from it.
+
+    Raises :class:`ProjectError` (one problem naming the file) where the file is missing, damaged,
+    not a checkpoint, or holds other Python objects (a checkpoint of an older version, which
+    stored them, is refused rather than unpickled).
+    """
+    path = Path(path)
+
+    def refused(message: str) -> ProjectError:
+        return ProjectError([Problem(str(path), message)])
+
+    if not path.is_file():
+        raise refused("is a folder, not a checkpoint file." if path.is_dir() else "does not exist.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except TORCH_LOAD_ERRORS as err:
+        if holds_python_objects(err):
+            raise refused("holds Python objects besides weights and plain values, which napari-protoseg does "
+                          "not load because loading them could run code: this checkpoint was written by an "
+                          "older version of napari-protoseg or by another program. Retrain, or continue from "
+                          "the model file saved with it (the panel's 'Continue training' after loading it; "
+                          "in Python train(..., initial_model=load_model(...))).") from None
+        raise refused(f"cannot be read: it is not a PyTorch file or it is damaged ({first_line(err)}).") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise refused("is not a protoseg training checkpoint.")
+    return state
+
+
 def _training_info(annotations: AnnotationSet, step: int, losses: dict, config: TrainConfig,
                    object_areas: dict) -> dict:
     summary = annotations.summary()
@@ -327,10 +358,8 @@ def train(
     if problems:
         raise ProjectError(problems)
 
-    state = torch.load(resume, map_location="cpu", weights_only=False) if resume is not None else None
+    state = read_checkpoint(resume) if resume is not None else None
     if state is not None:
-        if state.get("format") != CHECKPOINT_FORMAT:
-            raise ProjectError([Problem(str(resume), "is not a protoseg training checkpoint.")])
         try:
             config = TrainConfig.from_dict(state["train_config"])
             resumed_net = ModelConfig.from_dict(state["model_config"], state.get(VERSION_KEY))
@@ -396,6 +425,8 @@ def train(
     def save_checkpoint() -> str | None:
         if checkpoint_path is None:
             return None
+        # Tensors and plain values only (the NumPy random state is a dict of ints and strings, the
+        # schedule's state its step count): read_checkpoint loads them with weights_only=True.
         _atomic_torch_save({
             "format": CHECKPOINT_FORMAT, "step": step, "train_config": config.to_dict(),
             "model_config": net.config.to_dict(), VERSION_KEY: CONFIG_VERSION, "model": net.state_dict(),

@@ -52,8 +52,6 @@ __all__ = [
     "negative_map",
     "pseudo_label_loss",
     "pseudo_label_targets",
-    "reference_dsp_loss",
-    "reference_negative_map",
     "strong_augment",
     "supervised_ce",
     "supervised_targets",
@@ -564,87 +562,6 @@ def dsp_loss(logits: torch.Tensor, t: CropTargets, tag_pooling: str = "mean", ep
 def whole_boxes(boxes: torch.Tensor) -> torch.Tensor:
     """The boxes that give a positive: all, unless a 7th column marks cut boxes with 0."""
     return boxes[boxes[:, 6] != 0] if boxes.shape[1] > 6 else boxes
-
-
-def reference_negative_map(t: CropTargets, C: int, H: int, W: int) -> np.ndarray:
-    """:func:`negative_map` written as a plain per-crop, per-class loop (for tests)."""
-    mask = t.mask.cpu().numpy()
-    B = mask.shape[0]
-    boxes = t.boxes[:, :6].cpu().numpy()
-    points = t.points[:, :4].cpu().numpy()
-    tags = t.tags[:, :7].cpu().numpy()
-    exhaustive = t.box_exhaustive.cpu().numpy()
-    neg = np.zeros((B, C, H, W), bool)
-    for b in range(B):
-        for c in range(C):
-            neg[b, c] |= (mask[b] >= 0) & (mask[b] != c)
-            if exhaustive[b, c]:
-                inside = np.zeros((H, W), bool)
-                for bb, cc, y0, x0, y1, x1 in boxes:
-                    if bb == b and cc == c:
-                        inside[max(y0, 0):max(y1, 0), max(x0, 0):max(x1, 0)] = True
-                neg[b, c] |= ~inside
-            for bb, cc, y, x in points:
-                if bb == b and cc != c and 0 <= y < H and 0 <= x < W:
-                    neg[b, c, y, x] = True
-            for bb, cc, present, y0, x0, y1, x1 in tags:
-                if bb == b and cc == c and not present:
-                    neg[b, c, max(y0, 0):max(y1, 0), max(x0, 0):max(x1, 0)] = True
-    return neg
-
-
-def reference_dsp_loss(logits: torch.Tensor, t: CropTargets, tag_pooling: str = "mean", eps: float = 1e-6,
-                       tag_power: float = 4.0, negative_only_weight: float = 1.0) -> dict[str, torch.Tensor]:
-    """:func:`dsp_loss` written as an obviously correct per-crop, per-class loop in probability
-    space (for tests; slow). Components are labelled per class with ``skimage.measure.label``."""
-    from skimage.measure import label
-
-    B, C, H, W = _check_logits(logits, t)
-    p = torch.softmax(logits, dim=1)
-    neg = torch.from_numpy(reference_negative_map(t, C, H, W)).to(p.device)
-    mask = t.mask.cpu().numpy()
-    per_type: dict[str, list[torch.Tensor]] = {name: [] for name in LOSS_TERMS}
-
-    def add(name: str, positives: list[torch.Tensor]) -> None:
-        if positives:
-            per_type[name].append(torch.stack([-torch.log(q) for q in positives]).mean())
-
-    for b in range(B):
-        for c in range(C):
-            pc = p[b, c]
-            positives_before = sum(len(v) for name, v in per_type.items() if name != "negative")
-            comps = label(mask[b] == c, background=0, connectivity=2)
-            add("mask", [pc[torch.from_numpy(comps == k)].mean() for k in range(1, comps.max() + 1)])
-            boxes = []
-            for bb, cc, y0, x0, y1, x1 in whole_boxes(t.boxes)[:, :6].tolist():
-                y0, x0, y1, x1 = (min(max(v, 0), n) for v, n in ((y0, H), (x0, W), (y1, H), (x1, W)))
-                if bb == b and cc == c and y1 > y0 and x1 > x0:
-                    region = pc[y0:y1, x0:x1]
-                    boxes.append((region.max(dim=0).values.sum() + region.max(dim=1).values.sum())
-                                 / ((y1 - y0) + (x1 - x0)))
-            add("box", boxes)
-            add("point", [pc[y, x] for bb, cc, y, x in t.points[:, :4].tolist()
-                          if bb == b and cc == c and 0 <= y < H and 0 <= x < W])
-            tags = []
-            for bb, cc, present, y0, x0, y1, x1 in t.tags[:, :7].tolist():
-                y0, x0, y1, x1 = (min(max(v, 0), n) for v, n in ((y0, H), (x0, W), (y1, H), (x1, W)))
-                if bb == b and cc == c and present and y1 > y0 and x1 > x0:
-                    region = pc[y0:y1, x0:x1]
-                    if tag_pooling == "mean":
-                        tags.append(region.mean())
-                    elif tag_pooling == "max":
-                        tags.append(region.max())
-                    else:
-                        tags.append(region.pow(tag_power).mean().pow(1.0 / tag_power))
-            add("tag", tags)
-            if neg[b, c].any():
-                has_positive = sum(len(v) for name, v in per_type.items() if name != "negative") > positives_before
-                weight = 1.0 if has_positive else negative_only_weight
-                per_type["negative"].append(weight * torch.log(pc[neg[b, c]].sum() + eps))
-    zero = _zero(logits)
-    out = {name: torch.stack(v).mean() if v else zero for name, v in per_type.items()}
-    out["contrastive"] = out["negative"] + out["mask"] + out["box"] + out["point"] + out["tag"]
-    return out
 
 
 # --------------------------------------------------------------------------------------------
