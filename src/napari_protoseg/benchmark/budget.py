@@ -932,7 +932,7 @@ def protoseg_instance_figures(model, raw_test: np.ndarray, classes: np.ndarray, 
     """Instance figures (of class ``class_id``, by default mitochondria) of a trained model for each
     decoder: ``wise`` (with instance heads), ``watershed`` and ``components`` (both of the class map
     ``classes``), each with its decoding time in seconds."""
-    from napari_protoseg.prediction.pipeline import predict_instances
+    from napari_protoseg.prediction.pipeline import DecoderSettings, predict_instances
 
     if class_id not in model.instance_class_ids:
         return {}
@@ -940,7 +940,7 @@ def protoseg_instance_figures(model, raw_test: np.ndarray, classes: np.ndarray, 
     out = {}
     for decoder in decoders:
         start = time.perf_counter()
-        prediction = predict_instances(model, raw_test, decoder=decoder,
+        prediction = predict_instances(model, raw_test, DecoderSettings(decoder=decoder),
                                        class_map=None if decoder == "wise" else classes)
         labels = prediction.labels
         if len(model.instance_class_ids) > 1:  # the objects of the other instance classes are not scored

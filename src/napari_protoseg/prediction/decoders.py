@@ -1,9 +1,9 @@
 """Instance labels for the classes flagged ``instances: true``: the WISE-Net decoder, plain decoders
-of the semantic class map, linking planes into 3D objects, and one entry point that applies a model.
+of the semantic class map, linking planes into 3D objects, and the objects' size floors.
 
-Pure NumPy/scikit-image (the entry point :func:`predict_instances` runs the network through
-:mod:`napari_protoseg.prediction.tiling`). Instances are decoded per plane; every object gets its own id
-(unique over the whole array, 0 = background).
+Pure NumPy/scikit-image; :mod:`napari_protoseg.prediction.pipeline` applies them to a model's
+prediction. Instances are decoded per plane; every object gets its own id (unique over the whole
+array, 0 = background).
 
 Decoders:
 
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -29,32 +28,17 @@ from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import connected_components
 from skimage.measure import label
 from skimage.morphology import h_maxima
-from skimage.segmentation import watershed
+from skimage.segmentation import relabel_sequential, watershed
 
-__all__ = ["DECODERS", "PLAIN_DECODERS", "PixelEmbeddings", "annotated_min_size",
+from napari_protoseg.prediction import DECODERS, DEFAULT_DECODER, PLAIN_DECODERS
+
+__all__ = ["DECODERS", "DEFAULT_DECODER", "PLAIN_DECODERS", "PixelEmbeddings", "annotated_min_size",
            "annotated_object_areas", "areas_at_points", "link_planes", "min_object_sizes",
-           "min_size_from_p10", "object_area_summary", "plain_instances", "relabel_sequential",
-           "sizes_at_points", "wise_instances"]
+           "min_size_from_p10", "object_area_summary", "plain_instances", "sizes_at_points",
+           "wise_instances"]
 
-PLAIN_DECODERS = ("components", "watershed")
-DECODERS = ("wise", *PLAIN_DECODERS)
 _CROSS = ndi.generate_binary_structure(2, 1)
-# Connected components of the class map with the size floor: on mitochondria of the validation split
-# (models trained on rows 0-767 of sections 0-9, scored on rows 768-1023) the WISE decoder matched as
-# many or slightly fewer (AP50 mixed 0.086 vs 0.089, masks+points 0.062 vs 0.065): its localization
-# map rarely finds two objects in one part of the class map. The watershed splits elongated ones.
-DEFAULT_DECODER = "components"
-# The WISE decoder's defaults (wise_instances), chosen with models trained on the synthetic stack of
-# sample seed 0 (points only) scored on that of seed 2, and on the VNC validation split (seed 0):
-# merging seeds whose pixels' mean embeddings are alike (S > 0.5): AP50 / touching recall on the
-# synthetic stack 0.471 / 0.429 -> 0.521 / 0.524, VNC masks+points AP50 0.460 -> 0.474, points-only
-# 0.041 -> 0.041. Seeds from the distance transform as well (merged at 0.5 / 0.2 / 0.1): synthetic
-# 0.401 / 0.519 / 0.541 with touching recall 0.714 / 0.619 / 0.571, but VNC masks+points 0.438 /
-# 0.465 / 0.469 and points-only 0.008 / 0.013 / 0.018 (the points-only class map is ragged and its
-# shape proposes many seeds): off. The plain decoders on the same maps: synthetic components 0.608 /
-# 0.333, watershed 0.590 / 0.571; VNC masks+points 0.474 / 0.410, points-only 0.049 / 0.044.
-WISE_MERGE_SIMILARITY: float | None = 0.5
-WISE_SHAPE_SEEDS = False
+# The size floor (pixels) of a class whose objects nothing measured.
 DEFAULT_MIN_SIZE = 16
 # An object smaller than this share of the annotated objects' 10th-percentile area is dropped. 0.5
 # rather than 0.25: on 19 saved class maps of the validation split (9 configurations, masks, full,
@@ -241,14 +225,6 @@ def plain_instances(class_map: np.ndarray, instance_class_ids: Iterable[int], me
     return out[0] if class_map.ndim == 2 else out
 
 
-def relabel_sequential(labels: np.ndarray) -> np.ndarray:
-    """The same objects with ids 1..n (0 stays background)."""
-    ids, inverse = np.unique(labels, return_inverse=True)
-    if ids[0] != 0:
-        inverse = inverse + 1
-    return inverse.reshape(labels.shape).astype(np.uint32)
-
-
 def link_planes(labels: np.ndarray, min_overlap: float = 0.3) -> np.ndarray:
     """Link per-plane instances of a (Z, Y, X) stack into 3D objects by overlap.
 
@@ -294,7 +270,7 @@ def link_planes(labels: np.ndarray, min_overlap: float = 0.3) -> np.ndarray:
         current = lut[plane]
         out[z] = current
         previous = current
-    return relabel_sequential(out)
+    return relabel_sequential(out)[0].astype(np.uint32, copy=False)
 
 
 # ------------------------------------------------------------------------------ WISE decoder
