@@ -585,12 +585,12 @@ class _BlobNet(torch.nn.Module):
 
 
 def test_predict_instances_with_the_wise_decoder_gives_unique_ids_on_the_instance_class_only():
-    from napari_protoseg.prediction.pipeline import predict_instances
+    from napari_protoseg.prediction.pipeline import DecoderSettings, predict_instances
 
     classes = [ClassInfo(1, "cytoplasm"), ClassInfo(3, "membrane"), ClassInfo(7, "mitochondrion", instances=True)]
     model = TrainedModel(net=_BlobNet(), classes=classes, normalization=Normalization(0.0, 255.0))
     image = smooth_image((3, 64, 80), seed=5, sigma=4.0)
-    result = predict_instances(model, image, tile=128, overlap=16, min_size=4, decoder="wise")
+    result = predict_instances(model, image, DecoderSettings(decoder="wise", min_size=4), tile=128, overlap=16)
     assert result.decoder == "wise" and result.labels.shape == image.shape and result.labels.dtype == np.uint32
     assert np.all(result.classes[result.labels > 0] == 7)
     ids = [set(np.unique(p[p > 0]).tolist()) for p in result.labels]
@@ -602,9 +602,10 @@ def test_predict_instances_with_the_wise_decoder_gives_unique_ids_on_the_instanc
         most = sum(max(1, len(np.unique(blobs[(parts == p) & (blobs > 0)]))) for p in range(1, n_parts + 1))
         large = int(np.count_nonzero(np.bincount(parts.ravel())[1:] >= 4))
         assert large <= len(ids[z]) <= most, (z, large, len(ids[z]), most)
-    linked = predict_instances(model, image, tile=128, overlap=16, min_size=4, link_3d=True, decoder="wise")
+    linked = predict_instances(model, image, DecoderSettings(decoder="wise", min_size=4, link_3d=True), tile=128,
+                               overlap=16)
     assert linked.linked_3d and len(np.unique(linked.labels)) <= len(np.unique(result.labels))
-    plane = predict_instances(model, image[0], tile=128, overlap=16, min_size=4, decoder="wise")
+    plane = predict_instances(model, image[0], DecoderSettings(decoder="wise", min_size=4), tile=128, overlap=16)
     np.testing.assert_array_equal(plane.labels > 0, result.labels[0] > 0)
     # unasked, even a model with instance heads gets the decoder the benchmark measures best
     assert predict_instances(model, image[0], tile=128, overlap=16).decoder == "components"

@@ -70,7 +70,7 @@ def test_link_planes_continues_an_object_into_one_object_only():
 # ------------------------------------------------------------------------------ WISE decoder
 
 from napari_protoseg.prediction.decoders import PixelEmbeddings, wise_instances  # noqa: E402
-from napari_protoseg.prediction.pipeline import predict_instances  # noqa: E402
+from napari_protoseg.prediction.pipeline import DecoderSettings, PredictionError, predict_instances  # noqa: E402
 
 
 def _touching_discs(shape=(64, 96)):
@@ -198,13 +198,14 @@ def test_predict_instances_decodes_a_given_class_map_and_links_planes_on_request
     per_plane = predict_instances(_ModelWithoutHeads(), image, class_map=stack)
     assert per_plane.decoder == "components" and not per_plane.linked_3d
     assert per_plane.labels[0, 10, 10] != per_plane.labels[1, 10, 10]
-    linked = predict_instances(_ModelWithoutHeads(), image, class_map=stack, decoder="components", link_3d=True)
+    linked = predict_instances(_ModelWithoutHeads(), image, DecoderSettings(decoder="components", link_3d=True),
+                               class_map=stack)
     assert linked.linked_3d and linked.labels[0, 10, 10] == linked.labels[1, 10, 10]
     assert len(np.unique(linked.labels)) == 3
-    with pytest.raises(ValueError, match="needs a model with instance heads"):
-        predict_instances(_ModelWithoutHeads(), image, class_map=stack, decoder="wise")
-    with pytest.raises(ValueError, match="unknown instance decoder"):
-        predict_instances(_ModelWithoutHeads(), image, class_map=stack, decoder="magic")
+    with pytest.raises(PredictionError, match="needs a model with instance heads"):
+        predict_instances(_ModelWithoutHeads(), image, DecoderSettings(decoder="wise"), class_map=stack)
+    with pytest.raises(PredictionError, match="unknown instance decoder"):
+        predict_instances(_ModelWithoutHeads(), image, DecoderSettings(decoder="magic"), class_map=stack)
 
 
 def test_watershed_keeps_an_elongated_unevenly_wide_object_whole():
@@ -265,14 +266,14 @@ def test_decoders_drop_objects_far_smaller_than_the_annotated_ones():
     classes = np.zeros((1, 80, 80), np.uint8)
     classes[0, 5:25, 5:35] = 3  # 600 px: kept
     classes[0, 50:60, 50:60] = 3  # 100 px: a fragment far below half the annotated objects
-    labels = predict_instances(_ModelWithSizes(1000.0), np.zeros_like(classes), class_map=classes,
-                               decoder="components").labels
+    labels = predict_instances(_ModelWithSizes(1000.0), np.zeros_like(classes), DecoderSettings(decoder="components"),
+                               class_map=classes).labels
     assert labels[0, 10, 10] > 0 and labels[0, 55, 55] == 0
-    kept_without_sizes = predict_instances(_ModelWithoutHeads(), np.zeros_like(classes), class_map=classes,
-                                           decoder="components").labels
+    kept_without_sizes = predict_instances(_ModelWithoutHeads(), np.zeros_like(classes),
+                                           DecoderSettings(decoder="components"), class_map=classes).labels
     assert kept_without_sizes[0, 55, 55] > 0
-    explicit = predict_instances(_ModelWithSizes(1000.0), np.zeros_like(classes), class_map=classes,
-                                 decoder="components", min_size=50).labels
+    explicit = predict_instances(_ModelWithSizes(1000.0), np.zeros_like(classes),
+                                 DecoderSettings(decoder="components", min_size=50), class_map=classes).labels
     assert explicit[0, 55, 55] > 0
 
 

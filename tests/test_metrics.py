@@ -148,10 +148,10 @@ def test_instance_figures_score_only_the_objects_of_the_class_asked_for(monkeypa
     classes[0, 5:15, 20:30] = 4
     truth = (classes == 3).astype(np.int32)
 
-    def fake_predict(model, image, decoder=None, class_map=None, **kwargs):
+    def fake_predict(model, image, settings, class_map=None, **kwargs):
         labels = np.zeros(classes.shape, np.uint32)
         labels[classes == 3], labels[classes == 4] = 1, 2
-        return pipeline.InstancePrediction(labels, None, None, decoder, False, 1, 1)
+        return pipeline.InstancePrediction(labels, None, None, settings.decoder, False, 1, 1)
 
     monkeypatch.setattr(pipeline, "predict_instances", fake_predict)
     model = types.SimpleNamespace(instance_class_ids=[3, 4], has_instance_heads=False)

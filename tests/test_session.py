@@ -1,14 +1,12 @@
 """The panel's workflow without Qt: layers -> annotations, input checks, tags, classes, accepting,
-edit tracking, autosave, and the training / prediction generators the panel runs in workers."""
-
-from dataclasses import replace
+edit tracking, autosave, and the training generator the panel runs in a worker (its prediction
+pipeline: test_pipeline.py)."""
 
 import numpy as np
 import pytest
 from napari.components import ViewerModel
 from napari.layers import Layer
 
-from napari_protoseg.plugin import session as session_module
 from napari_protoseg.plugin.layers import annotation_layers
 from napari_protoseg.annotations.project import ClassInfo, read_project
 from napari_protoseg.annotations.synthetic import SAMPLE_CLASSES, generate_sample
@@ -18,15 +16,15 @@ from napari_protoseg.plugin.session import (
     PREDICTION_CONFIDENCE,
     PREDICTION_INSTANCES,
     PREDICTION_SEMANTIC,
-    PredictionPiece,
     PreviewTarget,
     Session,
     SessionError,
     model_info_text,
-    prediction_run,
+    prediction_settings,
     training_run,
 )
 from napari_protoseg.model.network import ModelConfig
+from napari_protoseg.prediction.pipeline import PredictionPiece, prediction_run
 from napari_protoseg.training.engine import TrainConfig
 
 TINY = TrainConfig(steps=6, batch_size=2, crop_size=64,
@@ -382,82 +380,6 @@ def test_continue_without_a_model_says_to_train_first(sample):
         Session(sample_viewer(sample)).continue_plan()
 
 
-@pytest.mark.parametrize("scope, expected_pieces", [("plane", 1), ("region", 1), ("stack", 4)])
-def test_prediction_runs_give_class_ids_instances_and_confidence_per_plane(sample, model, scope, expected_pieces):
-    pieces = list(prediction_run(model, sample.image, scope, z=1, region=(8, 16, 40, 56)))
-    assert len(pieces) == expected_pieces
-    first = pieces[0]
-    expected_shape = (32, 40) if scope == "region" else (96, 96)
-    assert first.semantic.shape == first.instances.shape == first.confidence.shape == expected_shape
-    assert first.origin == ((8, 16) if scope == "region" else (0, 0))
-    assert set(np.unique(first.semantic)) <= {1, 2, 3, 4}
-    assert np.all(first.semantic[first.instances > 0] == 3)  # only mitochondria have instances
-    if scope == "stack":
-        assert [p.z for p in pieces[:3]] == [0, 1, 2]
-        assert pieces[-1].linked_instances.shape == (3, 96, 96)
-
-
-def test_a_stopped_stack_prediction_ends_between_planes(sample, model):
-    pieces = []
-    for piece in prediction_run(model, sample.image, "stack", stop=lambda: len(pieces) >= 1):
-        pieces.append(piece)
-    assert [p.z for p in pieces] == [0]
-
-
-def test_every_prediction_gets_its_instances_from_the_one_decoding_function(sample, model, monkeypatch):
-    calls = []
-
-    def fake_decoder(model, image, class_map, z, region, decoder, tta=False, maps=None):
-        calls.append((z, region, decoder))
-        return np.full(class_map.shape, 5, np.uint32)
-
-    monkeypatch.setattr(session_module, "decode_instances", fake_decoder)
-    pieces = list(prediction_run(model, sample.image, "region", z=2, region=(0, 0, 32, 48), decoder="components"))
-    assert calls == [(2, (0, 0, 32, 48), "components")]
-    assert np.all(pieces[0].instances == 5)
-
-
-def test_an_unknown_decoder_is_named_with_the_choices(sample, model):
-    with pytest.raises(SessionError, match="Unknown instance decoder 'magic'; choose one of wise, components, "
-                                           "watershed"):
-        list(prediction_run(model, sample.image, "plane", z=0, decoder="magic"))
-
-
-def test_the_learned_wise_decoder_gives_instances_of_the_region_inside_instance_classes(sample, model):
-    assert model.has_instance_heads
-    piece = next(prediction_run(model, sample.image, "region", z=1, region=(8, 16, 72, 80), decoder="wise"))
-    assert piece.instances.dtype == np.uint32 and piece.instances.shape == (64, 64)
-    instance_ids = [c.id for c in model.classes if c.instances]
-    assert not np.any(piece.instances[~np.isin(piece.semantic, instance_ids)])
-    ids = np.unique(piece.instances)
-    assert list(ids[ids > 0]) == list(range(1, len(ids[ids > 0]) + 1))  # consecutive ids
-
-
-def test_the_wise_decoder_predicts_a_whole_plane_once(sample, model, monkeypatch):
-    """For a plane, the 'wise' decoder's instance maps also give the semantic prediction (the same
-    classes as predict_plane): the network runs over the plane once, not twice."""
-    from napari_protoseg.prediction.tiling import predict_plane
-
-    expected = predict_plane(model, sample.image, 1)
-    passes = []
-    real_maps = session_module.predict_instance_maps
-    monkeypatch.setattr(session_module, "predict_plane", lambda *a, **k: passes.append("plane"))
-    monkeypatch.setattr(session_module, "predict_instance_maps",
-                        lambda *a, **k: passes.append("maps") or real_maps(*a, **k))
-    piece = next(prediction_run(model, sample.image, "plane", z=1, decoder="wise"))
-    assert passes == ["maps"]
-    np.testing.assert_array_equal(piece.semantic, expected.classes)
-    np.testing.assert_allclose(piece.confidence, expected.confidence, atol=1e-6)
-    instance_ids = [c.id for c in model.classes if c.instances]
-    assert not np.any(piece.instances[~np.isin(piece.semantic, instance_ids)])
-
-
-def test_the_wise_decoder_explains_that_it_needs_instance_heads(sample):
-    *_, last = training_run(sample.image, sample.annotations, replace(TINY, steps=1, instance_heads=False))
-    with pytest.raises(SessionError, match="needs a model trained with a class flagged as instances"):
-        list(prediction_run(last.event.model, sample.image, "plane", z=0, decoder="wise"))
-
-
 def test_the_model_info_says_classes_annotation_counts_and_steps(model):
     text = model_info_text(model, "Loaded from m.protoseg.pt")
     assert "Loaded from m.protoseg.pt" in text
@@ -483,7 +405,7 @@ def test_a_single_2d_image_goes_through_training_prediction_and_accepting(tmp_pa
     assert image.ndim == 2 and session.current_plane() is None
     *_, last = training_run(image, annotations, TINY, snapshot=session.snapshot(image, annotations))
     session.set_model(last.event.model)
-    (piece,) = prediction_run(session.check_model(), image, "plane")
+    (piece,) = prediction_run(session.check_model(), image, "plane", settings=prediction_settings())
     assert piece.z is None and piece.semantic.shape == (96, 96)
     session.write_prediction(piece)
     assert session.viewer.layers[PREDICTION_SEMANTIC].data.shape == (96, 96)

@@ -343,10 +343,12 @@ def test_the_test_time_augmentation_box_makes_predictions_average_eight_passes(
     assert not widget.tta_check.isChecked() and not widget.session.test_time_augmentation
     widget.tta_check.setChecked(True)
     assert widget.session.test_time_augmentation
+    from napari_protoseg.prediction import pipeline
+
     asked = []
-    real_predict_plane = session_module.predict_plane
-    monkeypatch.setattr(session_module, "predict_plane",
-                        lambda *args, **kwargs: asked.append(kwargs.get("tta")) or real_predict_plane(*args, **kwargs))
+    real_predict_planes = pipeline.predict_planes
+    monkeypatch.setattr(pipeline, "predict_planes",
+                        lambda *args, **kwargs: asked.append(kwargs.get("tta")) or real_predict_planes(*args, **kwargs))
     qtbot.mouseClick(widget.predict_buttons["plane"], Qt.MouseButton.LeftButton)
     wait_idle(qtbot, widget)
     assert asked == [True]
@@ -354,6 +356,21 @@ def test_the_test_time_augmentation_box_makes_predictions_average_eight_passes(
     expected = predict_plane(widget.session.check_model(), small_sample.image, z, tta=True).classes
     # (The worker thread's float sums may differ in the last bit: a near-tie pixel can flip.)
     assert np.mean(viewer.layers[PREDICTION_SEMANTIC].data[z] != expected) < 1e-3
+
+
+def test_the_wise_decoder_without_instance_heads_is_a_message_before_any_prediction(
+        make_napari_viewer, qtbot, sample_folder, small_sample, tmp_path):
+    *_, last = session_module.training_run(small_sample.image, small_sample.annotations,
+                                           replace(TINY, steps=1, instance_heads=False))
+    viewer, widget = open_panel(make_napari_viewer, sample_folder)
+    assert widget.load_model_from(save_model(tmp_path / "plain.protoseg.pt", last.event.model))
+    widget.decoder_combo.setCurrentText("wise")
+    assert widget.session.decoder == "wise"
+    since = len(notification_manager.records)
+    qtbot.mouseClick(widget.predict_buttons["plane"], Qt.MouseButton.LeftButton)
+    errors = new_notifications(since, "error")
+    assert errors and "The 'wise' instance decoder needs a model with instance heads" in errors[-1]
+    assert PREDICTION_SEMANTIC not in viewer.layers and not widget._busy()
 
 
 def test_the_panel_trains_within_five_minutes_by_default_and_the_limit_can_be_changed(

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from napari_protoseg._text import format_duration, format_ranges
 from napari_protoseg.annotations.project import ProjectError, read_annotations
+from napari_protoseg.prediction import DECODERS
 
 # TrainConfig.steps and training.CUDA_STEPS, restated so that --help need not import PyTorch (a test
 # keeps them equal).
@@ -438,15 +439,12 @@ def _write_prediction(folder: Path, prediction, model, instances=None) -> dict[s
     return paths
 
 
-def _predict_with_progress(model, image, device, decoder: str | None = None, link_3d: bool = False,
-                           tta: bool = False):
-    """(semantic prediction, instances or None, seconds). The 'wise' decoder's pass also gives the
-    semantic prediction; the plain decoders decode the class map of :func:`predict_volume`. ``tta``:
-    test-time augmentation."""
-    import numpy as np
-
-    from napari_protoseg.prediction.tiling import predict_volume
+def _predict_with_progress(model, image, device, settings):
+    """(semantic prediction, instances or None, seconds): the prediction pipeline's classes,
+    confidence and instances of every plane decoded with ``settings`` (a DecoderSettings; the panel's
+    pipeline), or for a model without instance classes the semantic prediction alone."""
     from napari_protoseg.prediction.pipeline import predict_instances
+    from napari_protoseg.prediction.tiling import predict_volume
 
     n_planes = int(image.shape[0]) if len(image.shape) == 3 else 1
     bar = _progress_bar(n_planes, 0, "predicting", "plane")
@@ -458,34 +456,32 @@ def _predict_with_progress(model, image, device, decoder: str | None = None, lin
     started = time.perf_counter()
     instances = None
     try:
-        if decoder == "wise":
-            instances = predict_instances(model, image, decoder="wise", link_3d=link_3d, progress=progress,
-                                          device=device, tta=tta)
-            prediction = instances
+        if model.instance_class_ids:
+            instances = prediction = predict_instances(model, image, settings, progress=progress, device=device)
         else:
-            prediction = predict_volume(model, image, progress=progress, device=device, tta=tta)
-            if decoder is not None:
-                instances = predict_instances(model, image, decoder=decoder, link_3d=link_3d,
-                                              class_map=np.asarray(prediction.classes))
+            prediction = predict_volume(model, image, progress=progress, device=device, tta=settings.tta)
     finally:
         bar.close()
     return prediction, instances, time.perf_counter() - started
 
 
-def _instance_decoder(model, requested: str | None) -> str | None:
-    """The decoder 'protoseg predict' uses: the one asked for, else the default (connected
-    components); None when the model has no class flagged 'instances'."""
-    from napari_protoseg.prediction.pipeline import default_decoder
+def _decoder_settings(model, decoder: str | None = None, link_3d: bool = False, tta: bool = False):
+    """The DecoderSettings of 'protoseg predict': the decoder asked for, else the default (connected
+    components), checked against the model; CliError for options the model cannot go with."""
+    from napari_protoseg.prediction.pipeline import DecoderSettings, PredictionError, check_decoder
 
     if not model.instance_class_ids:
-        if requested is not None:
-            raise CliError(f"--instance-decoder {requested}: the model has no class flagged 'instances', so "
+        if decoder is not None:
+            raise CliError(f"--instance-decoder {decoder}: the model has no class flagged 'instances', so "
                            "there are no objects to separate. Flag the class in classes.json and train again.")
-        return None
-    if requested == "wise" and not model.has_instance_heads:
-        raise CliError("--instance-decoder wise needs a model with instance heads; this model has none (it was "
-                       "trained without them). Use --instance-decoder watershed or components, or train again.")
-    return requested or default_decoder(model)
+        if link_3d:
+            raise CliError("--link-3d: the model has no class flagged 'instances', so there are no objects to link")
+    settings = DecoderSettings(link_3d=link_3d, tta=tta, **({"decoder": decoder} if decoder else {}))
+    try:
+        check_decoder(model, settings)
+    except PredictionError as err:
+        raise CliError(f"--instance-decoder {settings.decoder}: {err}") from None
+    return settings
 
 
 def _class_fractions(classes, model) -> str:
@@ -496,13 +492,13 @@ def _class_fractions(classes, model) -> str:
     return ", ".join(f"{c.name} {100 * counts[c.id] / total:.1f} %" for c in model.classes)
 
 
-def _instance_summary(instances, model, decoder: str) -> str:
+def _instance_summary(instances, model) -> str:
     import numpy as np
 
     n_objects = len(np.unique(instances.labels)) - int((instances.labels == 0).any())
     kind = "3D objects (linked across planes)" if instances.linked_3d else "objects"
     return (f"instances: {n_objects} {kind} of {', '.join(c.name for c in model.classes if c.instances)} "
-            f"({decoder} decoder)")
+            f"({instances.decoder} decoder)")
 
 
 def cmd_predict(args) -> int:
@@ -516,21 +512,19 @@ def cmd_predict(args) -> int:
         if messages:
             raise CliError(f"the model {args.model} was trained for other classes than the project "
                            f"{args.image}", messages)
-    decoder = _instance_decoder(model, args.instance_decoder)
-    if args.link_3d and decoder is None:
-        raise CliError("--link-3d: the model has no class flagged 'instances', so there are no objects to link")
+    settings = _decoder_settings(model, args.instance_decoder, args.link_3d, args.tta)
     out = _prepare_output_folder(Path(args.out), "output folder")
     shape = " x ".join(str(int(s)) for s in image.shape)
     augmented = " with test-time augmentation (8 passes)" if args.tta else ""
     print(f"predicting {args.image} ({shape}) with {args.model} on {device}{augmented}", file=sys.stderr)
-    prediction, instances, seconds = _predict_with_progress(model, image, device, decoder, args.link_3d, args.tta)
+    prediction, instances, seconds = _predict_with_progress(model, image, device, settings)
     paths = _write_prediction(out, prediction, model, instances)
     took = format_duration(seconds, decimals=1)
     print(f"predicted {prediction.planes_done} plane(s) of {shape} in {took} on {device}")
     print(f"classes: {_class_fractions(prediction.classes, model)}")
     print(f"mean confidence: {float(prediction.confidence.mean()):.3f}")
     if instances is not None:
-        print(_instance_summary(instances, model, decoder))
+        print(_instance_summary(instances, model))
     for path in paths.values():
         print(f"wrote {path}")
     return EXIT_OK
@@ -666,8 +660,8 @@ def _demo_headless(args) -> int:
     save_model(model_path, model)
     checkpoint.unlink(missing_ok=True)
 
-    decoder = _instance_decoder(model, None)
-    prediction, instances, predict_seconds = _predict_with_progress(model, project.image, device, decoder)
+    prediction, instances, predict_seconds = _predict_with_progress(model, project.image, device,
+                                                                    _decoder_settings(model))
     pred_dir = _prepare_output_folder(out / "prediction", "prediction folder")
     _write_prediction(pred_dir, prediction, model, instances)
 
@@ -676,7 +670,7 @@ def _demo_headless(args) -> int:
                              outcome.losses.get("total"), predict_seconds)
     print("\n".join(lines))
     if instances is not None:
-        print(_instance_summary(instances, model, decoder))
+        print(_instance_summary(instances, model))
         print("\n".join(demo_instance_lines(model, project.image, prediction.classes, sample.instances,
                                             MITOCHONDRION)))
     print(f"model: {model_path}")
@@ -749,7 +743,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", required=True, metavar="DIR", help="folder for the results")
     predict.add_argument("--device", choices=DEVICES, default="auto",
                          help="where to predict (default: auto)")
-    predict.add_argument("--instance-decoder", choices=("wise", "watershed", "components"), default=None,
+    predict.add_argument("--instance-decoder", choices=DECODERS, default=None,
                          help="how instances.tif separates objects: components (connected components of "
                               "the class map; the default), watershed (distance-transform split of the class "
                               "map) or wise (learned seeds and embeddings; models with instance heads)")

@@ -23,7 +23,7 @@ def decoder_figures(model, image: np.ndarray, class_map: np.ndarray, truth: np.n
     out = {}
     for decoder in decoders:
         start = time.perf_counter()
-        prediction = pipeline.predict_instances(model, image, decoder=decoder,
+        prediction = pipeline.predict_instances(model, image, pipeline.DecoderSettings(decoder=decoder),
                                                 class_map=None if decoder == "wise" else class_map)
         labels = prediction.labels
         if len(model.instance_class_ids) > 1:  # the objects of the other instance classes are not scored

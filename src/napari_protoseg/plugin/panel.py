@@ -50,10 +50,11 @@ from napari_protoseg._text import format_duration
 from napari_protoseg.plugin.layers import METADATA_KEY, classes_from_metadata
 from napari_protoseg.model.file import MODEL_SUFFIX, ModelFileError, check_model_classes, load_model, save_model
 from napari_protoseg.annotations.project import ProjectError
+from napari_protoseg.prediction import DECODERS
+from napari_protoseg.prediction.pipeline import PredictionError, prediction_run
 from napari_protoseg.plugin.session import (
     ANNOTATION_ROLES,
     AUTOSAVE_SECONDS,
-    INSTANCE_DECODERS,
     PREDICTION_LAYERS,
     PREDICTION_SEMANTIC,
     TAG_STATES,
@@ -61,7 +62,7 @@ from napari_protoseg.plugin.session import (
     Session,
     SessionError,
     default_projects_dir,
-    prediction_run,
+    prediction_settings,
     training_run,
 )
 from napari_protoseg.training.engine import TrainConfig, training_notes
@@ -537,7 +538,7 @@ class ProtosegWidget(QWidget):
         row = QHBoxLayout()
         row.addWidget(QLabel("Instances by"))
         self.decoder_combo = QComboBox()
-        self.decoder_combo.addItems(list(INSTANCE_DECODERS))
+        self.decoder_combo.addItems(list(DECODERS))
         self.decoder_combo.setCurrentText(self.session.decoder)
         self.decoder_combo.currentTextChanged.connect(lambda text: setattr(self.session, "decoder", text))
         row.addWidget(self.decoder_combo, 1)
@@ -1143,7 +1144,9 @@ class ProtosegWidget(QWidget):
             image = self.session.image()
             z = self.session.current_plane()
             region = self.session.visible_region() if scope == "region" else None
-        except SessionError as err:
+            settings = prediction_settings(self.session.decoder, self.session.test_time_augmentation)
+            run = prediction_run(model, image, scope, z, region, settings, stop=self._stop_prediction.is_set)
+        except (SessionError, PredictionError) as err:
             return give_up("error", str(err))
         edited = self.session.prediction_layers_edited()
         if edited:
@@ -1163,9 +1166,7 @@ class ProtosegWidget(QWidget):
 
         def start_worker():
             worker = _stoppable_worker(
-                prediction_run(model, image, scope, z, region, self.session.decoder,
-                               stop=self._stop_prediction.is_set, tta=self.session.test_time_augmentation),
-                self._prediction_done, self._stop_prediction, yielded=self._on_prediction_piece,
+                run, self._prediction_done, self._stop_prediction, yielded=self._on_prediction_piece,
                 errored=lambda err: self._worker_failed("Prediction", err), finished=self._on_prediction_finished)
             self._predict_worker = worker
             self._background_started()

@@ -1,9 +1,9 @@
 """Instance labels for the classes flagged ``instances: true``: the WISE-Net decoder, plain decoders
-of the semantic class map, linking planes into 3D objects, and one entry point that applies a model.
+of the semantic class map, linking planes into 3D objects, and the objects' size floors.
 
-Pure NumPy/scikit-image (the entry point :func:`predict_instances` runs the network through
-:mod:`napari_protoseg.prediction.tiling`). Instances are decoded per plane; every object gets its own id
-(unique over the whole array, 0 = background).
+Pure NumPy/scikit-image; :mod:`napari_protoseg.prediction.pipeline` applies them to a model's
+prediction. Instances are decoded per plane; every object gets its own id (unique over the whole
+array, 0 = background).
 
 Decoders:
 
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -29,23 +28,17 @@ from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import connected_components
 from skimage.measure import label
 from skimage.morphology import h_maxima
-from skimage.segmentation import watershed
+from skimage.segmentation import relabel_sequential, watershed
 
-__all__ = ["DECODERS", "PLAIN_DECODERS", "PixelEmbeddings", "annotated_min_size",
+from napari_protoseg.prediction import DECODERS, DEFAULT_DECODER, PLAIN_DECODERS
+
+__all__ = ["DECODERS", "DEFAULT_DECODER", "PLAIN_DECODERS", "PixelEmbeddings", "annotated_min_size",
            "annotated_object_areas", "areas_at_points", "link_planes", "min_object_sizes",
-           "min_size_from_p10", "object_area_summary", "plain_instances", "relabel_sequential",
-           "sizes_at_points", "wise_instances"]
+           "min_size_from_p10", "object_area_summary", "plain_instances", "sizes_at_points",
+           "wise_instances"]
 
-PLAIN_DECODERS = ("components", "watershed")
-DECODERS = ("wise", *PLAIN_DECODERS)
 _CROSS = ndi.generate_binary_structure(2, 1)
-# The decoder used when none is asked for: connected components of the class map with the size
-# floor (why: docs/decisions.md, as for every default below).
-DEFAULT_DECODER = "components"
-# The WISE decoder's defaults (wise_instances): seeds whose pixels' mean embeddings are more alike
-# than this (S) are merged (None: never); seeds from the distance transform as well, or not.
-WISE_MERGE_SIMILARITY: float | None = 0.5
-WISE_SHAPE_SEEDS = False
+# The size floor (pixels) of a class whose objects nothing measured.
 DEFAULT_MIN_SIZE = 16
 # An object smaller than this share of the annotated objects' 10th-percentile area is dropped.
 MIN_SIZE_SHARE = 0.5
@@ -224,14 +217,6 @@ def plain_instances(class_map: np.ndarray, instance_class_ids: Iterable[int], me
     return out[0] if class_map.ndim == 2 else out
 
 
-def relabel_sequential(labels: np.ndarray) -> np.ndarray:
-    """The same objects with ids 1..n (0 stays background)."""
-    ids, inverse = np.unique(labels, return_inverse=True)
-    if ids[0] != 0:
-        inverse = inverse + 1
-    return inverse.reshape(labels.shape).astype(np.uint32)
-
-
 def link_planes(labels: np.ndarray, min_overlap: float = 0.3) -> np.ndarray:
     """Link per-plane instances of a (Z, Y, X) stack into 3D objects by overlap.
 
@@ -277,7 +262,7 @@ def link_planes(labels: np.ndarray, min_overlap: float = 0.3) -> np.ndarray:
         current = lut[plane]
         out[z] = current
         previous = current
-    return relabel_sequential(out)
+    return relabel_sequential(out)[0].astype(np.uint32, copy=False)
 
 
 # ------------------------------------------------------------------------------ WISE decoder

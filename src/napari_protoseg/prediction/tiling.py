@@ -49,6 +49,7 @@ __all__ = [
     "predict_instance_maps",
     "predict_instance_maps_of_planes",
     "predict_plane",
+    "predict_planes",
     "predict_region",
     "predict_volume",
     "receptive_radius",
@@ -467,6 +468,36 @@ def predict_region(model: TrainedModel, volume, z: int | None, y0: int, x0: int,
     classes, confidence = _decide(probs, np.asarray(ids, dtype=label_dtype(max(ids))))
     return PlanePrediction(probabilities=probs, classes=classes, confidence=confidence,
                            class_ids=ids, origin=(y0, x0))
+
+
+def predict_planes(model: TrainedModel, image, planes=None, *, tile: int = 512, overlap: int = 64, device=None,
+                   batch_size: int = 4, stop: Callable[[], bool] | None = None,
+                   tta: bool = False) -> Iterator[tuple[int, PlanePrediction]]:
+    """Yield ``(z, PlanePrediction)`` for the whole planes ``planes`` (default: all) of a plane or
+    stack, one after another: the numbers of :func:`predict_plane`, with a lazy stack read as
+    :func:`predict_volume` reads it (each plane once). ``stop()`` is checked before each plane and
+    each row of tiles; a plane it interrupts is not yielded. ``tta``: test-time augmentation."""
+    _check_tiling(tile, overlap)
+    batch_size = _check_batch(batch_size)
+    source = _Source(image, model.context, cache_planes=True)
+    height, width = source.plane_shape
+    ids = model.class_ids
+    lut = np.asarray(ids, dtype=label_dtype(max(ids)))
+    planes = range(source.n_planes) if planes is None else [_check_z(source, z) for z in planes]
+    with _Runner(model, device, tta) as runner:
+        for z in planes:
+            if stop is not None and stop():
+                return
+            source.begin_plane(z)
+            probs = np.empty((runner.n_classes, height, width), np.float32)
+            try:
+                for r0, r1, band in _plane_bands(runner, source, z, (0, 0, height, width), tile, overlap,
+                                                 batch_size, stop):
+                    probs[:, r0:r1] = band
+            except _Stopped:
+                return
+            classes, confidence = _decide(probs, lut)
+            yield z, PlanePrediction(probabilities=probs, classes=classes, confidence=confidence, class_ids=ids)
 
 
 @dataclass
