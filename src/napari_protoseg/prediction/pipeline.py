@@ -65,17 +65,9 @@ class DecoderSettings:
     decoder: str = DEFAULT_DECODER
     min_size: int | Mapping[int, int] | None = None
     # WISE decoder: seeds of one part of the class map whose pixels' mean embeddings are more similar
-    # than this are one object (None: every seed its own object). Chosen with models trained on the
-    # synthetic stack of sample seed 0 (points only) scored on that of seed 2, and on the VNC
-    # validation split (seed 0): AP50 / touching recall on the synthetic stack 0.471 / 0.429 -> 0.521 /
-    # 0.524, VNC masks+points AP50 0.460 -> 0.474, points-only 0.041 -> 0.041.
+    # than this are one object (None: every seed its own object; why 0.5: docs/decisions.md).
     merge_similarity: float | None = 0.5
-    # WISE decoder: the maxima of the distance transform propose seeds too. Off: merged at 0.5 / 0.2 /
-    # 0.1, synthetic AP50 0.401 / 0.519 / 0.541 with touching recall 0.714 / 0.619 / 0.571, but VNC
-    # masks+points 0.438 / 0.465 / 0.469 and points-only 0.008 / 0.013 / 0.018 (the points-only class
-    # map is ragged and its shape proposes many seeds). The plain decoders on the same maps: synthetic
-    # components 0.608 / 0.333, watershed 0.590 / 0.571; VNC masks+points 0.474 / 0.410, points-only
-    # 0.049 / 0.044.
+    # WISE decoder: the maxima of the distance transform propose seeds too (off: docs/decisions.md).
     shape_seeds: bool = False
     split_depth: float = 2.0
     link_3d: bool = False
