@@ -8,7 +8,7 @@ import pytest
 from napari.components import ViewerModel
 from napari.layers import Layer
 
-from napari_protoseg.plugin import session as session_module
+from napari_protoseg.plugin.session import prediction as prediction_module
 from napari_protoseg.plugin.layers import annotation_layers
 from napari_protoseg.annotations.project import ClassInfo, read_project
 from napari_protoseg.annotations.synthetic import SAMPLE_CLASSES, generate_sample
@@ -409,7 +409,7 @@ def test_every_prediction_gets_its_instances_from_the_one_decoding_function(samp
         calls.append((z, region, decoder))
         return np.full(class_map.shape, 5, np.uint32)
 
-    monkeypatch.setattr(session_module, "decode_instances", fake_decoder)
+    monkeypatch.setattr(prediction_module, "decode_instances", fake_decoder)
     pieces = list(prediction_run(model, sample.image, "region", z=2, region=(0, 0, 32, 48), decoder="components"))
     assert calls == [(2, (0, 0, 32, 48), "components")]
     assert np.all(pieces[0].instances == 5)
@@ -438,9 +438,9 @@ def test_the_wise_decoder_predicts_a_whole_plane_once(sample, model, monkeypatch
 
     expected = predict_plane(model, sample.image, 1)
     passes = []
-    real_maps = session_module.predict_instance_maps
-    monkeypatch.setattr(session_module, "predict_plane", lambda *a, **k: passes.append("plane"))
-    monkeypatch.setattr(session_module, "predict_instance_maps",
+    real_maps = prediction_module.predict_instance_maps
+    monkeypatch.setattr(prediction_module, "predict_plane", lambda *a, **k: passes.append("plane"))
+    monkeypatch.setattr(prediction_module, "predict_instance_maps",
                         lambda *a, **k: passes.append("maps") or real_maps(*a, **k))
     piece = next(prediction_run(model, sample.image, "plane", z=1, decoder="wise"))
     assert passes == ["maps"]
@@ -470,7 +470,7 @@ def test_the_model_info_says_classes_annotation_counts_and_steps(model):
 def test_a_class_table_loaded_with_two_classes_of_the_same_name_is_refused(sample):
     session = Session(sample_viewer(sample))
     with pytest.raises(SessionError, match="used twice"):
-        session._set_classes([ClassInfo(1, "a"), ClassInfo(2, "a")])
+        session.class_table.set([ClassInfo(1, "a"), ClassInfo(2, "a")])
 
 
 def test_a_single_2d_image_goes_through_training_prediction_and_accepting(tmp_path):
