@@ -72,8 +72,8 @@ def main() -> None:
     # 1. Annotate: scribbles on plane 0; the user paints a membrane stroke in the chosen class.
     viewer.layers["Tags"].visible = False
     viewer.dims.set_current_step(0, 0)
-    panel.class_combo.setCurrentIndex(panel.session.class_ids.index(2))
-    masks = panel.activate_layer("masks")
+    panel.annotate_section.class_combo.setCurrentIndex(panel.session.class_ids.index(2))
+    masks = panel.annotate_section.activate_layer("masks")
     masks.brush_size = 3
     # A stroke along a real membrane: the skeleton of the true membrane in a window of plane 0.
     from skimage.morphology import skeletonize
@@ -90,13 +90,14 @@ def main() -> None:
     viewer.dims.set_current_step(0, 7)
     viewer.layers.selection.active = viewer.layers[folder.name]
     show_sections("Train")
-    panel.train_button.click()
-    pump(until=lambda: panel.last_event is not None and panel.last_event.step >= panel.last_event.total_steps // 2
-         and panel.preview_view.shown is not None)
+    panel.train_section.train_button.click()
+    train = panel.train_section
+    pump(until=lambda: train.last_event is not None and train.last_event.step >= train.last_event.total_steps // 2
+         and train.preview_view.shown is not None)
     shot("gui_training.png")
 
     # 3. Review: the prediction of plane 7 arrives as layers; the user corrects one instance.
-    pump(until=lambda: not panel._busy())
+    pump(until=lambda: not panel.jobs.busy())
     viewer.layers["Masks"].visible = False
     viewer.layers["Boxes"].visible = False
     viewer.layers["Points"].visible = False
@@ -106,14 +107,14 @@ def main() -> None:
     ids, counts = np.unique(instances.data[7][instances.data[7] > 0], return_counts=True)
     if len(ids):
         instances.selected_label = int(ids[np.argmax(counts)])
-    panel.accept_scope.setCurrentIndex(1)
+    panel.review_section.accept_scope.setCurrentIndex(1)
     show_sections("Review", "Predict")
     shot("gui_review.png")
 
     # 4. Predict the whole stack and look at what the model was trained on.
     viewer.layers.selection.active = viewer.layers[PREDICTION_SEMANTIC]
-    panel.predict("stack")
-    pump(until=lambda: not panel._busy())
+    panel.predict_section.predict("stack")
+    pump(until=lambda: not panel.jobs.busy())
     viewer.dims.set_current_step(0, 5)
     show_sections("Predict", "Model", "Project")
     shot("gui_model.png")

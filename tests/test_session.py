@@ -394,7 +394,7 @@ def test_the_model_info_says_classes_annotation_counts_and_steps(model):
 def test_a_class_table_loaded_with_two_classes_of_the_same_name_is_refused(sample):
     session = Session(sample_viewer(sample))
     with pytest.raises(SessionError, match="used twice"):
-        session._set_classes([ClassInfo(1, "a"), ClassInfo(2, "a")])
+        session.class_table.set([ClassInfo(1, "a"), ClassInfo(2, "a")])
 
 
 def test_a_single_2d_image_goes_through_training_prediction_and_accepting(tmp_path):

@@ -10,6 +10,7 @@ from qtpy.QtCore import Qt, QTimer
 from qtpy.QtGui import QColor
 
 from napari_protoseg.plugin import session as session_module
+from napari_protoseg.plugin.session import training as training_module
 from napari_protoseg.plugin.panel import TRAIN_BUTTON_TEXT, ProtosegWidget
 from napari_protoseg.model.file import save_model
 from napari_protoseg.annotations.project import read_project, write_project
@@ -57,7 +58,7 @@ def open_panel(make_napari_viewer, folder=None, config=TINY):
 
 
 def wait_idle(qtbot, widget, timeout=90_000):
-    qtbot.waitUntil(lambda: not widget._busy() and widget._save_worker is None, timeout=timeout)
+    qtbot.waitUntil(lambda: not widget.jobs.busy() and widget.jobs.save_worker is None, timeout=timeout)
 
 
 def new_notifications(since: int, severity: str | None = None) -> list[str]:
@@ -66,13 +67,13 @@ def new_notifications(since: int, severity: str | None = None) -> list[str]:
 
 
 def choose_class(widget, class_id):
-    widget.class_combo.setCurrentIndex(widget.session.class_ids.index(class_id))
+    widget.annotate_section.class_combo.setCurrentIndex(widget.session.class_ids.index(class_id))
 
 
 def tag_radio(widget, class_id, state):
     row = widget.session.class_ids.index(class_id)
     column = 1 + ("present", "absent", "unknown").index(state)
-    return widget._tag_groups[row].button(column)
+    return widget.annotate_section._tag_groups[row].button(column)
 
 
 # ------------------------------------------------------------------------- the whole scenario
@@ -81,24 +82,24 @@ def tag_radio(widget, class_id, state):
 def test_a_user_annotates_trains_reviews_accepts_stops_and_continues(make_napari_viewer, qtbot, sample_folder):
     viewer, widget = open_panel(make_napari_viewer, sample_folder)
     assert isinstance(widget, ProtosegWidget)
-    assert widget.train_button.text() == TRAIN_BUTTON_TEXT
+    assert widget.train_section.train_button.text() == TRAIN_BUTTON_TEXT
     assert [c.name for c in widget.session.classes] == ["cytoplasm", "membrane", "mitochondrion", "vesicle"]
     viewer.dims.set_current_step(0, 2)
 
     # Annotate with every type through the panel's layers, each in the chosen class.
     choose_class(widget, MEMBRANE)
-    qtbot.mouseClick(widget.layer_buttons["masks"], Qt.MouseButton.LeftButton)
+    qtbot.mouseClick(widget.annotate_section.layer_buttons["masks"], Qt.MouseButton.LeftButton)
     masks = viewer.layers.selection.active
     assert masks.name == "Masks" and masks.mode == "paint" and masks.selected_label == MEMBRANE
     for x in range(20, 60):
         masks.paint((2, 70, x), masks.selected_label)
     choose_class(widget, MITOCHONDRION)
-    qtbot.mouseClick(widget.layer_buttons["boxes"], Qt.MouseButton.LeftButton)
+    qtbot.mouseClick(widget.annotate_section.layer_buttons["boxes"], Qt.MouseButton.LeftButton)
     boxes = viewer.layers.selection.active
     assert boxes.name == "Boxes" and boxes.mode == "add_rectangle"
     boxes.add_rectangles(np.array([[2, 10, 10], [2, 10, 40], [2, 30, 40], [2, 30, 10]]))
     choose_class(widget, VESICLE)
-    qtbot.mouseClick(widget.layer_buttons["points"], Qt.MouseButton.LeftButton)
+    qtbot.mouseClick(widget.annotate_section.layer_buttons["points"], Qt.MouseButton.LeftButton)
     points = viewer.layers.selection.active
     assert points.name == "Points" and points.mode == "add"
     points.add(np.array([[2, 100, 100]]))
@@ -108,17 +109,18 @@ def test_a_user_annotates_trains_reviews_accepts_stops_and_continues(make_napari
     assert widget.session.tag_states(2)[VESICLE] == "absent"
 
     # One click trains in the background; the predictions of the plane in view come back as layers.
-    qtbot.mouseClick(widget.train_button, Qt.MouseButton.LeftButton)
-    assert not widget.train_button.isEnabled() and widget.stop_button.isEnabled()
+    qtbot.mouseClick(widget.train_section.train_button, Qt.MouseButton.LeftButton)
+    assert not widget.train_section.train_button.isEnabled() and widget.train_section.stop_button.isEnabled()
     wait_idle(qtbot, widget)
-    assert widget.last_event.finished and widget.last_event.step == TINY.steps
-    assert widget.train_progress.value() == TINY.steps and widget.device_label.text() == "Device: cpu"
-    assert len(widget.loss_plot.losses) == TINY.steps
+    assert widget.train_section.last_event.finished and widget.train_section.last_event.step == TINY.steps
+    assert widget.train_section.train_progress.value() == TINY.steps
+    assert widget.train_section.device_label.text() == "Device: cpu"
+    assert len(widget.train_section.loss_plot.losses) == TINY.steps
     for name in (PREDICTION_SEMANTIC, PREDICTION_INSTANCES, PREDICTION_CONFIDENCE):
         assert viewer.layers[name].data.shape == (3, 128, 128)
-    assert widget.preview_view.shown is not None and widget.preview_view.shown.shape[2] == 3
+    assert widget.train_section.preview_view.shown is not None and widget.train_section.preview_view.shown.shape[2] == 3
     assert np.any(viewer.layers[PREDICTION_SEMANTIC].data[2])
-    assert "Trained 12 step(s)" in widget.model_info.text()
+    assert "Trained 12 step(s)" in widget.model_section.model_info.text()
     # Training started with a save of everything drawn, into the folder the project came from.
     saved = read_project(sample_folder).annotations
     assert np.count_nonzero(saved.masks[2, 70, 20:60] == MEMBRANE) == 40
@@ -130,38 +132,39 @@ def test_a_user_annotates_trains_reviews_accepts_stops_and_continues(make_napari
     for y in range(40, 52):
         for x in range(80, 92):
             instances.paint((2, y, x), 500)
-    widget.accept_scope.setCurrentIndex(1)
+    widget.review_section.accept_scope.setCurrentIndex(1)
     questions = []
     widget.confirm = lambda question: questions.append(question) or True
-    steps_before = len(widget.loss_plot.losses)
-    qtbot.mouseClick(widget.accept_button, Qt.MouseButton.LeftButton)
+    steps_before = len(widget.train_section.loss_plot.losses)
+    qtbot.mouseClick(widget.review_section.accept_button, Qt.MouseButton.LeftButton)
     assert np.all(masks.data[2, 40:52, 80:92] == MITOCHONDRION)
     wait_idle(qtbot, widget)
-    assert len(widget.loss_plot.losses) == steps_before + TINY.steps  # continued, not restarted
+    assert len(widget.train_section.loss_plot.losses) == steps_before + TINY.steps  # continued, not restarted
     assert questions and "You edited 'Prediction: instances'" in questions[0]  # asked before overwriting
 
     # Stop mid-training keeps the checkpoint; Continue resumes from it.
-    widget.steps_spin.setValue(400)
-    qtbot.mouseClick(widget.continue_button, Qt.MouseButton.LeftButton)
-    qtbot.waitUntil(lambda: widget.last_event is not None and widget.last_event.step >= 3, timeout=30_000)
-    qtbot.mouseClick(widget.stop_button, Qt.MouseButton.LeftButton)
+    widget.train_section.steps_spin.setValue(400)
+    qtbot.mouseClick(widget.train_section.continue_button, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: widget.train_section.last_event is not None and widget.train_section.last_event.step >= 3,
+                    timeout=30_000)
+    qtbot.mouseClick(widget.train_section.stop_button, Qt.MouseButton.LeftButton)
     wait_idle(qtbot, widget)
-    stopped_at = widget.last_event.step
-    assert widget.last_event.stopped and stopped_at < 400
-    assert "Stopped at step" in widget.train_status.text()
+    stopped_at = widget.train_section.last_event.step
+    assert widget.train_section.last_event.stopped and stopped_at < 400
+    assert "Stopped at step" in widget.train_section.train_status.text()
     assert (sample_folder / CHECKPOINT_FILE).is_file()
     events = []
-    original = widget._on_training_update
+    original = widget.train_section._on_training_update
 
     def record(update):
         if update.event is not None:
             events.append(update.event.step)
         original(update)
 
-    widget._on_training_update = record
-    qtbot.mouseClick(widget.continue_button, Qt.MouseButton.LeftButton)
+    widget.train_section._on_training_update = record
+    qtbot.mouseClick(widget.train_section.continue_button, Qt.MouseButton.LeftButton)
     qtbot.waitUntil(lambda: len(events) >= 2, timeout=30_000)
-    qtbot.mouseClick(widget.stop_button, Qt.MouseButton.LeftButton)
+    qtbot.mouseClick(widget.train_section.stop_button, Qt.MouseButton.LeftButton)
     wait_idle(qtbot, widget)
     assert events[0] == stopped_at + 1
 
@@ -180,12 +183,12 @@ def test_napari_stays_responsive_while_training(make_napari_viewer, qtbot, sampl
     timer.timeout.connect(lambda: stamps.append(time.perf_counter()))
     timer.start()
     finished_at = []
-    original = widget._training_finished
-    widget._training_finished = lambda event, update: (finished_at.append(time.perf_counter()),
+    original = widget.train_section._training_finished
+    widget.train_section._training_finished = lambda event, update: (finished_at.append(time.perf_counter()),
                                                        original(event, update))
     qtbot.wait(200)
     clicked = time.perf_counter()
-    qtbot.mouseClick(widget.train_button, Qt.MouseButton.LeftButton)
+    qtbot.mouseClick(widget.train_section.train_button, Qt.MouseButton.LeftButton)
     wait_idle(qtbot, widget)
     timer.stop()
     stamps = np.asarray(stamps)
@@ -212,24 +215,24 @@ def test_autosave_writes_every_layer_and_the_class_table_and_reopening_restores_
     assert widget.session.classes[2].name == "mitochondrion"  # taken from the layers
 
     # Edit the class table through the panel: add, rename, recolour, flag instances.
-    qtbot.mouseClick(widget.add_class_button, Qt.MouseButton.LeftButton)
-    new_row = widget.class_table.rowCount() - 1
-    widget.class_table.item(new_row, 1).setText("synapse")
-    widget.class_table.item(new_row, 2).setCheckState(Qt.CheckState.Checked)
+    qtbot.mouseClick(widget.classes_section.add_class_button, Qt.MouseButton.LeftButton)
+    new_row = widget.classes_section.class_table.rowCount() - 1
+    widget.classes_section.class_table.item(new_row, 1).setText("synapse")
+    widget.classes_section.class_table.item(new_row, 2).setCheckState(Qt.CheckState.Checked)
     qtbot.wait(10)
-    monkeypatch.setattr("napari_protoseg.plugin.panel.QColorDialog.getColor", lambda *a, **k: QColor("#123456"))
-    widget.class_table.cellWidget(new_row, 0).click()
+    monkeypatch.setattr("napari_protoseg.plugin.panel.classes.QColorDialog.getColor", lambda *a, **k: QColor("#123456"))
+    widget.classes_section.class_table.cellWidget(new_row, 0).click()
     synapse = widget.session.classes[-1]
     assert (synapse.name, synapse.instances, synapse.color) == ("synapse", True, "#123456")
 
     # Draw in the new class, then let the autosave timer run.
     choose_class(widget, synapse.id)
-    masks = widget.activate_layer("masks")
+    masks = widget.annotate_section.activate_layer("masks")
     masks.paint((1, 64, 64), synapse.id)
-    widget.activate_layer("points").add(np.array([[0, 5, 6]]))
+    widget.annotate_section.activate_layer("points").add(np.array([[0, 5, 6]]))
     tag_radio(widget, synapse.id, "present").click()
     widget.autosave_timer.setInterval(50)
-    qtbot.waitUntil(lambda: "Saved at" in widget.save_status.text(), timeout=20_000)
+    qtbot.waitUntil(lambda: "Saved at" in widget.project_section.save_status.text(), timeout=20_000)
     wait_idle(qtbot, widget)
     folder = projects_dir / "my-stack"
     _, drawn = widget.session.annotations()
@@ -238,7 +241,7 @@ def test_autosave_writes_every_layer_and_the_class_table_and_reopening_restores_
     # Reopening the folder in a fresh napari restores every layer and the class table.
     viewer2, widget2 = open_panel(make_napari_viewer, folder)
     assert widget2.session.classes == widget.session.classes
-    assert [widget2.class_table.item(r, 1).text() for r in range(5)] == [
+    assert [widget2.classes_section.class_table.item(r, 1).text() for r in range(5)] == [
         "cytoplasm", "membrane", "mitochondrion", "vesicle", "synapse"]
     _, reopened = widget2.session.annotations()
     assert reopened.equals(drawn)
@@ -273,7 +276,7 @@ def _no_annotations(viewer, widget, folder):
 def _single_class(viewer, widget, folder):
     viewer.add_image(np.zeros((64, 64), np.uint8), name="plane")
     widget.session.remove_class(2)
-    widget.activate_layer("masks").paint((10, 10), 1)
+    widget.annotate_section.activate_layer("masks").paint((10, 10), 1)
 
 
 BAD_INPUTS = [
@@ -291,10 +294,10 @@ def test_bad_input_gets_a_notification_saying_what_to_do_and_the_panel_stays_usa
     viewer, widget = open_panel(make_napari_viewer)
     make_bad(viewer, widget, sample_folder)
     since = len(notification_manager.records)
-    qtbot.mouseClick(widget.train_button, Qt.MouseButton.LeftButton)
+    qtbot.mouseClick(widget.train_section.train_button, Qt.MouseButton.LeftButton)
     errors = new_notifications(since, "error")
     assert errors and message in errors[-1]
-    assert widget._train_worker is None and widget.train_button.isEnabled()
+    assert widget.jobs.train_worker is None and widget.train_section.train_button.isEnabled()
 
 
 def test_a_model_for_other_classes_gets_a_notification_and_no_prediction(
@@ -305,13 +308,13 @@ def test_a_model_for_other_classes_gets_a_notification_and_no_prediction(
     viewer, widget = open_panel(make_napari_viewer, sample_folder)
     widget.session.rename_class(VESICLE, "synaptic vesicle")
     since = len(notification_manager.records)
-    assert widget.load_model_from(model_file)
+    assert widget.model_section.load_model_from(model_file)
     warnings = new_notifications(since, "warning")
     assert warnings and "trained for other classes" in warnings[-1]
-    qtbot.mouseClick(widget.predict_buttons["plane"], Qt.MouseButton.LeftButton)
+    qtbot.mouseClick(widget.predict_section.predict_buttons["plane"], Qt.MouseButton.LeftButton)
     errors = new_notifications(since, "error")
     assert errors and "'vesicle' in the model but 'synaptic vesicle' in the project" in errors[-1]
-    assert PREDICTION_SEMANTIC not in viewer.layers and not widget._busy()
+    assert PREDICTION_SEMANTIC not in viewer.layers and not widget.jobs.busy()
 
 
 def test_a_loaded_model_predicts_and_says_what_it_was_trained_on(make_napari_viewer, qtbot, sample_folder,
@@ -319,15 +322,15 @@ def test_a_loaded_model_predicts_and_says_what_it_was_trained_on(make_napari_vie
     *_, last = session_module.training_run(small_sample.image, small_sample.annotations, TINY)
     model_file = save_model(tmp_path / "m.protoseg.pt", last.event.model)
     viewer, widget = open_panel(make_napari_viewer, sample_folder)
-    assert widget.load_model_from(model_file)
-    assert "Loaded from m.protoseg.pt" in widget.model_info.text()
-    assert "Classes: cytoplasm, membrane, mitochondrion (instances), vesicle" in widget.model_info.text()
-    qtbot.mouseClick(widget.predict_buttons["stack"], Qt.MouseButton.LeftButton)
+    assert widget.model_section.load_model_from(model_file)
+    assert "Loaded from m.protoseg.pt" in widget.model_section.model_info.text()
+    assert "Classes: cytoplasm, membrane, mitochondrion (instances), vesicle" in widget.model_section.model_info.text()
+    qtbot.mouseClick(widget.predict_section.predict_buttons["stack"], Qt.MouseButton.LeftButton)
     wait_idle(qtbot, widget)
     semantic = viewer.layers[PREDICTION_SEMANTIC].data
     assert all(np.any(semantic[z]) for z in range(3))
-    assert widget.predict_progress.value() == 3
-    saved = widget.save_model_to(tmp_path / "again")
+    assert widget.predict_section.predict_progress.value() == 3
+    saved = widget.model_section.save_model_to(tmp_path / "again")
     assert saved.name == "again.protoseg.pt" and saved.is_file()
 
 
@@ -339,9 +342,9 @@ def test_the_test_time_augmentation_box_makes_predictions_average_eight_passes(
     *_, last = session_module.training_run(small_sample.image, small_sample.annotations, TINY)
     model = last.event.model
     viewer, widget = open_panel(make_napari_viewer, sample_folder)
-    assert widget.load_model_from(save_model(tmp_path / "m.protoseg.pt", model))
-    assert not widget.tta_check.isChecked() and not widget.session.test_time_augmentation
-    widget.tta_check.setChecked(True)
+    assert widget.model_section.load_model_from(save_model(tmp_path / "m.protoseg.pt", model))
+    assert not widget.predict_section.tta_check.isChecked() and not widget.session.test_time_augmentation
+    widget.predict_section.tta_check.setChecked(True)
     assert widget.session.test_time_augmentation
     from napari_protoseg.prediction import pipeline
 
@@ -349,7 +352,7 @@ def test_the_test_time_augmentation_box_makes_predictions_average_eight_passes(
     real_predict_planes = pipeline.predict_planes
     monkeypatch.setattr(pipeline, "predict_planes",
                         lambda *args, **kwargs: asked.append(kwargs.get("tta")) or real_predict_planes(*args, **kwargs))
-    qtbot.mouseClick(widget.predict_buttons["plane"], Qt.MouseButton.LeftButton)
+    qtbot.mouseClick(widget.predict_section.predict_buttons["plane"], Qt.MouseButton.LeftButton)
     wait_idle(qtbot, widget)
     assert asked == [True]
     z = widget.session.current_plane()
@@ -363,14 +366,14 @@ def test_the_wise_decoder_without_instance_heads_is_a_message_before_any_predict
     *_, last = session_module.training_run(small_sample.image, small_sample.annotations,
                                            replace(TINY, steps=1, instance_heads=False))
     viewer, widget = open_panel(make_napari_viewer, sample_folder)
-    assert widget.load_model_from(save_model(tmp_path / "plain.protoseg.pt", last.event.model))
-    widget.decoder_combo.setCurrentText("wise")
+    assert widget.model_section.load_model_from(save_model(tmp_path / "plain.protoseg.pt", last.event.model))
+    widget.predict_section.decoder_combo.setCurrentText("wise")
     assert widget.session.decoder == "wise"
     since = len(notification_manager.records)
-    qtbot.mouseClick(widget.predict_buttons["plane"], Qt.MouseButton.LeftButton)
+    qtbot.mouseClick(widget.predict_section.predict_buttons["plane"], Qt.MouseButton.LeftButton)
     errors = new_notifications(since, "error")
     assert errors and "The 'wise' instance decoder needs a model with instance heads" in errors[-1]
-    assert PREDICTION_SEMANTIC not in viewer.layers and not widget._busy()
+    assert PREDICTION_SEMANTIC not in viewer.layers and not widget.jobs.busy()
 
 
 def test_the_panel_trains_within_five_minutes_by_default_and_the_limit_can_be_changed(
@@ -381,22 +384,23 @@ def test_the_panel_trains_within_five_minutes_by_default_and_the_limit_can_be_ch
     viewer.open(str(sample_folder), plugin="napari-protoseg")
     _, widget = viewer.window.add_plugin_dock_widget("napari-protoseg", "protoseg")
     assert widget.session.train_config.time_limit == session_module.PANEL_TIME_LIMIT == 300.0
-    assert widget.time_limit_spin.value() == 5 and widget.time_limit_spin.text() == "5 min"
-    widget.time_limit_spin.setValue(0)
-    assert widget.session.train_config.time_limit is None and widget.time_limit_spin.text() == "no limit"
+    assert widget.train_section.time_limit_spin.value() == 5 and widget.train_section.time_limit_spin.text() == "5 min"
+    widget.train_section.time_limit_spin.setValue(0)
+    assert widget.session.train_config.time_limit is None and widget.train_section.time_limit_spin.text() == "no limit"
 
     widget.set_train_config(replace(TINY, steps=500, time_limit=20.0))
-    assert widget.time_limit_spin.value() == 1  # shown in whole minutes, at least 1
+    assert widget.train_section.time_limit_spin.value() == 1  # shown in whole minutes, at least 1
 
     fake_training_clock(1.0)  # 1 s a step
-    widget.preview_check.setChecked(False)
+    widget.train_section.preview_check.setChecked(False)
     widget.confirm = lambda question: True
-    qtbot.mouseClick(widget.train_button, Qt.MouseButton.LeftButton)
+    qtbot.mouseClick(widget.train_section.train_button, Qt.MouseButton.LeftButton)
     wait_idle(qtbot, widget)
-    assert widget.last_event.finished and widget.last_event.step == 20
-    assert "Finished 20 steps" in widget.train_status.text()
-    assert "all the time limit allowed (500 asked)" in widget.train_status.text()
-    assert widget.last_event.requested_steps == 500  # what the run was asked, whatever the box says by then
+    assert widget.train_section.last_event.finished and widget.train_section.last_event.step == 20
+    assert "Finished 20 steps" in widget.train_section.train_status.text()
+    assert "all the time limit allowed (500 asked)" in widget.train_section.train_status.text()
+    # what the run was asked, whatever the box says by then
+    assert widget.train_section.last_event.requested_steps == 500
 
 
 # --------------------------------------------------------------------- failures and closing
@@ -404,7 +408,7 @@ def test_the_panel_trains_within_five_minutes_by_default_and_the_limit_can_be_ch
 
 def test_an_error_inside_the_training_worker_is_shown_and_the_panel_recovers(
         make_napari_viewer, qtbot, sample_folder, monkeypatch):
-    real_train = session_module.train
+    real_train = training_module.train
 
     def failing_train(*args, **kwargs):
         events = real_train(*args, **kwargs)
@@ -412,31 +416,31 @@ def test_an_error_inside_the_training_worker_is_shown_and_the_panel_recovers(
         events.close()
         raise RuntimeError("the GPU caught fire")
 
-    monkeypatch.setattr(session_module, "train", failing_train)
+    monkeypatch.setattr(training_module, "train", failing_train)
     viewer, widget = open_panel(make_napari_viewer, sample_folder)
     since = len(notification_manager.records)
-    qtbot.mouseClick(widget.train_button, Qt.MouseButton.LeftButton)
+    qtbot.mouseClick(widget.train_section.train_button, Qt.MouseButton.LeftButton)
     wait_idle(qtbot, widget)
     errors = new_notifications(since, "error")
     assert errors and "Training failed: RuntimeError: the GPU caught fire" in errors[-1]
-    assert widget.train_button.isEnabled() and not widget.stop_button.isEnabled()
-    monkeypatch.setattr(session_module, "train", real_train)
-    qtbot.mouseClick(widget.train_button, Qt.MouseButton.LeftButton)
+    assert widget.train_section.train_button.isEnabled() and not widget.train_section.stop_button.isEnabled()
+    monkeypatch.setattr(training_module, "train", real_train)
+    qtbot.mouseClick(widget.train_section.train_button, Qt.MouseButton.LeftButton)
     wait_idle(qtbot, widget)
-    assert widget.last_event.finished and PREDICTION_SEMANTIC in viewer.layers
+    assert widget.train_section.last_event.finished and PREDICTION_SEMANTIC in viewer.layers
 
 
 def test_keeping_an_edited_prediction_is_offered_before_a_new_prediction_overwrites_it(
         make_napari_viewer, qtbot, sample_folder):
     viewer, widget = open_panel(make_napari_viewer, sample_folder)
-    qtbot.mouseClick(widget.train_button, Qt.MouseButton.LeftButton)
+    qtbot.mouseClick(widget.train_section.train_button, Qt.MouseButton.LeftButton)
     wait_idle(qtbot, widget)
     semantic = viewer.layers[PREDICTION_SEMANTIC]
     semantic.paint((0, 5, 5), MEMBRANE)
     edited = semantic.data.copy()
     questions = []
     widget.confirm = lambda question: questions.append(question) or False
-    qtbot.mouseClick(widget.train_button, Qt.MouseButton.LeftButton)
+    qtbot.mouseClick(widget.train_section.train_button, Qt.MouseButton.LeftButton)
     wait_idle(qtbot, widget)
     assert len(questions) == 1 and "'Prediction: semantic'" in questions[0]
     np.testing.assert_array_equal(semantic.data, edited)
@@ -446,9 +450,10 @@ def test_closing_napari_during_training_stops_the_worker_and_keeps_the_checkpoin
         make_napari_viewer, qtbot, sample_folder):
     config = replace(TINY, steps=5000)
     viewer, widget = open_panel(make_napari_viewer, sample_folder, config)
-    qtbot.mouseClick(widget.train_button, Qt.MouseButton.LeftButton)
-    qtbot.waitUntil(lambda: widget.last_event is not None and widget.last_event.step >= 2, timeout=30_000)
-    done = widget._training_done
+    qtbot.mouseClick(widget.train_section.train_button, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: widget.train_section.last_event is not None and widget.train_section.last_event.step >= 2,
+                    timeout=30_000)
+    done = widget.jobs.training_done
     viewer.close()
     qtbot.waitUntil(done.is_set, timeout=30_000)
     import torch
