@@ -17,13 +17,15 @@ from napari_protoseg.plugin.layers import annotation_layers
 from napari_protoseg.plugin.session import (PREDICTION_CONFIDENCE, PREDICTION_INSTANCES, PREDICTION_SEMANTIC, Session,
                                             prediction_settings, training_run)
 from napari_protoseg.prediction import DECODERS, DEFAULT_DECODER
+from napari_protoseg.model.network import ModelConfig
 from napari_protoseg.prediction import pipeline
 from napari_protoseg.prediction.decoders import min_object_sizes
 from napari_protoseg.prediction.pipeline import DecoderSettings, PredictionError, predict_instances, prediction_run
 from napari_protoseg.training.engine import TrainConfig
 
-TINY = TrainConfig(steps=6, batch_size=2, crop_size=64, base_width=4, depth=2, embed_dim=8,
-                   prototypes_per_class=2, pseudo_label_warmup=1000, checkpoint_every=0)
+TINY = TrainConfig(steps=6, batch_size=2, crop_size=64,
+                   model=ModelConfig(base_width=4, depth=2, embed_dim=8, prototypes_per_class=2),
+                   pseudo_label_warmup=1000, checkpoint_every=0)
 
 
 @pytest.fixture(scope="module")
