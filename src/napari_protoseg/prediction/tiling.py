@@ -470,6 +470,17 @@ def predict_region(model: TrainedModel, volume, z: int | None, y0: int, x0: int,
                            class_ids=ids, origin=(y0, x0))
 
 
+def _plane_walk(model: TrainedModel, image, planes, tile: int, overlap: int, batch_size: int):
+    """What a walk over whole planes needs, checked: the source (each plane read once), the batch
+    size, the lookup from class index to class id, and the planes (default: all)."""
+    _check_tiling(tile, overlap)
+    batch_size = _check_batch(batch_size)
+    source = _Source(image, model.context, cache_planes=True)
+    lut = np.asarray(model.class_ids, dtype=label_dtype(max(model.class_ids)))
+    planes = range(source.n_planes) if planes is None else [_check_z(source, z) for z in planes]
+    return source, batch_size, lut, planes
+
+
 def predict_planes(model: TrainedModel, image, planes=None, *, tile: int = 512, overlap: int = 64, device=None,
                    batch_size: int = 4, stop: Callable[[], bool] | None = None,
                    tta: bool = False) -> Iterator[tuple[int, PlanePrediction]]:
@@ -477,13 +488,9 @@ def predict_planes(model: TrainedModel, image, planes=None, *, tile: int = 512, 
     stack, one after another: the numbers of :func:`predict_plane`, with a lazy stack read as
     :func:`predict_volume` reads it (each plane once). ``stop()`` is checked before each plane and
     each row of tiles; a plane it interrupts is not yielded. ``tta``: test-time augmentation."""
-    _check_tiling(tile, overlap)
-    batch_size = _check_batch(batch_size)
-    source = _Source(image, model.context, cache_planes=True)
+    source, batch_size, lut, planes = _plane_walk(model, image, planes, tile, overlap, batch_size)
     height, width = source.plane_shape
     ids = model.class_ids
-    lut = np.asarray(ids, dtype=label_dtype(max(ids)))
-    planes = range(source.n_planes) if planes is None else [_check_z(source, z) for z in planes]
     with _Runner(model, device, tta) as runner:
         for z in planes:
             if stop is not None and stop():
@@ -530,18 +537,14 @@ def predict_instance_maps_of_planes(model: TrainedModel, image, planes=None, *, 
     if not model.has_instance_heads:
         raise ValueError("the model has no instance heads; train it on a project with a class flagged "
                          "'instances' to predict localization and embedding maps")
-    _check_tiling(tile, overlap)
-    batch_size = _check_batch(batch_size)
-    source = _Source(image, model.context, cache_planes=True)
+    source, batch_size, lut, planes = _plane_walk(model, image, planes, tile, overlap, batch_size)
     height, width = source.plane_shape
     n_classes = model.net.config.n_classes
     n_inst = model.net.config.n_instance_classes
     ids = model.class_ids
-    lut = np.asarray(ids, dtype=label_dtype(max(ids)))
     instance_index = np.zeros(n_classes, dtype=bool)
     instance_index[[i for i, c in enumerate(model.classes) if c.instances]] = True
     cross = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], dtype=bool)
-    planes = range(source.n_planes) if planes is None else [_check_z(source, z) for z in planes]
     from scipy import ndimage as ndi
 
     with _Runner(model, device, tta) as runner:
