@@ -6,50 +6,19 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import tifffile
-from napari.components import ViewerModel
-from napari.layers import Layer
 from skimage.segmentation import relabel_sequential
 
 from napari_protoseg import cli
-from napari_protoseg.annotations.synthetic import generate_sample
 from napari_protoseg.model.file import load_model, save_model
-from napari_protoseg.plugin.layers import annotation_layers
 from napari_protoseg.plugin.session import (PREDICTION_CONFIDENCE, PREDICTION_INSTANCES, PREDICTION_SEMANTIC, Session,
                                             prediction_settings, training_run)
 from napari_protoseg.prediction import DECODERS, DEFAULT_DECODER
-from napari_protoseg.model.network import ModelConfig
 from napari_protoseg.prediction import pipeline
 from napari_protoseg.prediction.decoders import min_object_sizes
 from napari_protoseg.prediction.pipeline import DecoderSettings, PredictionError, predict_instances, prediction_run
-from napari_protoseg.training.engine import TrainConfig
 
-TINY = TrainConfig(steps=6, batch_size=2, crop_size=64,
-                   model=ModelConfig(base_width=4, depth=2, embed_dim=8, prototypes_per_class=2),
-                   pseudo_label_warmup=1000, checkpoint_every=0)
-
-
-@pytest.fixture(scope="module")
-def sample():
-    return generate_sample(shape=(3, 96, 96), seed=1)
-
-
-@pytest.fixture(scope="module")
-def model(sample):
-    *_, last = training_run(sample.image, sample.annotations, TINY)
-    return last.event.model
-
-
-@pytest.fixture(autouse=True)
-def projects_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("PROTOSEG_PROJECTS_DIR", str(tmp_path / "projects"))
-
-
-def sample_viewer(sample):
-    viewer = ViewerModel()
-    viewer.add_image(sample.image, name="EM")
-    for data, meta, kind in annotation_layers(sample.annotations):
-        viewer.add_layer(Layer.create(data, meta, kind))
-    return viewer
+# The session tests' tiny model of the synthetic sample, its viewer and project folder.
+from test_session import TINY, model, projects_dir, sample, sample_viewer  # noqa: E402, F401, F811
 
 
 # ------------------------------------------------------------------------------ settings
