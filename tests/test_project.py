@@ -14,6 +14,7 @@ from napari_protoseg.annotations.project import (
     AnnotationSet,
     ClassInfo,
     ProjectError,
+    class_ids_in,
     read_annotations,
     read_project,
     write_project,
@@ -276,3 +277,15 @@ def test_label_dtype_is_the_smallest_unsigned_type_that_holds_the_labels():
     maxima = (0, 255, 256, 65535, 65536, 2**32 - 1, 2**32)
     assert [proj.label_dtype(m) for m in maxima] == [np.dtype(t) for t in (
         np.uint8, np.uint8, np.uint16, np.uint16, np.uint32, np.uint32, np.int64)]
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int32, np.int64])
+def test_the_class_ids_in_masks_are_their_distinct_values_in_order(dtype):
+    rng = np.random.default_rng(0)
+    masks = np.zeros((3, 40, 50), dtype)
+    masks[rng.random(masks.shape) < 0.01] = 7
+    masks[0, 0, 0] = np.iinfo(dtype).max if dtype != np.int64 else 12
+    masks[1, 2, 3] = 2
+    ids = class_ids_in(masks)
+    assert ids.dtype == masks.dtype and np.array_equal(ids, np.unique(masks))
+    assert np.array_equal(class_ids_in(np.zeros((4, 4), dtype)), [0])

@@ -250,6 +250,45 @@ def test_predictions_arrive_in_three_layers_of_the_image_shape_with_unique_insta
         [0x55 / 255, 0xA8 / 255, 0x68 / 255], abs=1e-2)
 
 
+def test_review_layers_made_ahead_stay_hidden_until_their_first_prediction_is_redrawn(sample):
+    viewer = sample_viewer(sample)
+    session = Session(viewer)
+    active = viewer.layers.selection.active
+    for step in session.review_layer_steps():
+        step()
+    layers = [viewer.layers[name] for name in (PREDICTION_SEMANTIC, PREDICTION_INSTANCES, PREDICTION_CONFIDENCE)]
+    assert all(not layer.visible and not np.any(layer.data) for layer in layers)
+    assert viewer.layers.selection.active is active  # the user's layer stays the one drawn on
+    assert session.review_layer_steps() == []  # made once: nothing more to make
+    viewer.dims.set_current_step(0, 1)
+    piece = PredictionPiece(1, (0, 0), np.full((96, 96), 3, np.uint16), np.ones((96, 96), np.uint32),
+                            np.full((96, 96), 0.9, np.float32), 1, 1)
+    changed = session.write_prediction(piece, redraw=False)
+    assert changed == [PREDICTION_SEMANTIC, PREDICTION_INSTANCES, PREDICTION_CONFIDENCE]
+    assert np.all(layers[0].data[1] == 3) and not any(layer.visible for layer in layers)
+    for name in changed:
+        session.redraw_prediction(name)
+    assert [layer.visible for layer in layers] == [True, True, False]  # confidence is shown on demand
+    layers[0].visible = False  # the user hides a prediction: the next one leaves it hidden
+    for name in session.write_prediction(piece, redraw=False):
+        session.redraw_prediction(name)
+    assert [layer.visible for layer in layers] == [False, True, False]
+
+
+def test_a_plane_out_of_view_is_written_without_redrawing_and_shown_at_the_end(sample):
+    viewer = sample_viewer(sample)
+    session = Session(viewer)
+    viewer.dims.set_current_step(0, 0)
+    piece = PredictionPiece(2, (0, 0), np.full((96, 96), 3, np.uint16), np.ones((96, 96), np.uint32),
+                            np.full((96, 96), 0.9, np.float32), 1, 1)
+    assert session.write_prediction(piece, redraw=False) == []
+    assert np.all(viewer.layers[PREDICTION_SEMANTIC].data[2] == 3)
+    assert not viewer.layers[PREDICTION_SEMANTIC].visible
+    for step in session.showing_steps():
+        step()
+    assert viewer.layers[PREDICTION_SEMANTIC].visible and not viewer.layers[PREDICTION_CONFIDENCE].visible
+
+
 def test_painting_a_prediction_marks_it_edited_until_it_is_predicted_again(sample):
     viewer = sample_viewer(sample)
     session = Session(viewer)
@@ -350,6 +389,8 @@ def test_a_training_run_saves_first_previews_the_region_asked_for_and_ends_with_
     previews = [u for u in events if u.event.preview is not None]
     assert previews and all(u.preview_at == (1, (10, 20, 50, 70)) for u in previews)
     assert previews[0].event.preview.shape == (40, 50)
+    # The preview's picture is drawn on the worker thread: napari's event loop only shows it.
+    assert all(u.preview_picture.shape == (40, 50, 3) and u.preview_picture.dtype == np.uint8 for u in previews)
     last = updates[-1]
     assert last.event.finished and last.event.model is not None
     assert last.model_file == tmp_path / "project" / MODEL_FILE and last.model_file.is_file()

@@ -19,6 +19,7 @@ from napari_protoseg.plugin.session import (
     CHECKPOINT_FILE,
     PREDICTION_CONFIDENCE,
     PREDICTION_INSTANCES,
+    PREDICTION_LAYERS,
     PREDICTION_SEMANTIC,
 )
 from napari_protoseg.model.network import ModelConfig
@@ -28,6 +29,15 @@ TINY = TrainConfig(steps=12, batch_size=2, crop_size=64,
                    model=ModelConfig(base_width=4, depth=2, embed_dim=8, prototypes_per_class=2),
                    pseudo_label_warmup=1000, checkpoint_every=0)
 MITOCHONDRION, VESICLE, MEMBRANE = 3, 4, 2
+
+
+def nothing_predicted(viewer) -> bool:
+    """No prediction was written: the semantic review layer is absent, or as the panel made it ahead
+    of the first prediction (hidden and empty)."""
+    if PREDICTION_SEMANTIC not in viewer.layers:
+        return True
+    layer = viewer.layers[PREDICTION_SEMANTIC]
+    return not layer.visible and not np.any(layer.data)
 
 
 @pytest.fixture(scope="module")
@@ -172,6 +182,21 @@ def test_a_user_annotates_trains_reviews_accepts_stops_and_continues(make_napari
 # ---------------------------------------------------------------------------- responsiveness
 
 
+def test_the_panel_makes_the_review_layers_hidden_when_it_opens_and_only_once_per_image(
+        make_napari_viewer, qtbot, sample_folder):
+    viewer, widget = open_panel(make_napari_viewer, sample_folder)
+    active = viewer.layers.selection.active
+    qtbot.waitUntil(lambda: all(name in viewer.layers for name in PREDICTION_LAYERS), timeout=60_000)
+    assert nothing_predicted(viewer)
+    assert not any(viewer.layers[name].visible for name in PREDICTION_LAYERS)
+    assert viewer.layers.selection.active is active
+    assert viewer.layers[PREDICTION_SEMANTIC].data.shape == widget.session.image().shape
+    viewer.layers.remove(PREDICTION_CONFIDENCE)  # the user does not want it: it is not made again
+    viewer.add_points(np.zeros((0, 3)), name="other points")
+    qtbot.wait(300)
+    assert PREDICTION_CONFIDENCE not in viewer.layers
+
+
 def test_napari_stays_responsive_while_training(make_napari_viewer, qtbot, sample_folder):
     """A 20 ms timer keeps firing while training runs: no gap of 100 ms or more."""
     config = replace(TINY, steps=150)
@@ -186,6 +211,8 @@ def test_napari_stays_responsive_while_training(make_napari_viewer, qtbot, sampl
     original = widget.train_section._training_finished
     widget.train_section._training_finished = lambda event, update: (finished_at.append(time.perf_counter()),
                                                        original(event, update))
+    # The panel makes the review layers when it opens (not while training): let it finish first.
+    qtbot.waitUntil(lambda: all(name in viewer.layers for name in PREDICTION_LAYERS), timeout=20000)
     qtbot.wait(200)
     clicked = time.perf_counter()
     qtbot.mouseClick(widget.train_section.train_button, Qt.MouseButton.LeftButton)
@@ -314,7 +341,7 @@ def test_a_model_for_other_classes_gets_a_notification_and_no_prediction(
     qtbot.mouseClick(widget.predict_section.predict_buttons["plane"], Qt.MouseButton.LeftButton)
     errors = new_notifications(since, "error")
     assert errors and "'vesicle' in the model but 'synaptic vesicle' in the project" in errors[-1]
-    assert PREDICTION_SEMANTIC not in viewer.layers and not widget.jobs.busy()
+    assert nothing_predicted(viewer) and not widget.jobs.busy()
 
 
 def test_a_loaded_model_predicts_and_says_what_it_was_trained_on(make_napari_viewer, qtbot, sample_folder,
@@ -329,6 +356,9 @@ def test_a_loaded_model_predicts_and_says_what_it_was_trained_on(make_napari_vie
     wait_idle(qtbot, widget)
     semantic = viewer.layers[PREDICTION_SEMANTIC].data
     assert all(np.any(semantic[z]) for z in range(3))
+    # Shown once they hold the prediction, one per turn of the event loop; confidence on demand.
+    qtbot.waitUntil(lambda: viewer.layers[PREDICTION_INSTANCES].visible, timeout=5000)
+    assert viewer.layers[PREDICTION_SEMANTIC].visible and not viewer.layers[PREDICTION_CONFIDENCE].visible
     assert widget.predict_section.predict_progress.value() == 3
     saved = widget.model_section.save_model_to(tmp_path / "again")
     assert saved.name == "again.protoseg.pt" and saved.is_file()
@@ -373,7 +403,7 @@ def test_the_wise_decoder_without_instance_heads_is_a_message_before_any_predict
     qtbot.mouseClick(widget.predict_section.predict_buttons["plane"], Qt.MouseButton.LeftButton)
     errors = new_notifications(since, "error")
     assert errors and "The 'wise' instance decoder needs a model with instance heads" in errors[-1]
-    assert PREDICTION_SEMANTIC not in viewer.layers and not widget.jobs.busy()
+    assert nothing_predicted(viewer) and not widget.jobs.busy()
 
 
 def test_the_panel_trains_within_five_minutes_by_default_and_the_limit_can_be_changed(

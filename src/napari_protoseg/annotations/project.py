@@ -346,13 +346,24 @@ def check_classes(classes: Sequence[ClassInfo], file: str = CLASSES_FILE) -> lis
     return problems
 
 
+def class_ids_in(masks: np.ndarray) -> np.ndarray:
+    """The distinct values of an integer mask array, ascending (for 8- and 16-bit unsigned masks
+    marked in a table instead of sorted: a few times faster)."""
+    masks = np.asarray(masks)
+    if masks.dtype in (np.uint8, np.uint16):
+        seen = np.zeros(np.iinfo(masks.dtype).max + 1, dtype=bool)
+        seen[masks.ravel()] = True
+        return np.flatnonzero(seen).astype(masks.dtype)
+    return np.unique(masks)
+
+
 def _check_masks(masks: np.ndarray, image_shape: tuple[int, ...], known: set[int]) -> list[Problem]:
     if tuple(masks.shape) != tuple(image_shape):
         return [Problem(MASKS_FILE, f"has shape {tuple(masks.shape)} but the image has shape "
                         f"{tuple(image_shape)}; masks must cover the image pixel for pixel.")]
     if not np.issubdtype(masks.dtype, np.integer):
         return [Problem(MASKS_FILE, f"has dtype {masks.dtype}; masks must hold integer class ids.")]
-    values = np.unique(masks)
+    values = class_ids_in(masks)
     unknown = [int(v) for v in values if v != 0 and int(v) not in known]
     if unknown:
         return [Problem(MASKS_FILE, f"holds class id(s) {unknown} that {CLASSES_FILE} does not "

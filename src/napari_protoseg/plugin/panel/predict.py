@@ -23,6 +23,7 @@ class PredictSection(PanelSection):
     def __init__(self, host):
         super().__init__(host)
         self._stop_prediction = self.jobs.stop_prediction
+        self._prepared_for = None  # the image the review layers were last made for
         layout = QVBoxLayout(self)
         row = QHBoxLayout()
         self.predict_buttons = {}
@@ -53,6 +54,21 @@ class PredictSection(PanelSection):
         self.predict_progress.setFormat("%v / %m planes")
         layout.addWidget(self.predict_progress)
 
+    def prepare_review_layers(self) -> None:
+        """Make the review layers (hidden) for a newly chosen image, in turns of the event loop, so that
+        napari's work for new layers is done before a prediction arrives. Once per image: review layers
+        the user deletes come back only with the next prediction."""
+        try:
+            layer = self.session.image_layer()
+            image_key = (id(layer), layer.name, self.session.image().shape)
+        except SessionError:
+            return
+        if image_key == self._prepared_for:
+            return
+        self._prepared_for = image_key
+        # A step refused (the image went meanwhile) is said again, with its reason, by the next prediction.
+        run_in_turns(self.session.review_layer_steps(), cancelled=lambda: self.closed, refused=lambda err: None)
+
     def update_buttons(self) -> None:
         idle = not self.jobs.busy()
         for button in self.predict_buttons.values():
@@ -78,6 +94,9 @@ class PredictSection(PanelSection):
             self._prediction_not_started()
 
         run_in_turns(steps, cancelled=lambda: self.closed, refused=refused)
+
+    def _redraw_in_turns(self, steps) -> None:
+        run_in_turns(steps, cancelled=lambda: self.closed, refused=lambda err: self.notify("error", str(err)))
 
     def _begin_prediction(self, scope: str, after_training: bool = False) -> None:
         def give_up(level=None, message=""):
@@ -130,11 +149,13 @@ class PredictSection(PanelSection):
         if self.closed:
             return
         try:
-            self.session.write_prediction(piece)
+            changed = self.session.write_prediction(piece, redraw=False)
         except SessionError as err:
             self._stop_prediction.set()
             self.notify("error", str(err))
             return
+        # One layer redrawn per turn: napari repaints the canvas in between.
+        self._redraw_in_turns([lambda name=name: self.session.redraw_prediction(name) for name in changed])
         self.predict_progress.setMaximum(piece.total)
         self.predict_progress.setValue(piece.done)
 
@@ -142,4 +163,6 @@ class PredictSection(PanelSection):
         if self.closed:
             return
         self.host.update_buttons()
-        self.finished.emit()
+        # Review layers whose plane was out of view while predicted are shown all the same; then
+        # ``finished``, each in a turn of its own (the layers of the last piece are redrawn before).
+        self._redraw_in_turns([*self.session.showing_steps(), self.finished.emit])

@@ -209,15 +209,10 @@ class TrainSection(PanelSection):
         self.last_event = event
         if "total" in event.losses:
             self.loss_plot.add(event.step, event.losses["total"], redraw=False)
-        if event.preview is not None and update.preview_at is not None:
+        if update.preview_picture is not None:
             z, region = update.preview_at
-            try:
-                picture = self.session.preview_picture(z, region, event.preview)
-            except SessionError:
-                picture = None
-            if picture is not None:
-                where = ("" if z is None else f"plane {z}, ") + f"y {region[0]}-{region[2]}, x {region[1]}-{region[3]}"
-                self.preview_view.show_picture(picture, f"Live preview at step {event.step}: {where}")
+            where = ("" if z is None else f"plane {z}, ") + f"y {region[0]}-{region[2]}, x {region[1]}-{region[3]}"
+            self.preview_view.show_picture(update.preview_picture, f"Live preview at step {event.step}: {where}")
         if event.model is not None:
             self._show_progress()
             self._training_finished(event, update)

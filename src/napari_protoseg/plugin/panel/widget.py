@@ -25,6 +25,7 @@ from napari_protoseg.plugin.session import ANNOTATION_ROLES, AUTOSAVE_SECONDS, P
 from napari_protoseg.training.engine import TrainConfig
 
 AUTOSAVE_MS = AUTOSAVE_SECONDS * 1000
+WARM_UP_POLL_MS = 100
 
 
 class ProtosegWidget(QWidget):
@@ -47,6 +48,17 @@ class ProtosegWidget(QWidget):
         self.autosave_timer.start()
         self.refresh()
         self.warmed_up = warm_up_torch()
+        self._prepare_review_layers_after_warm_up()
+
+    def _prepare_review_layers_after_warm_up(self) -> None:
+        """Make the review layers once PyTorch's imports are done: the import holds the GIL and would
+        stretch napari's work for the new layers several times over."""
+        if self.closed:
+            return
+        if not self.warmed_up.is_set():
+            QTimer.singleShot(WARM_UP_POLL_MS, self._prepare_review_layers_after_warm_up)
+            return
+        self.predict_section.prepare_review_layers()
 
     @property
     def closed(self) -> bool:
@@ -87,6 +99,7 @@ class ProtosegWidget(QWidget):
     def _connect_sections(self) -> None:
         """What one section's work means for the others."""
         self.annotate_section.image_chosen.connect(lambda _name: self.project_section.refresh())
+        self.annotate_section.image_chosen.connect(lambda _name: self.predict_section.prepare_review_layers())
         self.train_section.project_saved.connect(self.project_section.saved_by_training)
         self.train_section.model_changed.connect(self.model_section.refresh)
         self.train_section.trained.connect(self.predict_section.predict_after_training)
@@ -135,6 +148,7 @@ class ProtosegWidget(QWidget):
     def _layers_changed(self, *_args) -> None:
         if not self.closed:
             self.refresh()
+            self.predict_section.prepare_review_layers()
 
     def _view_changed(self, *_args) -> None:
         if self.closed:

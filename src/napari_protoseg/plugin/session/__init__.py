@@ -42,7 +42,7 @@ from napari_protoseg.plugin.session.model import CurrentModel, model_info_text
 from napari_protoseg.plugin.session.prediction import prediction_settings
 from napari_protoseg.plugin.session.review import PredictionLayers
 from napari_protoseg.plugin.session.training import (CHECKPOINT_FILE, MODEL_FILE, PANEL_TIME_LIMIT, PreviewTarget,
-                                                     TrainingUpdate, preview_picture, training_run)
+                                                     TrainingUpdate, training_run)
 from napari_protoseg.prediction import DEFAULT_DECODER
 from napari_protoseg.prediction.pipeline import PredictionPiece
 from napari_protoseg.training.engine import TrainConfig, default_train_config
@@ -274,7 +274,22 @@ class Session:
         return self.prediction_layers.edited()
 
     def prediction_layer_steps(self) -> list[Callable[[], None]]:
-        return self.prediction_layers.creation_steps()
+        """Steps that make the missing review layers for a prediction (hidden: :meth:`redraw_prediction`
+        shows each once it holds its first prediction)."""
+        return self.prediction_layers.creation_steps(show=False)
+
+    def showing_steps(self) -> list[Callable[[], None]]:
+        """Steps that show the review layers not shown yet (at the end of a prediction)."""
+        return self.prediction_layers.showing_steps()
+
+    def review_layer_steps(self) -> list[Callable[[], None]]:
+        """Steps that make the absent review layers, hidden, ahead of the first prediction (napari's
+        work for a new layer then happens when the image is chosen, not when a prediction arrives)."""
+        try:
+            self.image()
+        except SessionError:
+            return []
+        return self.prediction_layers.creation_steps(show=False, names=self.prediction_layers.absent())
 
     def ensure_prediction_layer(self, name: str):
         return self.prediction_layers.ensure(name)
@@ -282,12 +297,11 @@ class Session:
     def ensure_prediction_layers(self) -> dict[str, object]:
         return self.prediction_layers.ensure_all()
 
-    def write_prediction(self, piece: PredictionPiece) -> None:
-        self.prediction_layers.write(piece)
+    def write_prediction(self, piece: PredictionPiece, redraw: bool = True) -> list[str]:
+        return self.prediction_layers.write(piece, redraw)
+
+    def redraw_prediction(self, name: str) -> None:
+        self.prediction_layers.redraw(name)
 
     def accept(self, selected_only: bool = False, instance_ids: Sequence[int] | None = None) -> int:
         return self.prediction_layers.accept(selected_only, instance_ids)
-
-    def preview_picture(self, z: int | None, region: Region, class_map: np.ndarray) -> np.ndarray:
-        """The live preview's picture of ``region`` of plane ``z`` (see :func:`.training.preview_picture`)."""
-        return preview_picture(self.image(), z, region, class_map, self.classes)

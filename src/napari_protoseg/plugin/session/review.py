@@ -33,16 +33,34 @@ class PredictionLayers:
         self._edited = edited
         self._edited_predictions: set[str] = set()
         self._next_instance_id = 1
+        self._unshown: set[str] = set()  # review layers made hidden, not shown yet
 
     # ------------------------------------------------------------------------ creating
 
-    def creation_steps(self) -> list[Callable[[], None]]:
-        """The work of creating the missing review layers in small steps: per layer, make it (hidden),
-        add it to the viewer, then show it. The panel runs one step per turn of napari's event loop,
-        so that napari repaints in between; :meth:`ensure` runs them at once."""
-        return [step for name in PREDICTION_LAYERS for step in self._creation_steps(name)]
+    def creation_steps(self, show: bool = True, names: Sequence[str] = PREDICTION_LAYERS) -> list[Callable[[], None]]:
+        """The work of creating the missing review layers (of ``names``) in small steps: per layer,
+        make it (hidden), add it to the viewer and, with ``show``, show it. The panel runs one step per
+        turn of napari's event loop, so that napari repaints in between; :meth:`ensure` runs them at
+        once. Layers made without ``show`` stay hidden until :meth:`showing_steps` runs."""
+        return [step for name in names for step in self._creation_steps(name, show)]
 
-    def _creation_steps(self, name: str) -> list[Callable[[], None]]:
+    def absent(self) -> list[str]:
+        """The review layers not in the viewer."""
+        return [name for name in PREDICTION_LAYERS if layer_named(self.viewer, name) is None]
+
+    def showing_steps(self) -> list[Callable[[], None]]:
+        """One step per review layer: show it if it was made hidden and never shown since (a layer
+        holds nothing before; confidence stays hidden, as when it is made)."""
+        return [lambda name=name: self._show_new(name) for name in PREDICTION_LAYERS]
+
+    def _show_new(self, name: str) -> None:
+        layer = layer_named(self.viewer, name)
+        if name in self._unshown and layer is not None:
+            self._unshown.discard(name)
+            if name != PREDICTION_CONFIDENCE:
+                layer.visible = True
+
+    def _creation_steps(self, name: str, show: bool = True) -> list[Callable[[], None]]:
         made = {}
 
         def make():
@@ -53,13 +71,13 @@ class PredictionLayers:
             if layer is not None and layer_named(self.viewer, name) is None:
                 add_keeping_selection(self.viewer, layer)
                 self._track_edits(name, layer)
+                self._unshown.add(name)
 
-        def show():
-            layer = made.get("layer")
-            if layer is not None and name != PREDICTION_CONFIDENCE:  # confidence starts hidden
-                layer.visible = True
+        def show_it():
+            if made.get("layer") is not None:
+                self._show_new(name)
 
-        return [make, add, show]
+        return [make, add, show_it] if show else [make, add]
 
     def _make(self, name: str):
         """A new, hidden review layer of the image's shape; None when a fitting one is there already
@@ -71,6 +89,7 @@ class PredictionLayers:
         if layer is not None and (tuple(layer.data.shape) != shape or not self._holds_class_ids(layer)):
             self.viewer.layers.remove(layer)
             self._edited_predictions.discard(name)
+            self._unshown.discard(name)
             layer = None
         if layer is not None:
             return None
@@ -109,6 +128,7 @@ class PredictionLayers:
         """One review layer, created with the image's shape when missing (or of another shape)."""
         for step in self._creation_steps(name):
             step()
+        self._show_new(name)
         return self.viewer.layers[name]
 
     def ensure_all(self) -> dict[str, object]:
@@ -142,15 +162,20 @@ class PredictionLayers:
         except SessionError:
             return True
 
-    def write(self, piece: PredictionPiece) -> None:
-        """Put a predicted plane, region or the linked instance stack into the review layers (napari
-        redraws them only where the written plane is in view: it slices planes afresh when shown)."""
-        layers = self.ensure_all()
-        semantic, instances, confidence = (layers[n] for n in PREDICTION_LAYERS)
+    def write(self, piece: PredictionPiece, redraw: bool = True) -> list[str]:
+        """Put a predicted plane, region or the linked instance stack into the review layers.
+
+        Returns the names of the layers to redraw (those whose plane in view changed; napari slices
+        other planes afresh when they come into view). With ``redraw`` they are redrawn here; without,
+        the caller redraws each with :meth:`redraw` (the panel, one per turn of napari's event loop).
+        """
+        for step in self.creation_steps(show=False):
+            step()
+        semantic, instances, confidence = (self.viewer.layers[n] for n in PREDICTION_LAYERS)
         if piece.linked_instances is not None:
             instances.data[...] = piece.linked_instances
             self._next_instance_id = int(piece.linked_instances.max(initial=0)) + 1
-            redraw = (instances,)
+            changed = [PREDICTION_INSTANCES]
         else:
             h, w = piece.semantic.shape
             y0, x0 = piece.origin
@@ -162,10 +187,24 @@ class PredictionLayers:
             shifted = np.where(found, piece.instances.astype(np.uint32) + offset, 0).astype(np.uint32)
             instances.data[index] = shifted
             self._next_instance_id = max(self._next_instance_id, int(shifted.max(initial=0)) + 1)
-            redraw = (semantic, instances, confidence) if self._in_view(piece.z) else ()
-        for layer in redraw:
-            layer.refresh()
+            changed = list(PREDICTION_LAYERS) if self._in_view(piece.z) else []
         self._edited_predictions.difference_update({PREDICTION_SEMANTIC, PREDICTION_INSTANCES})
+        if redraw:
+            for name in changed:
+                self.redraw(name)
+            return []
+        return changed
+
+    def redraw(self, name: str) -> None:
+        """Show a review layer's new data: a layer never shown yet is shown (napari slices it then),
+        a shown one refreshed."""
+        layer = layer_named(self.viewer, name)
+        if layer is None:
+            return
+        if name in self._unshown:
+            self._show_new(name)
+        else:
+            layer.refresh()
 
     # ------------------------------------------------------------------------ accepting
 

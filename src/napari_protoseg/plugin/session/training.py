@@ -43,10 +43,12 @@ class PreviewTarget:
 
 @dataclass
 class TrainingUpdate:
-    """One message of a training run: a progress event (with the region of its preview), or a note."""
+    """One message of a training run: a progress event (with the region of its preview and the
+    preview's picture, drawn on the worker thread), or a note."""
 
     event: TrainEvent | None = None
     preview_at: tuple[int | None, Region] | None = None
+    preview_picture: np.ndarray | None = None
     note: str = ""
     saved: Path | None = None
     model_file: Path | None = None
@@ -93,7 +95,10 @@ def training_run(
                    initial_model=initial_model, preview=request if aimed is not None else None, stop=stop)
     try:
         for event in events:
-            update = TrainingUpdate(event=event, preview_at=aimed if event.preview is not None else None)
+            update = TrainingUpdate(event=event)
+            if event.preview is not None and aimed is not None:
+                update.preview_at = aimed
+                update.preview_picture = preview_picture(image, *aimed, event.preview, annotations.classes)
             if event.model is not None and folder is not None:
                 try:
                     save_model(folder / MODEL_FILE, event.model)
@@ -113,7 +118,8 @@ def preview_picture(image: np.ndarray, z: int | None, region: Region, class_map:
     classes in their colours on top (drawn in the panel; no layer has to be built while training)."""
     y0, x0, y1, x1 = region
     crop = np.asarray(image[(() if z is None else (z,)) + (slice(y0, y1), slice(x0, x1))], dtype=np.float32)
-    low, high = np.percentile(crop, [1, 99]) if crop.size else (0.0, 1.0)
+    # Contrast from every 4th pixel of every 4th row: the same percentiles to the eye, 16 times less work.
+    low, high = np.percentile(crop[::4, ::4], [1, 99]) if crop.size else (0.0, 1.0)
     grey = np.clip((crop - low) / max(float(high - low), 1e-6), 0, 1)
     picture = np.repeat(grey[..., None], 3, axis=2)
     class_map = np.asarray(class_map)[: crop.shape[0], : crop.shape[1]]
