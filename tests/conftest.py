@@ -112,7 +112,9 @@ def as_version_1():
     """``as_version_1(train_config)``: a ``TrainConfig.to_dict()`` in the flat layout of version 1
     (every field kept; the network's fields at the top level, ``in_channels`` as ``context``)."""
     def flatten(train_config: dict) -> dict:
-        data = {k: v for k, v in train_config.items() if k not in ("config_version", "model")}
+        # The encoder fields came with version 3: a version-1 file has no such field.
+        data = {k: v for k, v in train_config.items()
+                if k not in ("config_version", "model", "encoder", "encoder_learning_rate")}
         model = train_config["model"]
         data["context"] = model["in_channels"] // 2
         data.update({k: v for k, v in model.items() if k not in ("n_classes", "n_instance_classes", "in_channels",

@@ -9,7 +9,7 @@ import napari_protoseg
 
 PACKAGE = Path(napari_protoseg.__file__).parent
 # Each subpackage may import only from those listed before it (and from itself).
-LAYERS = ["annotations", "model", "prediction", "evaluation", "training", "plugin", "benchmark"]
+LAYERS = ["annotations", "model", "prediction", "evaluation", "training", "pretraining", "plugin", "benchmark"]
 # Top-level modules and what they may import.
 TOP_LEVEL = {"_text": set(), "_version": set(), "__init__": {"annotations"}}
 

@@ -686,3 +686,25 @@ def test_the_peers_size_floor_follows_the_rule_of_the_decoders(monkeypatch):
     assert bm.peer_min_size(None, SimpleNamespace(image=np.zeros((3, 48, 48), np.uint8), annotations=masks)) \
         == annotated_min_size(masks, 3) == 200
     assert predicted == [3]  # outlined: nothing to predict
+
+
+@pytest.mark.skipif(not DATA.is_dir(), reason=f"shared benchmark data not found at {DATA}")
+def test_stack_pretraining_reads_only_the_training_part_and_every_run_starts_from_it(tmp_path, monkeypatch):
+    from napari_protoseg.pretraining import engine as pretraining_engine
+
+    seen = []
+    real_pretrain = pretraining_engine.pretrain
+
+    def spy(images, *args, **kwargs):
+        seen.extend(np.asarray(image).copy() for image in images)
+        return real_pretrain(images, *args, **kwargs)
+
+    monkeypatch.setattr(pretraining_engine, "pretrain", spy)
+    results = bm.run_benchmark(DATA, tmp_path, settings=["masks"], quick=True, pretrain_minutes=0.05,
+                               progress=lambda *_: None)
+    data = bm.BenchmarkData.load(DATA, crop=bm.QUICK_CROP)
+    assert len(seen) == 1 and np.array_equal(seen[0], data.raw[:10])  # sections 0-9, never 10-19
+    pretraining = results["pretraining"]
+    assert pretraining["steps"] > 0 and pretraining["seconds"] > 0 and pretraining["started_from"] is None
+    assert results["train_config"]["encoder"] == pretraining["encoder"] == str(tmp_path / "stack-encoder.safetensors")
+    assert "Stack pretraining" in (tmp_path / "benchmarks.md").read_text()

@@ -473,3 +473,31 @@ def test_a_time_limit_must_be_a_positive_number_of_minutes(tmp_path, value, caps
     with pytest.raises(SystemExit):
         main(["train", str(tmp_path), "--out", str(tmp_path / "m.pt"), "--time-limit", value])
     assert "--time-limit" in capsys.readouterr().err
+
+
+def test_pretrain_writes_an_encoder_that_train_init_starts_from(trained, tmp_path, capsys):
+    encoder = tmp_path / "stack"
+    assert main(["pretrain", str(trained["image"]), "--out", str(encoder), "--steps", "3", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "pretrained 3 steps" in out and "encoder written to" in out and "--init" in out
+    written = tmp_path / "stack.safetensors"
+    assert written.is_file()
+    model = tmp_path / "from-encoder.protoseg.pt"
+    assert main(["train", str(trained["project"]), "--out", str(model), "--steps", "2", "--device", "cpu",
+                 "--init", str(written)]) == 0
+    assert load_model(model).training_info  # a model like any other
+    assert main(["pretrain", str(trained["project"]), "--out", str(tmp_path / "again"), "--steps", "2",
+                 "--device", "cpu", "--init", str(written), "--objective", "masked"]) == 0
+
+
+def test_train_init_with_a_missing_or_mismatched_encoder_is_a_message(trained, tmp_path, capsys):
+    from napari_protoseg.model.encoder import Encoder, save_encoder
+    from napari_protoseg.model.network import ModelConfig, ProtoSegNet
+
+    args = ["train", str(trained["project"]), "--out", str(tmp_path / "m.protoseg.pt"), "--steps", "1"]
+    assert main([*args, "--init", str(tmp_path / "nowhere.safetensors")]) == 1
+    assert "does not exist; check the path, or make one with 'protoseg pretrain" in capsys.readouterr().err
+    narrow = save_encoder(tmp_path / "narrow", Encoder.from_network(ProtoSegNet(ModelConfig(n_classes=1, base_width=4))))
+    assert main([*args, "--init", str(narrow)]) == 1
+    err = capsys.readouterr().err
+    assert "pretrained for another network (width 4" in err and "Traceback" not in err

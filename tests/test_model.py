@@ -160,7 +160,7 @@ def test_an_old_network_config_means_what_it_meant_and_a_future_one_is_refused()
     """A configuration without a version (written up to commit 3746550) lacking fields added since
     loads as the network it described then (full resolution, plain heads); today's format needs
     every field, and a newer format is refused with a message that says to update."""
-    from napari_protoseg.model.migration import ConfigVersionError
+    from napari_protoseg.model.migration import CONFIG_VERSION, ConfigVersionError
 
     old = {"n_classes": 3, "in_channels": 1, "base_width": 4, "depth": 2, "embed_dim": 8,
            "prototypes_per_class": 2, "temperature": 0.05, "norm": "group", "n_instance_classes": 1,
@@ -172,8 +172,9 @@ def test_an_old_network_config_means_what_it_meant_and_a_future_one_is_refused()
     with pytest.raises(ValueError, match="missing"):
         ModelConfig.from_dict(old)  # today's format: every field
     current = ModelConfig(n_classes=3).to_dict()
-    with pytest.raises(ConfigVersionError, match="newer napari-protoseg.*version 3.*Update napari-protoseg"):
-        ModelConfig.from_dict(current, version=3)
+    newer = CONFIG_VERSION + 1
+    with pytest.raises(ConfigVersionError, match=f"newer napari-protoseg.*version {newer}.*Update napari-protoseg"):
+        ModelConfig.from_dict(current, version=newer)
     with pytest.raises(ConfigVersionError, match="not a whole number"):
         ModelConfig.from_dict(current, version="2")
 

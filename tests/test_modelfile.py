@@ -13,6 +13,7 @@ import torch
 
 from napari_protoseg import __version__
 from napari_protoseg.model.inputs import Normalization
+from napari_protoseg.model.migration import CONFIG_VERSION
 from napari_protoseg.model.network import ModelConfig, ProtoSegNet
 from napari_protoseg.model.file import (
     FORMAT,
@@ -109,7 +110,7 @@ def test_file_layout(saved):
     assert config["classes"] == [c.to_json() for c in CLASSES]
     assert config["normalization"] == {"low": 10.0, "high": 200.0}
     assert config["context"] == 0
-    assert config["config_version"] == 2  # the format of "model" (napari_protoseg.model.migration)
+    assert config["config_version"] == CONFIG_VERSION  # the format of "model" (napari_protoseg.model.migration)
     assert set(payload["state_dict"]) == set(model.net.state_dict())
 
 
@@ -289,9 +290,10 @@ def test_a_newer_configuration_version_asks_for_an_update(saved):
     _, path = saved
     payload = payload_of(path)
     config = json.loads(payload["config"])
-    config["config_version"] = 3
+    config["config_version"] = CONFIG_VERSION + 1
     payload["config"] = json.dumps(config)
-    message = expect_error(write_payload(path, payload), "newer napari-protoseg", "configuration version 3",
+    message = expect_error(write_payload(path, payload), "newer napari-protoseg",
+                           f"configuration version {CONFIG_VERSION + 1}",
                            "update napari-protoseg")
     assert "damaged" not in message
     config["config_version"] = "2"

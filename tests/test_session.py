@@ -459,3 +459,46 @@ def test_a_single_2d_image_goes_through_training_prediction_and_accepting(tmp_pa
     assert written == np.count_nonzero(expected) > 0
     np.testing.assert_array_equal(masks[expected > 0], expected[expected > 0])
     assert read_project(tmp_path / "plane").annotations.image_shape == (96, 96)
+
+
+# ------------------------------------------------------------------------ learning the stack
+
+
+def test_learning_the_stack_keeps_its_encoder_in_the_project_folder_and_goes_on_from_it(tmp_path):
+    from napari_protoseg.model.encoder import load_encoder
+    from napari_protoseg.model.network import ModelConfig
+    from napari_protoseg.plugin.session import STACK_ENCODER_FILE, stack_encoder, stack_learning_run
+    from napari_protoseg.pretraining.engine import PretrainConfig
+
+    image = generate_sample(shape=(2, 96, 96), seed=4).image
+    config = PretrainConfig(batch_size=2, model=ModelConfig(base_width=4, depth=2, embed_dim=8), device="cpu")
+    calls = iter(range(1000))
+    updates = list(stack_learning_run(image, tmp_path, config, start_from=None, budget_minutes=0.05,
+                                      stop=lambda: next(calls) >= 4))
+    last = updates[-1]
+    assert last.stopped and last.saved == tmp_path / STACK_ENCODER_FILE and last.saved.is_file()
+    encoder, seconds = stack_encoder(tmp_path, config.model)
+    assert encoder is not None and 0 < seconds == pytest.approx(last.seconds)
+    updates = list(stack_learning_run(image, tmp_path, config, start_from=None, budget_minutes=0.05))
+    assert updates[-1].finished and updates[-1].seconds >= 3.0 > seconds  # went on until its 3 s were spent
+    again = list(stack_learning_run(image, tmp_path, config, start_from=None, budget_minutes=0.05))
+    assert len(again) == 1 and again[0].finished and again[0].step == 0  # a spent budget is not repeated
+    assert load_encoder(tmp_path / STACK_ENCODER_FILE).provenance["stack_learning_seconds"] >= 3.0
+    assert stack_encoder(tmp_path, ModelConfig(base_width=8, depth=2, embed_dim=8)) == (None, 0.0)  # another size
+    (tmp_path / STACK_ENCODER_FILE).write_bytes(b"damaged")
+    assert stack_encoder(tmp_path, config.model) == (None, 0.0)  # learnt afresh rather than failing
+
+
+def test_training_starts_from_the_stack_encoder_once_there_is_one(sample, tmp_path):
+    from napari_protoseg.model.encoder import Encoder, save_encoder
+    from napari_protoseg.model.network import ModelConfig, ProtoSegNet
+    from napari_protoseg.plugin.session import STACK_ENCODER_FILE
+
+    session = Session(sample_viewer(sample), TrainConfig(encoder="shipped"))
+    session.set_project_folder(tmp_path / "project")
+    assert session.training_encoder() == "shipped"
+    kept = tmp_path / "project" / STACK_ENCODER_FILE
+    save_encoder(kept, Encoder.from_network(ProtoSegNet(ModelConfig(n_classes=1, base_width=4))))
+    assert session.training_encoder() == "shipped"  # learnt for another network size: not used
+    save_encoder(kept, Encoder.from_network(ProtoSegNet(ModelConfig(n_classes=1))))
+    assert session.training_encoder() == str(kept)

@@ -14,7 +14,7 @@ from napari_protoseg.prediction.tiling import predict_volume
 from napari_protoseg.annotations.project import AnnotationSet, ClassInfo, ProjectError
 from napari_protoseg.annotations.synthetic import generate_sample
 from napari_protoseg.evaluation.metrics import class_iou
-from napari_protoseg.model.migration import ConfigVersionError
+from napari_protoseg.model.migration import CONFIG_VERSION, ConfigVersionError
 from napari_protoseg.model.network import ModelConfig
 from napari_protoseg.training.engine import CUDA_STEPS, TrainConfig, check_training_input, default_train_config, train
 
@@ -364,8 +364,10 @@ def test_an_old_flat_config_loads_as_the_config_it_meant(version_1_train_config,
 
 
 def test_a_config_of_an_unknown_future_version_is_refused_with_a_clear_message():
-    data = {**TrainConfig().to_dict(), "config_version": 3}
-    with pytest.raises(ConfigVersionError, match="newer napari-protoseg.*version 3.*reads up to version 2.*Update"):
+    newer = CONFIG_VERSION + 1
+    data = {**TrainConfig().to_dict(), "config_version": newer}
+    with pytest.raises(ConfigVersionError,
+                       match=f"newer napari-protoseg.*version {newer}.*reads up to version {CONFIG_VERSION}.*Update"):
         TrainConfig.from_dict(data)
     for bad in (0, "2", True):
         with pytest.raises(ConfigVersionError, match="not a whole number"):
@@ -400,7 +402,7 @@ def test_a_checkpoint_written_before_configuration_versions_resumes_as_it_meant(
     last_event(train(small_sample.image, small_sample.annotations, config, checkpoint_path=tmp_path / "run.ckpt",
                      stop=lambda: next(calls) >= 3))
     state = torch.load(tmp_path / "run.ckpt", weights_only=False)
-    assert state["config_version"] == state["train_config"]["config_version"] == 2
+    assert state["config_version"] == state["train_config"]["config_version"] == CONFIG_VERSION
     del state["config_version"]
     state["train_config"] = as_version_1(state["train_config"])
     torch.save(state, tmp_path / "old.ckpt")
@@ -408,7 +410,7 @@ def test_a_checkpoint_written_before_configuration_versions_resumes_as_it_meant(
     assert resumed.finished and resumed.step == 6
     for key, value in straight.net.state_dict().items():
         torch.testing.assert_close(resumed.model.net.state_dict()[key], value, rtol=0, atol=0, msg=key)
-    state["config_version"] = 3
+    state["config_version"] = CONFIG_VERSION + 1
     torch.save(state, tmp_path / "future.ckpt")
     with pytest.raises(ProjectError, match="cannot be resumed.*newer napari-protoseg"):
         next(train(small_sample.image, small_sample.annotations, resume=tmp_path / "future.ckpt"))
@@ -631,3 +633,11 @@ def test_a_time_limited_run_resumes_to_its_planned_steps(small_sample, tmp_path,
     assert state["train_config"]["steps"] == stopped.total_steps
     resumed = last_event(train(small_sample.image, small_sample.annotations, resume=tmp_path / "run.ckpt"))
     assert resumed.finished and resumed.step == stopped.total_steps == 40  # 0.5 s a step: 20 + 10 s / 0.5
+
+
+def test_a_version_2_config_starts_from_random_weights_as_it_did():
+    """Version 2 had no 'encoder': such files trained from random weights, and still mean that."""
+    data = TrainConfig(encoder="shipped").to_dict()
+    data["config_version"] = 2
+    del data["encoder"]
+    assert TrainConfig.from_dict(data).encoder is None

@@ -56,12 +56,13 @@ def sample_folder(tmp_path, small_sample):
     return write_project(tmp_path / "cells", small_sample.image, small_sample.annotations)
 
 
-def open_panel(make_napari_viewer, folder=None, config=TINY):
+def open_panel(make_napari_viewer, folder=None, config=TINY, learn=False):
     """A viewer with the project folder opened (as File > Open does) and the panel docked."""
     viewer = make_napari_viewer()
     if folder is not None:
         viewer.open(str(folder), plugin="napari-protoseg")
     _, widget = viewer.window.add_plugin_dock_widget("napari-protoseg", "protoseg")
+    widget.train_section.learn_check.setChecked(learn)  # off unless a test is about it: it takes a CPU core
     widget.set_train_config(config)
     widget.confirm = lambda question: pytest.fail(f"unexpected question: {question}")
     return viewer, widget
@@ -195,6 +196,42 @@ def test_the_panel_makes_the_review_layers_hidden_when_it_opens_and_only_once_pe
     viewer.add_points(np.zeros((0, 3)), name="other points")
     qtbot.wait(300)
     assert PREDICTION_CONFIDENCE not in viewer.layers
+
+
+def test_the_panel_learns_the_image_in_the_background_and_training_starts_from_it(
+        make_napari_viewer, qtbot, sample_folder, monkeypatch):
+    from napari_protoseg.plugin.panel import train as train_panel
+    from napari_protoseg.plugin.session import STACK_ENCODER_FILE
+
+    started_from = []
+    real_run = train_panel.training_run
+    monkeypatch.setattr(train_panel, "training_run",
+                        lambda image, annotations, config, **kw: (started_from.append(config.encoder),
+                                                                  real_run(image, annotations, config, **kw))[1])
+    viewer, widget = open_panel(make_napari_viewer, sample_folder, replace(TINY, model=replace(TINY.model)))
+    section = widget.train_section
+    section.learning_minutes = 0.5
+    section.learn_check.setChecked(True)
+    qtbot.waitUntil(lambda: "Learning the image in the background" in section.learn_status.text(), timeout=60_000)
+    encoder_file = widget.session.project_folder() / STACK_ENCODER_FILE
+    qtbot.mouseClick(section.train_button, Qt.MouseButton.LeftButton)  # training gets the CPU
+    qtbot.waitUntil(lambda: widget.jobs.train_worker is not None, timeout=30_000)
+    assert widget.jobs.learn_worker is None and encoder_file.is_file()  # paused, keeping what it learnt
+    wait_idle(qtbot, widget)
+    assert started_from == [str(encoder_file)]
+    # After training it goes on; unticking pauses it.
+    qtbot.waitUntil(lambda: widget.jobs.learn_worker is not None, timeout=30_000)
+    section.learn_check.setChecked(False)
+    qtbot.waitUntil(lambda: widget.jobs.learn_worker is None, timeout=30_000)
+    assert "paused" in section.learn_status.text()
+
+
+def test_closing_napari_while_the_image_is_learnt_stops_learning_cleanly(make_napari_viewer, qtbot, sample_folder):
+    viewer, widget = open_panel(make_napari_viewer, sample_folder, learn=True)
+    qtbot.waitUntil(lambda: widget.jobs.learn_worker is not None, timeout=60_000)
+    jobs = widget.jobs
+    viewer.close()
+    assert jobs.learning_done.wait(30)
 
 
 def test_napari_stays_responsive_while_training(make_napari_viewer, qtbot, sample_folder):

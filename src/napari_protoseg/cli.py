@@ -272,6 +272,67 @@ def _run_training(image, annotations, config, checkpoint: Path, resume: Path | N
                          time_limited=event.time_limited)
 
 
+def _checked_encoder(name: str) -> str | None:
+    """The encoder setting of ``--init``: None for 'none', else a readable encoder ('shipped' or a file)."""
+    from napari_protoseg.model.encoder import EncoderFileError, load_encoder
+
+    if name == "none":
+        return None
+    try:
+        load_encoder(name)
+    except EncoderFileError as err:
+        raise CliError(str(err)) from None
+    return name
+
+
+def cmd_pretrain(args) -> int:
+    from napari_protoseg.model.encoder import ENCODER_SUFFIX, EncoderFileError, load_encoder, save_encoder
+    from napari_protoseg.pretraining.engine import PretrainConfig, pretrain
+
+    device = _pick_device(args.device)
+    images = [_read_input_image(Path(path))[0] for path in args.images]
+    out = Path(args.out)
+    if not out.name.endswith(ENCODER_SUFFIX):
+        out = out.with_name(out.name + ENCODER_SUFFIX)
+    out = _prepare_output_file(out, "encoder file")
+    init = None
+    if args.init is not None and args.init != "none":
+        try:
+            init = load_encoder(args.init)
+        except EncoderFileError as err:
+            raise CliError(str(err)) from None
+    defaults = PretrainConfig()
+    config = PretrainConfig(objective=args.objective or defaults.objective, time_limit=60.0 * args.minutes,
+                            steps=args.steps or 1_000_000, seed=args.seed, device=args.device)
+    print(f"pretraining on {len(images)} image(s) for at most {format_duration(config.time_limit)} on {device} "
+          f"({config.objective} objective)", file=sys.stderr)
+    provenance = {"data": ", ".join(Path(p).name for p in args.images)}
+    bar = _progress_bar(None, 0, "pretraining", "step")
+    event = None
+    try:
+        with _InterruptFlag() as interrupt:
+            try:
+                for event in pretrain(images, config, init=init, stop=interrupt, provenance=provenance,
+                                      report_every=5):
+                    bar.total = event.total_steps
+                    bar.n = event.step
+                    bar.set_postfix_str(f"loss {event.loss:.4f}, {event.device}", refresh=False)
+                    bar.refresh()
+            except EncoderFileError as err:
+                raise CliError(str(err)) from None
+            except ProjectError as err:
+                raise CliError("cannot pretrain", err.problems) from None
+    finally:
+        bar.close()
+    if event is None or event.encoder is None:
+        return EXIT_INTERRUPTED
+    save_encoder(out, event.encoder)
+    print(f"pretrained {event.step} steps in {format_duration(event.elapsed, decimals=1)} on {event.device}"
+          + (" (stopped early)" if event.stopped else ""))
+    print(f"encoder written to {out}; train from it with: protoseg train PROJECT --out MODEL --init {out}")
+    return EXIT_OK
+
+
 def _interrupted(outcome: _TrainOutcome, checkpoint: Path, resume_hint: str) -> int:
     print(f"protoseg: training stopped at step {outcome.steps_done} of {outcome.total_steps}.",
           file=sys.stderr)
@@ -316,6 +377,8 @@ def cmd_train(args) -> int:
         config.seed = args.seed
     if args.time_limit is not None:
         config.time_limit = args.time_limit * 60.0
+    if args.init is not None:
+        config.encoder = _checked_encoder(args.init)
     start_step = 0
     if resume is not None:
         state = _read_checkpoint(resume, project.annotations.classes)
@@ -345,8 +408,13 @@ def cmd_train(args) -> int:
           + (f", at most {format_duration(config.time_limit)}" if config.time_limit is not None else ""),
           file=sys.stderr)
     hint_args = f"protoseg train {folder} --out {out} --resume {checkpoint}"
-    outcome = _run_training(project.image, project.annotations, config, checkpoint, resume,
-                            start_step=start_step, total_steps=config.steps)
+    from napari_protoseg.model.encoder import EncoderFileError
+
+    try:
+        outcome = _run_training(project.image, project.annotations, config, checkpoint, resume,
+                                start_step=start_step, total_steps=config.steps)
+    except EncoderFileError as err:
+        raise CliError(str(err)) from None
     if outcome.stopped or outcome.model is None:
         return _interrupted(outcome, checkpoint, hint_args)
     save_model(out, outcome.model)
@@ -731,7 +799,29 @@ def build_parser() -> argparse.ArgumentParser:
                             "asked ones would take longer, its learning rate still decaying to the end "
                             "(default: no limit, the same steps and result on every run)")
     train.add_argument("--resume", metavar="CKPT", help="continue from this checkpoint")
+    train.add_argument("--init", metavar="ENCODER",
+                       help="start the network from this pretrained encoder: a file written by 'protoseg pretrain', "
+                            "'shipped' (the EM encoder in the package) or 'none' (random weights; the default)")
     train.set_defaults(func=cmd_train)
+
+    pretrain = sub.add_parser(
+        "pretrain", help="learn an image without labels (self-supervised); 'train --init' starts from the result",
+        description="Pretrain the network's encoder on the unlabelled pixels of one or more images (TIFF files, "
+                    "zarr arrays or project folders) and write it to an encoder file. 'protoseg train --init FILE' "
+                    "then starts from it. Ctrl-C stops early and still writes the encoder learnt so far.")
+    pretrain.add_argument("images", nargs="+", metavar="IMAGE", help="TIFF file, zarr array or project folder")
+    pretrain.add_argument("--out", required=True, metavar="FILE", help="encoder file to write (.safetensors)")
+    pretrain.add_argument("--minutes", type=_positive_float, metavar="M", default=10.0,
+                          help="wall-clock budget in minutes (default: 10)")
+    pretrain.add_argument("--steps", type=_positive_int, metavar="N", help="at most N steps (default: as M allows)")
+    pretrain.add_argument("--objective", choices=("contrastive", "masked"), default=None,
+                          help="what the network learns: contrastive (two views of a crop agree pixel by pixel) or "
+                               "masked (restore hidden patches); default: the package's choice")
+    pretrain.add_argument("--init", metavar="ENCODER",
+                          help="start from this encoder ('shipped': the package's EM encoder) instead of random weights")
+    pretrain.add_argument("--device", choices=DEVICES, default="auto", help="where to train (default: auto)")
+    pretrain.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    pretrain.set_defaults(func=cmd_pretrain)
 
     predict = sub.add_parser(
         "predict", help="segment an image with a trained model",

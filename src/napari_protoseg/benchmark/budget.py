@@ -23,7 +23,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -673,10 +673,31 @@ def _check_dependencies() -> None:
                           "pip install 'napari-protoseg[benchmark]'")
 
 
+def _pretrain_on_training_part(raw: np.ndarray, config, minutes: float, out_dir: Path, results: dict, progress):
+    """Self-supervised pretraining on the training part's raw pixels, from ``config.encoder``; the
+    configuration to train with from the encoder it wrote (its time recorded in ``results``)."""
+    from napari_protoseg.model.encoder import load_encoder, save_encoder
+    from napari_protoseg.pretraining.engine import PretrainConfig, pretrain
+
+    init = load_encoder(config.encoder) if config.encoder is not None else None
+    pretrain_config = PretrainConfig(time_limit=60.0 * minutes, steps=1_000_000, seed=config.seed,
+                                     model=replace(config.model, in_channels=1), device=config.device)
+    progress(f"pretraining on the training part ({' x '.join(map(str, raw.shape))}) for {minutes:g} min, "
+             f"from {config.encoder or 'random weights'}")
+    *_, last = pretrain([raw], pretrain_config, init=init, report_every=10_000,
+                        provenance={"data": "benchmark training part (raw pixels only)"})
+    path = save_encoder(out_dir / "stack-encoder.safetensors", last.encoder)
+    results["pretraining"] = {"minutes": minutes, "seconds": last.elapsed, "steps": last.step,
+                              "objective": pretrain_config.objective, "started_from": config.encoder,
+                              "reads": "raw pixels of the training part only", "encoder": str(path)}
+    progress(f"  pretrained {last.step} steps in {last.elapsed:.0f} s -> {path}")
+    return config.with_changes({"encoder": str(path)})
+
+
 def run_benchmark(data_dir, out_dir, settings=None, quick: bool = False, ablations: bool | None = None,
                   seed: int = 0, config_overrides: dict | None = None, progress=print, *,
                   docs_path: str | Path | None = None, command: str | None = None,
-                  ablation_settings=None, validation: bool = False) -> dict:
+                  ablation_settings=None, validation: bool = False, pretrain_minutes: float | None = None) -> dict:
     """Run the annotation-budget benchmark of ``BENCHMARK.md`` and write its outputs.
 
     ``settings``: the settings to run (default: all of :data:`SETTINGS`; :data:`QUICK_SETTINGS`
@@ -687,6 +708,10 @@ def run_benchmark(data_dir, out_dir, settings=None, quick: bool = False, ablatio
     :func:`benchmark_split` that reads no test section (for choosing defaults; never the docs).
     ``config_overrides``: :class:`~napari_protoseg.training.engine.TrainConfig` fields (e.g. ``steps``; the
     network's nested under ``"model"``, e.g. ``{"model": {"base_width": 16}}``).
+    ``pretrain_minutes``: first pretrain the encoder on the raw pixels of the training part for
+    that long (self-supervised, from the configuration's encoder), then train every run from it;
+    BENCHMARK.md lets pretraining read sections 0-9, never sections 10-19 (the validation split: the
+    training rows only).
     Writes ``results.json``, ``benchmarks.md``, ``miou_vs_time.png`` and one project folder per
     setting (``projects/<setting>``) into ``out_dir``, and the Markdown also to ``docs_path`` if
     given. Returns the results as written to ``results.json`` (which has null where this dict has NaN,
@@ -736,6 +761,10 @@ def run_benchmark(data_dir, out_dir, settings=None, quick: bool = False, ablatio
         "environment": _environment(), "settings": {}, "shared_peer_fits": {}, "ablations": [],
         "preview": {"every_seconds": PREVIEW_EVERY_SECONDS, "max_time_share": PreviewRequest.max_time_share},
     }
+    if pretrain_minutes:
+        config = _pretrain_on_training_part(split.train.raw, config, pretrain_minutes, out_dir, results, progress)
+        results["train_config"] = config.to_dict()
+        save_json(out_dir / "results.json", results)
     tested = {}  # (setting, config json) -> protoseg result, for ablations that repeat a main run
     peer_fits: dict[str, tuple[str, dict]] = {}  # fingerprint of the peer's training pixels -> (setting, result)
     projects = {}
@@ -957,6 +986,11 @@ def render_markdown(results: dict, plot: str = PLOT_FILE) -> str:
                   f"{d['train_sections'][0]}-{d['train_sections'][1]} and scored on their rows "
                   f"{d['test_rows'][0]}-{d['test_rows'][1]}; no test section was read. It serves to choose "
                   "defaults; it is not the benchmark, and \"sections 10-19\" below means those rows.", ""]
+    if results.get("pretraining"):
+        p = results["pretraining"]
+        lines += [f"> **Stack pretraining**: before training, the encoder learnt the raw pixels of the training "
+                  f"part without labels ({p['objective']} objective, {p['steps']} steps in {p['seconds'] / 60:.1f} min, "
+                  f"from {p['started_from'] or 'random weights'}); every run below starts from it.", ""]
     if quick:
         lines += ["> **Quick run** (CI smoke test): sections cropped to "
                   f"{results['data']['crop']} x {results['data']['crop']} pixels, "
@@ -969,7 +1003,10 @@ def render_markdown(results: dict, plot: str = PLOT_FILE) -> str:
         "dense expert labels. Peer: an ilastik-style random-forest pixel classifier (scikit-image "
         "`multiscale_basic_features` + scikit-learn `RandomForestClassifier`) trained on the pixels each "
         "setting labels directly (masks and points). Annotation time comes from the cost model: dense "
-        "mask of a 1024 x 1024 section 90 min, box 7 s, point 2 s, tag 1 s per class per tile.", "",
+        "mask of a 1024 x 1024 section 90 min, box 7 s, point 2 s, tag 1 s per class per tile. "
+        "Self-supervised pretraining, where a run uses it, reads only the raw pixels of sections 0-9 and "
+        "public EM that is not benchmark data (the shipped encoder: FIB-SEM of the fly medulla), never "
+        "sections 10-19.", "",
         f"Regenerate: `{COMMAND}` (or `python -m napari_protoseg.benchmark.budget DATA_DIR --out OUT_DIR`) with "
         "DATA_DIR the folder of `raw.tif`, `semantic.tif` and `mito_instances.tif`. It writes `results.json` "
         "(every figure, configuration, timing, device, version and date), `benchmarks.md` and "

@@ -44,6 +44,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "rows, reading no test section: the run for choosing defaults (never written to the docs)")
     parser.add_argument("--steps", type=int, help="training steps (default: the plugin's default; quick: "
                         f"{QUICK_STEPS})")
+    parser.add_argument("--init", metavar="ENCODER",
+                        help="start every training from this encoder file ('shipped': the package's EM encoder; "
+                             "default: the plugin's default, TrainConfig.encoder)")
+    parser.add_argument("--pretrain-minutes", type=float, metavar="M",
+                        help="first pretrain the encoder on the raw training sections (self-supervised, from --init) "
+                             "for M minutes, then train every run from it")
     parser.add_argument("--seed", type=int, default=0, help="seed of the simulated points, training and peer")
     parser.add_argument("--seeds", type=int, nargs="+", metavar="S",
                         help="run at each of these seeds (into OUT/seed-S; --seed is then ignored) and write the "
@@ -80,7 +86,10 @@ def run_from_args(args, argv: list[str] | None = None) -> int:
             print(f"protoseg benchmark --summarize-seeds: {error}", file=sys.stderr)
             return 1
         return 0
-    overrides = {"steps": args.steps} if args.steps is not None else None
+    overrides = {"steps": args.steps} if args.steps is not None else {}
+    if getattr(args, "init", None) is not None:
+        overrides["encoder"] = None if args.init == "none" else args.init
+    overrides = overrides or None
     docs = args.docs
     ablations_only = getattr(args, "ablations_only", False)
     validation = getattr(args, "validation", False)
@@ -89,7 +98,8 @@ def run_from_args(args, argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     complete = (not args.quick and args.settings in (None, list(SETTINGS)) and not args.no_ablations
-                and not ablations_only and args.steps is None and args.seed == 0 and not validation)
+                and not ablations_only and args.steps is None and args.seed == 0 and not validation
+                and getattr(args, "init", None) is None and getattr(args, "pretrain_minutes", None) is None)
     if docs is None and complete and not args.seeds:
         docs = _repository_docs()
     command = " ".join(["protoseg benchmark", *(sys.argv[1:] if argv is None else argv)])
@@ -99,7 +109,8 @@ def run_from_args(args, argv: list[str] | None = None) -> int:
                              ablation_settings=args.settings if ablations_only else None,
                              ablations=True if ablations_only else False if args.no_ablations else None, seed=seed,
                              config_overrides=overrides, progress=progress, docs_path=docs_path,
-                             validation=validation, command=command)
+                             validation=validation, command=command,
+                             pretrain_minutes=getattr(args, "pretrain_minutes", None))
 
     if not args.seeds:
         run(args.seed, args.out, docs)

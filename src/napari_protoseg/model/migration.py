@@ -10,8 +10,10 @@ version, to today's layout, so an old file means what it meant when it was writt
   and a field that a file lacks was added after the file was written: it takes the value in
   effect before the field existed (:data:`MODEL_V1_MISSING`, :data:`TRAIN_V1_MISSING`);
 * version 2: the training configuration nests the network's fields under ``"model"`` (without
-  the project's ``n_classes`` and ``n_instance_classes``, which training fills in). Every field
-  is present.
+  the project's ``n_classes`` and ``n_instance_classes``, which training fills in);
+* version 3: the training configuration has ``encoder``, the pretrained weights a network starts
+  from (files of version 2 and older started from random weights: None), and
+  ``encoder_learning_rate``. Every field is present.
 
 Adding a field: raise :data:`CONFIG_VERSION`, and add an upgrade step from the previous version
 that gives the field, where a file lacks it, the value in effect before it existed. A file of a
@@ -27,7 +29,7 @@ from typing import Any
 __all__ = ["CONFIG_VERSION", "ConfigVersionError", "MODEL_V1_MISSING", "TRAIN_V1_MISSING", "VERSION_KEY",
            "check_version", "upgrade_model_config", "upgrade_train_config"]
 
-CONFIG_VERSION = 2  # the newest version this release reads, and the one it writes
+CONFIG_VERSION = 3  # the newest version this release reads, and the one it writes
 VERSION_KEY = "config_version"
 
 # A version-1 network configuration (a model file's "model", a checkpoint's "model_config"): what
@@ -99,6 +101,9 @@ def upgrade_train_config(data: dict[str, Any]) -> dict[str, Any]:
     version = check_version(stored)
     if version < 2:
         data = _nest_v1_train_config(data)
+    if version < 3:
+        data.setdefault("encoder", None)
+        data.setdefault("encoder_learning_rate", 1.0)
     if not isinstance(data.get("model"), dict):
         raise ValueError("its training configuration lacks the network's fields ('model')")
     return data

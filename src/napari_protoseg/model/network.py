@@ -574,8 +574,9 @@ class ProtoSegNet(nn.Module):
         """The prototypes on the unit sphere, (C, K, D)."""
         return l2_normalize(self.prototypes, dim=-1)
 
-    def forward(self, x: torch.Tensor, instance_batch: int | None = None,
-                instance_backbone_grad: float = 1.0, sampled_embedding: bool = False) -> dict[str, Any]:
+    def backbone_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The backbone's feature map (B, embed_dim, h, w) at the network's resolution: what the DSP
+        head, the instance heads and self-supervised pretraining read."""
         if x.ndim != 4 or x.shape[1] != self.config.in_channels:
             raise ValueError(
                 f"expected input of shape (B, {self.config.in_channels}, H, W), got {tuple(x.shape)}"
@@ -596,8 +597,13 @@ class ProtoSegNet(nn.Module):
                 mode = "reflect" if pad_h < height and pad_w < width else "replicate"
                 x = F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
             x = F.avg_pool2d(x, input_scale)
-        x = x.contiguous(memory_format=torch.channels_last)
-        features = self.backbone(x)
+        return self.backbone(x.contiguous(memory_format=torch.channels_last))
+
+    def forward(self, x: torch.Tensor, instance_batch: int | None = None,
+                instance_backbone_grad: float = 1.0, sampled_embedding: bool = False) -> dict[str, Any]:
+        height, width = x.shape[-2:]
+        input_scale = self.config.input_scale
+        features = self.backbone_features(x)
         e = self.head(features)
         # mean_j cos(e, p_c^j) = e . mean_j p_c^j, since |e| = 1 and each p_c^j is normalised.
         mean_proto = self.normalized_prototypes().mean(dim=1) / self.config.temperature  # (C, D)

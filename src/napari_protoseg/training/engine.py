@@ -32,6 +32,7 @@ from napari_protoseg.training.instance_losses import instance_loss
 from napari_protoseg.prediction.decoders import object_area_summary, sizes_at_points
 from napari_protoseg.training.losses import LossWeights, negative_map, strong_augment, total_loss
 from napari_protoseg.model.migration import CONFIG_VERSION, VERSION_KEY, upgrade_train_config
+from napari_protoseg.model.encoder import apply_encoder, encoder_for_training
 from napari_protoseg.model.network import INSTANCE_HEAD_FIELDS, ModelConfig, ProtoSegNet, pick_device
 from napari_protoseg.model.file import TORCH_LOAD_ERRORS, TrainedModel, first_line, holds_python_objects
 from napari_protoseg.annotations.project import AnnotationSet, Problem, ProjectError, atomic_write, check_image
@@ -59,6 +60,11 @@ class TrainConfig:
     max_grad_norm: float = 5.0  # gradient clipping, per group of ProtoSegNet.clipping_groups
     # The network: half resolution, context heads and a spatial instance embedding (ModelConfig).
     model: ModelConfig = field(default_factory=ModelConfig)
+    # Pretrained weights the backbone and DSP head start from: None (random), "shipped" (the
+    # package's EM encoder) or an encoder file (model.encoder; 'protoseg pretrain' makes one).
+    encoder: str | None = None
+    # Learning rate of a pretrained backbone and DSP head, as a share of learning_rate.
+    encoder_learning_rate: float = 1.0
     # How a present tag pools its class's probability over its region: "mean", "max" or "smoothmax".
     tag_pooling: str = "mean"
     # eps of the DSP negative term log(sum_{i in N_c} p_c(i) + eps): a class's negatives are pushed
@@ -280,11 +286,11 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
 
 
 def _training_info(annotations: AnnotationSet, step: int, losses: dict, config: TrainConfig,
-                   object_areas: dict) -> dict:
+                   object_areas: dict, encoder: str | None = None) -> dict:
     summary = annotations.summary()
     return {"steps": step, "annotations": summary["classes"], "totals": summary["totals"],
             "planes_annotated": summary["planes_annotated"], "last_losses": losses,
-            "train_config": config.to_dict(), "object_areas": object_areas}
+            "train_config": config.to_dict(), "object_areas": object_areas, "encoder": encoder}
 
 
 class WarmupCosine:
@@ -318,6 +324,18 @@ def planned_steps(requested: int, step: int, steps_timed: int, elapsed: float, t
         return requested
     pace = elapsed / steps_timed
     return max(step, min(requested, step + int((time_limit - elapsed) / pace)))
+
+
+def _parameter_groups(net: ProtoSegNet, config: TrainConfig, pretrained: bool) -> list[dict]:
+    """The optimiser's parameter groups: a pretrained backbone and DSP head learn at
+    ``encoder_learning_rate`` times the learning rate (keeping more of what pretraining taught)."""
+    scale = config.encoder_learning_rate if pretrained else 1.0
+    if scale == 1.0:
+        return [{"params": list(net.parameters())}]
+    encoder = [p for name, p in net.named_parameters() if name.startswith(("backbone.", "head."))]
+    ids = {id(p) for p in encoder}
+    rest = [p for p in net.parameters() if id(p) not in ids]
+    return [{"params": encoder, "lr": config.learning_rate * scale}, {"params": rest}]
 
 
 def _with_instance_heads(net: ProtoSegNet, n_instance_classes: int, config: TrainConfig) -> ProtoSegNet:
@@ -374,6 +392,7 @@ def train(
 
     classes = list(annotations.classes)
     instance_indices = [i for i, c in enumerate(classes) if c.instances]
+    started_from = None  # the encoder the network started from (TrainConfig.encoder, where one applied)
     if initial_model is not None:
         normalization = initial_model.normalization
         net = initial_model.net
@@ -386,6 +405,10 @@ def train(
         net = ProtoSegNet(replace(config.model, n_classes=len(classes),
                                   n_instance_classes=len(instance_indices) if config.instance_heads else 0))
         context = net.config.in_channels // 2
+        if state is None:
+            encoder, started_from = encoder_for_training(config.encoder, net.config)
+            if encoder is not None:
+                apply_encoder(net, encoder, source=f"The encoder '{config.encoder}'")
     if state is not None:
         normalization = Normalization.from_dict(state["normalization"])
         net = ProtoSegNet(resumed_net)
@@ -396,7 +419,9 @@ def train(
                           mask_share=config.mask_share, point_spread=config.point_spread,
                           point_spread_tolerance=config.point_spread_tolerance,
                           point_spread_halfway=config.point_spread_halfway)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(_parameter_groups(net, config, pretrained=started_from is not None),
+                                  lr=config.learning_rate,
+                                  weight_decay=config.weight_decay)
     clipping_groups = net.clipping_groups()
     schedule = WarmupCosine(config.steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
@@ -420,7 +445,8 @@ def train(
 
     def current_model() -> TrainedModel:
         return TrainedModel(net=net, classes=classes, normalization=normalization, context=context,
-                            training_info=_training_info(annotations, step, losses, config, object_areas))
+                            training_info=_training_info(annotations, step, losses, config, object_areas,
+                                                         started_from))
 
     def save_checkpoint() -> str | None:
         if checkpoint_path is None:

@@ -14,7 +14,14 @@ from napari_protoseg._text import format_duration
 from napari_protoseg.model.file import check_model_classes
 from napari_protoseg.plugin.panel.common import PanelSection
 from napari_protoseg.plugin.panel.train_views import LossPlot, PreviewView
-from napari_protoseg.plugin.session import PreviewTarget, SessionError, training_run
+from napari_protoseg.plugin.session import (
+    STACK_LEARNING_MINUTES,
+    PreviewTarget,
+    SessionError,
+    stack_learning_run,
+    training_run,
+)
+from napari_protoseg.pretraining.engine import PretrainConfig
 from napari_protoseg.training.engine import TrainConfig, training_notes
 
 TRAIN_BUTTON_TEXT = "Train on current labels"
@@ -39,6 +46,10 @@ class TrainSection(PanelSection):
         self._predict_after_training = False
         self._progress_pending = False
         self._last_progress_shown = 0.0
+        self._learning_image = None  # the image being learnt (or last learnt) in the background
+        self._learnt_images: set = set()  # images whose learning time is spent
+        self.learning_minutes = STACK_LEARNING_MINUTES  # background learning per image, in all
+        self._training_waits: bool | None = None  # a training run (continuing?) waiting for learning to pause
         layout = QVBoxLayout(self)
         form = QHBoxLayout()
         form.addWidget(QLabel("Steps"))
@@ -94,9 +105,20 @@ class TrainSection(PanelSection):
         self.train_status = QLabel("")
         self.train_status.setWordWrap(True)
         layout.addWidget(self.train_status)
+        self.learn_check = QCheckBox("learn the image in the background")
+        self.learn_check.setChecked(True)
+        self.learn_check.setToolTip(
+            f"While you annotate, the network learns the look of this image without labels (up to "
+            f"{STACK_LEARNING_MINUTES:g} min in all, paused while training runs); training starts from what it "
+            "learnt. Kept in the project folder. Untick to pause it.")
+        self.learn_check.toggled.connect(self._learning_toggled)
+        layout.addWidget(self.learn_check)
+        self.learn_status = QLabel("")
+        self.learn_status.setWordWrap(True)
+        layout.addWidget(self.learn_status)
 
     def update_buttons(self) -> None:
-        idle = not self.jobs.busy()
+        idle = not self.jobs.busy() and self._training_waits is None
         self.train_button.setEnabled(idle)
         self.continue_button.setEnabled(idle and self.session.model is not None)
         self.stop_button.setEnabled(self.jobs.train_worker is not None)
@@ -143,11 +165,19 @@ class TrainSection(PanelSection):
             self.train_on_current_labels()
 
     def _start_training(self, continuing: bool) -> None:
-        if self.jobs.busy():
+        if self.jobs.busy() or self._training_waits is not None:
             self.notify("warning", "Training or prediction is running; wait for it or press Stop first.")
+            return
+        if self.jobs.learn_worker is not None:
+            # Learning the image stops after its step and keeps what it learnt; training starts from that.
+            self._training_waits = continuing
+            self.train_status.setText("Pausing the learning of the image …")
+            self.pause_learning()
+            self.host.update_buttons()
             return
         try:
             image, annotations = self.session.training_input()
+            encoder = self.session.training_encoder()
             resume, initial_model = self.session.continue_plan() if continuing else (None, None)
             snapshot = self.session.snapshot(image, annotations)
         except SessionError as err:
@@ -164,7 +194,7 @@ class TrainSection(PanelSection):
         self.train_status.setText("Saving the project and starting …")
         self.preview_view.setVisible(False)
         self.jobs.start_training(
-            training_run(image, annotations, replace(self.session.train_config), snapshot=snapshot,
+            training_run(image, annotations, replace(self.session.train_config, encoder=encoder), snapshot=snapshot,
                          resume=resume, initial_model=initial_model,
                          preview=self.preview_target if self.preview_check.isChecked() else None,
                          stop=self.jobs.stop_training.is_set),
@@ -272,3 +302,84 @@ class TrainSection(PanelSection):
             self._predict_after_training = False
             self.trained.emit()
         self.host.update_buttons()
+        self.start_learning()
+
+    # ---------------------------------------------------------------- learning the stack
+
+    def start_learning(self) -> None:
+        """Learn the chosen image in the background, unless it is ticked off, training runs, or its
+        time is spent (then only its state is shown)."""
+        if (self.closed or not self.learn_check.isChecked() or self.jobs.learn_worker is not None
+                or self.jobs.train_worker is not None):
+            return
+        try:
+            image = self.session.image()
+            folder = self.session.project_folder()
+        except SessionError:
+            return
+        key = self._image_key()
+        if key in self._learnt_images:
+            return
+        self._learning_image = key
+        config = PretrainConfig(model=replace(self.session.train_config.model, in_channels=1),
+                                device=self.session.train_config.device)
+        self.jobs.start_stack_learning(
+            stack_learning_run(image, folder, config, start_from=self.session.train_config.encoder,
+                               budget_minutes=self.learning_minutes, stop=self.jobs.stop_learning.is_set),
+            yielded=self._on_learning_update, errored=self._learning_failed, finished=self._learning_ended)
+
+    def image_changed(self) -> None:
+        """Another image was chosen: learning moves on to it (the other's encoder stays in its folder)."""
+        if self.jobs.learn_worker is not None and self._learning_image != self._image_key():
+            self.pause_learning()  # its end starts learning the new image
+        else:
+            self.start_learning()
+
+    def _image_key(self):
+        try:
+            layer = self.session.image_layer()
+        except SessionError:
+            return None
+        return id(layer), layer.name
+
+    def _learning_ended(self) -> None:
+        if self.closed:
+            return
+        if self._training_waits is not None:
+            continuing, self._training_waits = self._training_waits, None
+            self.host.update_buttons()
+            self._start_training(continuing)
+        else:  # another image chosen, or the box ticked again, meanwhile
+            self.start_learning()
+
+    def pause_learning(self) -> None:
+        """Stop learning the stack after its current step (what it learnt is kept)."""
+        if self.jobs.learn_worker is not None:
+            self.jobs.stop_learning.set()
+
+    def _learning_toggled(self, on: bool) -> None:
+        if on:
+            self.start_learning()
+        else:
+            self.pause_learning()
+            self.learn_status.setText("Learning the image: paused.")
+
+    def _on_learning_update(self, update) -> None:
+        if self.closed:
+            return
+        done = f"{format_duration(update.seconds)} of {format_duration(update.budget)}"
+        if update.finished:
+            self._learnt_images.add(self._learning_image)
+            text = f"Learnt the image ({format_duration(update.seconds)}); training starts from it."
+        elif update.stopped:
+            text = f"Learning the image: paused at {done}" + (
+                "." if self.learn_check.isChecked() else "; tick the box to go on.")
+        else:
+            text = f"Learning the image in the background: {done}"
+        self.learn_status.setText(text)
+
+    def _learning_failed(self, err) -> None:
+        self._learnt_images.add(self._learning_image)  # not tried again for this image
+        if self.closed:
+            return
+        self.learn_status.setText("Learning the image stopped: " + str(err).splitlines()[0][:200])

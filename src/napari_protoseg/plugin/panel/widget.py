@@ -48,17 +48,19 @@ class ProtosegWidget(QWidget):
         self.autosave_timer.start()
         self.refresh()
         self.warmed_up = warm_up_torch()
-        self._prepare_review_layers_after_warm_up()
+        # From the event loop, once whoever made the panel has set it up (e.g. its training settings).
+        QTimer.singleShot(0, self._prepare_review_layers_after_warm_up)
 
     def _prepare_review_layers_after_warm_up(self) -> None:
-        """Make the review layers once PyTorch's imports are done: the import holds the GIL and would
-        stretch napari's work for the new layers several times over."""
+        """Make the review layers and start learning the image once PyTorch's imports are done: the
+        import holds the GIL and would stretch napari's work for the new layers several times over."""
         if self.closed:
             return
         if not self.warmed_up.is_set():
             QTimer.singleShot(WARM_UP_POLL_MS, self._prepare_review_layers_after_warm_up)
             return
         self.predict_section.prepare_review_layers()
+        self.train_section.start_learning()
 
     @property
     def closed(self) -> bool:
@@ -100,6 +102,7 @@ class ProtosegWidget(QWidget):
         """What one section's work means for the others."""
         self.annotate_section.image_chosen.connect(lambda _name: self.project_section.refresh())
         self.annotate_section.image_chosen.connect(lambda _name: self.predict_section.prepare_review_layers())
+        self.annotate_section.image_chosen.connect(lambda _name: self.train_section.image_changed())
         self.train_section.project_saved.connect(self.project_section.saved_by_training)
         self.train_section.model_changed.connect(self.model_section.refresh)
         self.train_section.trained.connect(self.predict_section.predict_after_training)

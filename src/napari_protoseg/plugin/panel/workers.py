@@ -104,13 +104,17 @@ def _limit_torch_threads() -> None:
 
 
 class BackgroundJobs:
-    """At most one training run, one prediction run and one project save at a time, each in a thread
-    worker; the flags that stop them, and the events set when they have ended."""
+    """At most one training run, one prediction run, one stack-learning run and one project save at a
+    time, each in a thread worker; the flags that stop them, and the events set when they have ended."""
 
     def __init__(self):
         self.train_worker = None
         self.predict_worker = None  # PREPARING while the prediction's layers are being made
         self.save_worker = None
+        self.learn_worker = None  # learning the stack (self-supervised), between training runs
+        self.stop_learning = threading.Event()
+        self.learning_done = threading.Event()
+        self.learning_done.set()
         self.stop_training = threading.Event()
         self.stop_prediction = threading.Event()
         self.training_done = threading.Event()
@@ -149,6 +153,20 @@ class BackgroundJobs:
         self._background_started()
         self.predict_worker.start()
 
+    def start_stack_learning(self, generator, *, yielded, errored, finished) -> None:
+        """Run a stack-learning generator; ``finished()`` is called after the worker is forgotten."""
+        def ended():
+            self.learn_worker = None
+            self._background_ended()
+            finished()
+
+        self.stop_learning.clear()
+        self.learn_worker = _stoppable_worker(generator, self.learning_done, self.stop_learning,
+                                              yielded=yielded, errored=errored, finished=ended)
+        _limit_torch_threads()
+        self._background_started()
+        self.learn_worker.start()
+
     def start_save(self, write: Callable, *, returned, errored) -> None:
         """Run ``write()`` (a project snapshot's) in a thread."""
         self.save_worker = create_worker(
@@ -158,10 +176,10 @@ class BackgroundJobs:
 
     def stop_all_and_wait(self, seconds: float = CLOSE_WAIT_SECONDS) -> None:
         """Ask training and prediction to stop and wait (at most ``seconds``) until they have."""
-        for flag in (self.stop_training, self.stop_prediction):
+        for flag in (self.stop_training, self.stop_prediction, self.stop_learning):
             flag.set()
         deadline = time.monotonic() + seconds
-        for done in (self.training_done, self.prediction_done):
+        for done in (self.training_done, self.prediction_done, self.learning_done):
             done.wait(max(0.0, deadline - time.monotonic()))
 
     def _background_started(self) -> None:

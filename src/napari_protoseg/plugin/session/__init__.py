@@ -41,6 +41,8 @@ from napari_protoseg.plugin.session.image import ImageChoice
 from napari_protoseg.plugin.session.model import CurrentModel, model_info_text
 from napari_protoseg.plugin.session.prediction import prediction_settings
 from napari_protoseg.plugin.session.review import PredictionLayers
+from napari_protoseg.plugin.session.stack_learning import (STACK_ENCODER_FILE, STACK_LEARNING_MINUTES,
+                                                           StackLearningUpdate, stack_encoder, stack_learning_run)
 from napari_protoseg.plugin.session.training import (CHECKPOINT_FILE, MODEL_FILE, PANEL_TIME_LIMIT, PreviewTarget,
                                                      TrainingUpdate, training_run)
 from napari_protoseg.prediction import DEFAULT_DECODER
@@ -51,8 +53,9 @@ __all__ = [
     "ANNOTATION_ROLES", "AUTOSAVE_SECONDS", "CHECKPOINT_FILE", "MODEL_FILE", "PANEL_TIME_LIMIT",
     "PREDICTION_CONFIDENCE", "PREDICTION_INSTANCES", "PREDICTION_LAYERS", "PREDICTION_SEMANTIC", "PROJECTS_DIR_ENV",
     "TAG_ABSENT", "TAG_PRESENT", "TAG_STATES", "TAG_UNKNOWN", "PreviewTarget", "ProjectSnapshot",
-    "Region", "Session", "SessionError", "TrainingUpdate", "default_classes",
-    "default_projects_dir", "model_info_text", "prediction_settings", "training_run",
+    "Region", "STACK_ENCODER_FILE", "STACK_LEARNING_MINUTES", "Session", "SessionError", "StackLearningUpdate",
+    "TrainingUpdate", "default_classes", "default_projects_dir", "model_info_text", "prediction_settings",
+    "stack_encoder", "stack_learning_run", "training_run",
 ]
 
 
@@ -261,6 +264,16 @@ class Session:
 
     def set_project_folder(self, folder: str | os.PathLike) -> None:
         self.autosave.set_project_folder(folder)
+
+    def training_encoder(self) -> str | None:
+        """The encoder a new training run starts from: what learning the stack kept in the project
+        folder for this network, else the training configuration's (``TrainConfig.encoder``)."""
+        try:
+            path = self.project_folder() / STACK_ENCODER_FILE
+        except SessionError:
+            return self.train_config.encoder
+        encoder, _ = stack_encoder(path.parent, self.train_config.model)
+        return str(path) if encoder is not None else self.train_config.encoder
 
     def snapshot(self, image: np.ndarray | None = None, annotations: AnnotationSet | None = None) -> ProjectSnapshot:
         return self.autosave.snapshot(image, annotations)
