@@ -3,6 +3,8 @@ decoder and test-time augmentation; the predictions arrive in the review layers.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 from qtpy.QtCore import Signal
 from qtpy.QtWidgets import QCheckBox, QComboBox, QHBoxLayout, QLabel, QProgressBar, QPushButton, QVBoxLayout
@@ -54,20 +56,21 @@ class PredictSection(PanelSection):
         self.predict_progress.setFormat("%v / %m planes")
         layout.addWidget(self.predict_progress)
 
-    def prepare_review_layers(self) -> None:
+    def prepare_review_layers(self, then: Callable[[], None] | None = None) -> None:
         """Make the review layers (hidden) for a newly chosen image, in turns of the event loop, so that
-        napari's work for new layers is done before a prediction arrives. Once per image: review layers
-        the user deletes come back only with the next prediction."""
+        napari's work for new layers is done before a prediction arrives; then call ``then``. Once per
+        image: review layers the user deletes come back only with the next prediction."""
+        steps = [then] if then is not None else []
         try:
             layer = self.session.image_layer()
             image_key = (id(layer), layer.name, self.session.image().shape)
         except SessionError:
-            return
-        if image_key == self._prepared_for:
-            return
-        self._prepared_for = image_key
+            image_key = self._prepared_for
+        if image_key != self._prepared_for:
+            self._prepared_for = image_key
+            steps = self.session.review_layer_steps() + steps
         # A step refused (the image went meanwhile) is said again, with its reason, by the next prediction.
-        run_in_turns(self.session.review_layer_steps(), cancelled=lambda: self.closed, refused=lambda err: None)
+        run_in_turns(steps, cancelled=lambda: self.closed, refused=lambda err: then() if then is not None else None)
 
     def update_buttons(self) -> None:
         idle = not self.jobs.busy()

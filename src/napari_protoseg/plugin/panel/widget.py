@@ -59,8 +59,8 @@ class ProtosegWidget(QWidget):
         if not self.warmed_up.is_set():
             QTimer.singleShot(WARM_UP_POLL_MS, self._prepare_review_layers_after_warm_up)
             return
-        self.predict_section.prepare_review_layers()
-        self.train_section.start_learning()
+        # Learning the image starts after the review layers are made: its thread would slow napari's work on them.
+        self.predict_section.prepare_review_layers(then=self.train_section.start_learning)
 
     @property
     def closed(self) -> bool:
