@@ -113,7 +113,7 @@ def shipped_encoder_for(config: ModelConfig) -> Path | None:
                 have = json.loads((f.metadata() or {}).get("architecture", "{}"))
         except (SafetensorError, OSError, ValueError):
             continue
-        if all(_normalised(have.get(name)) == _normalised(wanted[name]) for name in ARCHITECTURE_FIELDS):
+        if _same_architecture(have, wanted):
             return path
     return None
 
@@ -173,10 +173,22 @@ def load_encoder(path: str | os.PathLike) -> Encoder:
 
 def encoder_fits(encoder: Encoder, config: ModelConfig) -> bool:
     """Whether ``encoder`` can start a network like ``config`` (:func:`apply_encoder` would take it)."""
+    return _misfit(encoder, config, "the encoder") is None
+
+
+def _misfit(encoder: Encoder, config: ModelConfig, source: str) -> str | None:
+    """Why ``encoder`` cannot start a network like ``config`` (None when it can)."""
     wanted = encoder_architecture(config)
     have = encoder.architecture
-    same = all(_normalised(have[name]) == _normalised(wanted[name]) for name in ARCHITECTURE_FIELDS)
-    return same and int(have["in_channels"]) in (1, int(wanted["in_channels"]))
+    if not _same_architecture(have, wanted):
+        return (f"{source} was pretrained for another network ({_describe(have)}) than this one ({_describe(wanted)}). "
+                "Pretrain an encoder for this network ('protoseg pretrain' with the same model settings), or train "
+                "from scratch (--init none).")
+    in_have, in_want = int(have["in_channels"]), int(wanted["in_channels"])
+    if in_have not in (1, in_want):
+        return (f"{source} was pretrained on {in_have} input sections, this network reads {in_want}; pretrain "
+                "on single sections (the default) or with the same context.")
+    return None
 
 
 def _describe(architecture: dict[str, Any]) -> str:
@@ -191,17 +203,10 @@ def apply_encoder(net: ProtoSegNet, encoder: Encoder, source: str = "the encoder
     theirs). An encoder of single sections also starts a 2.5D network: its weights go to the centre
     section's input channel, the neighbours' start at zero. Raises :class:`EncoderFileError` when the
     architectures differ."""
-    wanted = encoder_architecture(net.config)
-    have = encoder.architecture
-    if any(_normalised(have[name]) != _normalised(wanted[name]) for name in ARCHITECTURE_FIELDS):
-        raise EncoderFileError(
-            f"{source} was pretrained for another network ({_describe(have)}) than this one ({_describe(wanted)}). "
-            "Pretrain an encoder for this network ('protoseg pretrain' with the same model settings), or train "
-            "from scratch (--init none).")
-    in_have, in_want = int(have["in_channels"]), int(wanted["in_channels"])
-    if in_have != in_want and in_have != 1:
-        raise EncoderFileError(f"{source} was pretrained on {in_have} input sections, this network reads "
-                               f"{in_want}; pretrain on single sections (the default) or with the same context.")
+    problem = _misfit(encoder, net.config, source)
+    if problem is not None:
+        raise EncoderFileError(problem)
+    in_have, in_want = int(encoder.architecture["in_channels"]), net.config.in_channels
     state = net.state_dict()
     unknown = [k for k in encoder.state_dict if k not in state]
     if unknown:
@@ -227,6 +232,11 @@ def _inflated_stem(weight: torch.Tensor, shape: torch.Size, in_channels: int) ->
     inflated[:, in_channels // 2] = weight[:, 0]
     inflated[:, in_channels:] = weight[:, 1:]
     return inflated
+
+
+def _same_architecture(have: dict[str, Any], wanted: dict[str, Any]) -> bool:
+    """Whether two :func:`encoder_architecture` dicts agree on everything but the input sections."""
+    return all(_normalised(have.get(name)) == _normalised(wanted[name]) for name in ARCHITECTURE_FIELDS)
 
 
 def _normalised(value):

@@ -289,7 +289,7 @@ class Session:
     def prediction_layer_steps(self) -> list[Callable[[], None]]:
         """Steps that make the missing review layers for a prediction (hidden: :meth:`redraw_prediction`
         shows each once it holds its first prediction)."""
-        return self.prediction_layers.creation_steps(show=False)
+        return self.prediction_layers.creation_steps()
 
     def showing_steps(self) -> list[Callable[[], None]]:
         """Steps that show the review layers not shown yet (at the end of a prediction)."""
@@ -302,7 +302,7 @@ class Session:
             self.image()
         except SessionError:
             return []
-        return self.prediction_layers.creation_steps(show=False, names=self.prediction_layers.absent())
+        return self.prediction_layers.creation_steps(self.prediction_layers.absent())
 
     def ensure_prediction_layer(self, name: str):
         return self.prediction_layers.ensure(name)

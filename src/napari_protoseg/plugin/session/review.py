@@ -37,12 +37,12 @@ class PredictionLayers:
 
     # ------------------------------------------------------------------------ creating
 
-    def creation_steps(self, show: bool = True, names: Sequence[str] = PREDICTION_LAYERS) -> list[Callable[[], None]]:
+    def creation_steps(self, names: Sequence[str] = PREDICTION_LAYERS) -> list[Callable[[], None]]:
         """The work of creating the missing review layers (of ``names``) in small steps: per layer,
-        make it (hidden), add it to the viewer and, with ``show``, show it. The panel runs one step per
-        turn of napari's event loop, so that napari repaints in between; :meth:`ensure` runs them at
-        once. Layers made without ``show`` stay hidden until :meth:`showing_steps` runs."""
-        return [step for name in names for step in self._creation_steps(name, show)]
+        make it (hidden), then add it to the viewer. The panel runs one step per turn of napari's event
+        loop, so that napari repaints in between; :meth:`ensure` runs them at once. The layers stay
+        hidden until their first prediction is redrawn (:meth:`redraw`) or :meth:`showing_steps` runs."""
+        return [step for name in names for step in self._creation_steps(name)]
 
     def absent(self) -> list[str]:
         """The review layers not in the viewer."""
@@ -60,7 +60,7 @@ class PredictionLayers:
             if name != PREDICTION_CONFIDENCE:
                 layer.visible = True
 
-    def _creation_steps(self, name: str, show: bool = True) -> list[Callable[[], None]]:
+    def _creation_steps(self, name: str) -> list[Callable[[], None]]:
         made = {}
 
         def make():
@@ -73,11 +73,7 @@ class PredictionLayers:
                 self._track_edits(name, layer)
                 self._unshown.add(name)
 
-        def show_it():
-            if made.get("layer") is not None:
-                self._show_new(name)
-
-        return [make, add, show_it] if show else [make, add]
+        return [make, add]
 
     def _make(self, name: str):
         """A new, hidden review layer of the image's shape; None when a fitting one is there already
@@ -169,7 +165,7 @@ class PredictionLayers:
         other planes afresh when they come into view). With ``redraw`` they are redrawn here; without,
         the caller redraws each with :meth:`redraw` (the panel, one per turn of napari's event loop).
         """
-        for step in self.creation_steps(show=False):
+        for step in self.creation_steps():
             step()
         semantic, instances, confidence = (self.viewer.layers[n] for n in PREDICTION_LAYERS)
         if piece.linked_instances is not None:
